@@ -1,0 +1,46 @@
+"""QualiCLIP, the opinion-unaware no-reference image quality model, as a transformers model.
+
+Importing the package registers `QualiCLIPConfig`, `QualiCLIPModel`, `QualiCLIPImageProcessor` and
+`QualiCLIPProcessor` with transformers' Auto classes, so `AutoModel.from_pretrained(folder)` works without
+`trust_remote_code`.
+"""
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
+
+from .configuration_qualiclip import (
+    QUALICLIP_PROMPT_PAIRS,
+    QualiCLIPConfig,
+    QualiCLIPTextConfig,
+    QualiCLIPVisionConfig,
+)
+from .image_processing_qualiclip import QualiCLIPImageProcessor
+from .modeling_qualiclip import QualiCLIPModel, QualiCLIPOutput, QualiCLIPPreTrainedModel
+from .processing_qualiclip import QualiCLIPProcessor
+
+__version__ = "0.1.0"
+
+AutoConfig.register(QualiCLIPConfig.model_type, QualiCLIPConfig, exist_ok=True)
+AutoModel.register(QualiCLIPConfig, QualiCLIPModel, exist_ok=True)
+AutoImageProcessor.register(
+    QualiCLIPConfig, image_processor_classes={"torchvision": QualiCLIPImageProcessor}, exist_ok=True
+)
+AutoProcessor.register(QualiCLIPConfig, QualiCLIPProcessor, exist_ok=True)
+
+# Saved folders carry these files and an `auto_map`, so they load with `trust_remote_code=True` where this
+# package is not installed (the Hub).
+QualiCLIPConfig.register_for_auto_class()
+QualiCLIPModel.register_for_auto_class("AutoModel")
+QualiCLIPImageProcessor.register_for_auto_class("AutoImageProcessor")
+QualiCLIPProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = [
+    "QUALICLIP_PROMPT_PAIRS",
+    "QualiCLIPConfig",
+    "QualiCLIPImageProcessor",
+    "QualiCLIPModel",
+    "QualiCLIPOutput",
+    "QualiCLIPPreTrainedModel",
+    "QualiCLIPProcessor",
+    "QualiCLIPTextConfig",
+    "QualiCLIPVisionConfig",
+]

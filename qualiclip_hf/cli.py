@@ -1,0 +1,167 @@
+"""The `qualiclip` command: `score` image files and folders, `convert` the official checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .scoring import ScoreResult
+
+OUTPUT_FORMATS = (".csv", ".json", ".jsonl")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qualiclip", description="QualiCLIP no-reference image quality.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    score = commands.add_parser("score", help="score images (files and folders) in [0, 1], higher is better")
+    score.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
+    score.add_argument(
+        "--model",
+        default="demo",
+        help="'demo' (embedded small model), 'official' (download and convert the official weights), "
+        "a converted folder, or a Hub repository id (default: demo)",
+    )
+    score.add_argument("--batch-size", type=_positive_int, default=4, help="images per forward pass (default: 4)")
+    score.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    score.add_argument("--recursive", action="store_true", help="descend into subfolders")
+    score.add_argument(
+        "--max-size", type=_positive_int, default=None, help="downscale images whose longest side exceeds this"
+    )
+    score.add_argument("--output", type=Path, help=f"write results to FILE ({', '.join(OUTPUT_FORMATS)})")
+    score.set_defaults(handler=_score_command)
+
+    convert = commands.add_parser("convert", help="convert the official qualiclip.pth to a Hugging Face folder")
+    convert.add_argument("--checkpoint", required=True, type=Path, help="official-layout checkpoint (.pth)")
+    convert.add_argument("--output", required=True, type=Path, help="folder to write")
+    convert.set_defaults(handler=_convert_command)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _score_command(args: argparse.Namespace) -> int:
+    if args.output is not None and args.output.suffix.lower() not in OUTPUT_FORMATS:
+        print(f"qualiclip: --output must end with one of {', '.join(OUTPUT_FORMATS)}: {args.output}", file=sys.stderr)
+        return 2
+    device = _pick_device(args.device)
+    if device is None:
+        print("qualiclip: --device cuda was asked for, but CUDA is not available", file=sys.stderr)
+        return 2
+
+    from .scoring import collect_image_paths, score_files
+
+    paths = collect_image_paths(args.paths, recursive=args.recursive)
+    if not paths:
+        print(f"qualiclip: no image files found in {' '.join(args.paths)}", file=sys.stderr)
+        return 1
+    try:
+        model, processor = load_model_and_processor(args.model, device)
+    except (OSError, ValueError) as error:
+        print(f"qualiclip: cannot load model '{args.model}': {error}", file=sys.stderr)
+        return 2
+
+    results = []
+    progress = tqdm(total=len(paths), unit="img", desc="scoring", disable=None)
+    for result in score_files(paths, model, processor, batch_size=args.batch_size, max_size=args.max_size):
+        results.append(result)
+        progress.update()
+    progress.close()
+
+    if args.output is None:
+        _print_table(results)
+    else:
+        write_results(results, args.output)
+        print(f"wrote {len(results)} results to {args.output}", file=sys.stderr)
+    failed = sum(result.error is not None for result in results)
+    if failed:
+        print(f"qualiclip: {failed} of {len(results)} files failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _pick_device(choice: str) -> torch.device | None:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        return None
+    return torch.device(choice)
+
+
+def load_model_and_processor(name: str, device: torch.device | str = "cpu") -> tuple:
+    """Loads a `QualiCLIPModel` in eval mode and its processor from a name `resolve_pretrained` understands."""
+    from .modeling_qualiclip import QualiCLIPModel
+    from .pretrained import resolve_pretrained
+    from .processing_qualiclip import QualiCLIPProcessor
+
+    path = resolve_pretrained(name)
+    model = QualiCLIPModel.from_pretrained(path).to(device).eval()
+    return model, QualiCLIPProcessor.from_pretrained(path)
+
+
+def write_results(results: list[ScoreResult], output: Path) -> None:
+    """Writes results as CSV (`path,score,error`), a JSON list, or JSON lines, by the file's extension."""
+    rows = [{"path": r.path, "score": r.score, "error": r.error} for r in results]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    suffix = output.suffix.lower()
+    with open(output, "w", newline="", encoding="utf-8") as file:
+        if suffix == ".csv":
+            writer = csv.DictWriter(file, fieldnames=["path", "score", "error"])
+            writer.writeheader()
+            writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+        elif suffix == ".json":
+            json.dump(rows, file, indent=2)
+            file.write("\n")
+        else:
+            file.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def _print_table(results: list[ScoreResult]) -> None:
+    from rich.console import Console
+    from rich.table import Column, Table
+
+    table = Table(
+        Column("path", overflow="fold"),
+        Column("score", justify="right", no_wrap=True),
+        Column("error", overflow="fold"),
+    )
+    for result in results:
+        score = "" if result.score is None else f"{result.score:.4f}"
+        # The path has its own column; the error need not repeat it.
+        error = (result.error or "").removeprefix(f"{result.path}: ")
+        table.add_row(result.path, score, error)
+    Console().print(table)
+
+
+def _convert_command(args: argparse.Namespace) -> int:
+    from .convert_qualiclip_checkpoint import CheckpointError, convert_checkpoint
+
+    try:
+        output = convert_checkpoint(args.checkpoint, args.output)
+    except CheckpointError as error:
+        print(f"qualiclip: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Configuration of QualiCLIP: a CLIP ResNet image tower, a frozen CLIP text tower and antonym prompt pairs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+# The seven antonym pairs of the official QualiCLIP release, as (positive, negative). The official list is a
+# flat list of strings with a missing comma after "Noisy image.", which merges two prompts into one; writing
+# the pairs explicitly makes that mistake impossible.
+QUALICLIP_PROMPT_PAIRS: tuple[tuple[str, str], ...] = (
+    ("Good photo.", "Bad photo."),
+    ("Sharp image.", "Blurry image."),
+    ("Sharp edges.", "Blurry edges."),
+    ("High-resolution image.", "Low-resolution image."),
+    ("Noise-free image.", "Noisy image."),
+    ("High-quality image.", "Low-quality image."),
+    ("Good picture.", "Bad picture."),
+)
+
+
+class QualiCLIPVisionConfig(PreTrainedConfig):
+    r"""
+    Configuration of the image tower: OpenAI CLIP's `ModifiedResNet` (3-convolution stem, anti-aliased strided
+    bottlenecks, attention pooling). The defaults are CLIP RN50.
+
+    Args:
+        layers (`list[int]`, defaults to `[3, 4, 6, 3]`):
+            Number of bottleneck blocks in each of the four stages.
+        width (`int`, defaults to 64):
+            Channels of the first stage; the final feature map has `width * 32` channels.
+        heads (`int`, defaults to 32):
+            Attention heads of the attention pool.
+        output_dim (`int`, defaults to 1024):
+            Dimension of the image embedding, shared with the text embedding.
+        use_pos_embedding (`bool`, defaults to `False`):
+            Whether the attention pool adds CLIP's learned positional embedding. QualiCLIP scores images at their
+            native resolution and therefore skips it; with it off, the tower accepts any input size.
+        image_resolution (`int`, defaults to 224):
+            Resolution the positional embedding was learned at (a `(image_resolution // 32) ** 2 + 1` token table).
+            Only used when `use_pos_embedding` is on.
+    """
+
+    model_type = "qualiclip_vision_model"
+    base_config_key = "vision_config"
+
+    def __init__(
+        self,
+        layers: list[int] | tuple[int, ...] = (3, 4, 6, 3),
+        width: int = 64,
+        heads: int = 32,
+        output_dim: int = 1024,
+        use_pos_embedding: bool = False,
+        image_resolution: int = 224,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if len(layers) != 4:
+            raise ValueError(f"`layers` must list the blocks of 4 stages, got {list(layers)}")
+        if (width * 32) % heads != 0:
+            raise ValueError(f"the pooled width {width * 32} is not divisible by heads={heads}")
+        self.layers = list(layers)
+        self.width = width
+        self.heads = heads
+        self.output_dim = output_dim
+        self.use_pos_embedding = use_pos_embedding
+        self.image_resolution = image_resolution
+
+
+class QualiCLIPTextConfig(PreTrainedConfig):
+    r"""
+    Configuration of the (frozen) text tower: OpenAI CLIP's causal text transformer. The defaults are CLIP RN50's.
+
+    Args:
+        context_length (`int`, defaults to 77): Maximum number of tokens of a prompt.
+        vocab_size (`int`, defaults to 49408): Size of CLIP's byte-level BPE vocabulary.
+        width (`int`, defaults to 512): Hidden size of the transformer.
+        heads (`int`, defaults to 8): Attention heads.
+        layers (`int`, defaults to 12): Transformer blocks.
+        output_dim (`int`, defaults to 1024): Dimension of the text embedding, shared with the image embedding.
+    """
+
+    model_type = "qualiclip_text_model"
+    base_config_key = "text_config"
+
+    def __init__(
+        self,
+        context_length: int = 77,
+        vocab_size: int = 49408,
+        width: int = 512,
+        heads: int = 8,
+        layers: int = 12,
+        output_dim: int = 1024,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if width % heads != 0:
+            raise ValueError(f"text width {width} is not divisible by heads={heads}")
+        self.context_length = context_length
+        self.vocab_size = vocab_size
+        self.width = width
+        self.heads = heads
+        self.layers = layers
+        self.output_dim = output_dim
+
+
+class QualiCLIPConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`QualiCLIPModel`].
+
+    Args:
+        vision_config (`dict` or [`QualiCLIPVisionConfig`], *optional*): The image tower; defaults to CLIP RN50.
+        text_config (`dict` or [`QualiCLIPTextConfig`], *optional*): The text tower; defaults to CLIP RN50's.
+        prompt_pairs (`list[list[str]]`, *optional*):
+            The antonym prompts as `(positive, negative)` pairs; defaults to QualiCLIP's seven pairs.
+        logit_scale (`float`, defaults to 100.0):
+            Multiplier of the cosine similarities before the softmax of each pair. The official QualiCLIP uses
+            CLIP's value of 100.
+        clip_logit_scale (`float`, *optional*):
+            `exp(logit_scale)` of the CLIP checkpoint the weights were converted from. Not used by the official
+            score; kept so that formulas that use CLIP's learned scale (pyiqa's) can be reproduced exactly.
+        source_checkpoint_sha256 (`str`, *optional*):
+            SHA-256 of the checkpoint file the weights were converted from, for provenance.
+
+    Example:
+
+    ```python
+    >>> from qualiclip_hf import QualiCLIPConfig, QualiCLIPModel
+    >>> config = QualiCLIPConfig()  # CLIP RN50 sizes, the 7 official prompt pairs
+    >>> model = QualiCLIPModel(config)  # random weights
+    ```
+    """
+
+    model_type = "qualiclip"
+    sub_configs = {"vision_config": QualiCLIPVisionConfig, "text_config": QualiCLIPTextConfig}
+
+    def __init__(
+        self,
+        vision_config: dict[str, Any] | QualiCLIPVisionConfig | None = None,
+        text_config: dict[str, Any] | QualiCLIPTextConfig | None = None,
+        prompt_pairs: list[list[str]] | tuple[tuple[str, str], ...] | None = None,
+        logit_scale: float = 100.0,
+        clip_logit_scale: float | None = None,
+        source_checkpoint_sha256: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if vision_config is None:
+            vision_config = QualiCLIPVisionConfig()
+        elif isinstance(vision_config, dict):
+            vision_config = QualiCLIPVisionConfig(**vision_config)
+        if text_config is None:
+            text_config = QualiCLIPTextConfig(output_dim=vision_config.output_dim)
+        elif isinstance(text_config, dict):
+            text_config = QualiCLIPTextConfig(**text_config)
+        if text_config.output_dim != vision_config.output_dim:
+            raise ValueError(
+                f"the towers must share an embedding size: vision output_dim={vision_config.output_dim}, "
+                f"text output_dim={text_config.output_dim}"
+            )
+        self.prompt_pairs = validate_prompt_pairs(QUALICLIP_PROMPT_PAIRS if prompt_pairs is None else prompt_pairs)
+        self.vision_config = vision_config
+        self.text_config = text_config
+        self.logit_scale = float(logit_scale)
+        self.clip_logit_scale = None if clip_logit_scale is None else float(clip_logit_scale)
+        self.source_checkpoint_sha256 = source_checkpoint_sha256
+        super().__init__(**kwargs)
+
+    @property
+    def num_prompt_pairs(self) -> int:
+        return len(self.prompt_pairs)
+
+
+def validate_prompt_pairs(pairs: Any) -> list[list[str]]:
+    """Checks that `pairs` is a non-empty sequence of (positive, negative) prompts; returns them as lists."""
+    checked = []
+    for pair in pairs:
+        if isinstance(pair, str) or len(pair) != 2 or not all(isinstance(t, str) and t.strip() for t in pair):
+            raise ValueError(f"a prompt pair is (positive, negative), two non-empty strings; got {pair!r}")
+        checked.append([pair[0], pair[1]])
+    if not checked:
+        raise ValueError("at least one prompt pair is needed")
+    return checked
+
+
+__all__ = [
+    "QUALICLIP_PROMPT_PAIRS",
+    "QualiCLIPConfig",
+    "QualiCLIPTextConfig",
+    "QualiCLIPVisionConfig",
+    "validate_prompt_pairs",
+]

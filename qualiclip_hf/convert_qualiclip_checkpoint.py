@@ -1,0 +1,260 @@
+"""Conversion of the official QualiCLIP checkpoint (`qualiclip.pth`) to a Hugging Face folder.
+
+The official file is a pickled dict: `"clip_model.<key>"` for every tensor of OpenAI CLIP RN50 (the image tower
+fine-tuned by QualiCLIP, the text tower untouched) and `"prompts_features"`, the `(14, 1024)` normalised text
+embeddings of the seven antonym pairs. It is published as the release asset `weights/qualiclip.pth` of
+github.com/miccunifi/QualiCLIP and, byte for byte the same file, as `QualiCLIP.pth` in the Hub repository
+`chaofengc/IQA-PyTorch-Weights` (pyiqa's weight store), which is where we download it from.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import re
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from .configuration_qualiclip import QualiCLIPConfig
+from .image_processing_qualiclip import QualiCLIPImageProcessor
+from .modeling_qualiclip import QualiCLIPModel
+from .processing_qualiclip import QualiCLIPProcessor
+
+OFFICIAL_REPO_ID = "chaofengc/IQA-PyTorch-Weights"
+OFFICIAL_FILENAME = "QualiCLIP.pth"
+OFFICIAL_RELEASE_URL = "https://github.com/miccunifi/QualiCLIP/releases/download/weights/qualiclip.pth"
+
+_CHECKPOINT_PREFIX = "clip_model."
+_PROMPTS_KEY = "prompts_features"
+# Keys of the CLIP state dict that are not tensors of our model: the JIT archive's bookkeeping scalars, and the
+# learned temperature, which goes to the config.
+_DROPPED_KEYS = {"input_resolution", "context_length", "vocab_size", "logit_scale"}
+_TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+
+
+class CheckpointError(ValueError):
+    """The file is not a readable QualiCLIP / CLIP checkpoint."""
+
+
+def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """
+    Reads an official-layout checkpoint safely (`weights_only=True`: tensors and plain containers only, no code).
+
+    Raises:
+        CheckpointError: naming the file and the cause when it is missing, truncated, not a checkpoint, or lacks
+            the QualiCLIP keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from None
+    except Exception as error:  # an unpickler refusal (a pickle that carries code) is not a plain error subclass
+        raise CheckpointError(f"{path}: refused to load (only tensors are allowed): {error}") from None
+    if not isinstance(state_dict, dict) or _PROMPTS_KEY not in state_dict:
+        raise CheckpointError(f"{path}: not a QualiCLIP checkpoint (no '{_PROMPTS_KEY}' entry)")
+    if not any(key.startswith(_CHECKPOINT_PREFIX) for key in state_dict):
+        raise CheckpointError(f"{path}: not a QualiCLIP checkpoint (no '{_CHECKPOINT_PREFIX}*' tensors)")
+    return state_dict
+
+
+def config_from_state_dict(state_dict: dict[str, torch.Tensor], **overrides: Any) -> QualiCLIPConfig:
+    """Infers the tower sizes from CLIP ResNet tensors (keys without the `clip_model.` prefix)."""
+    if "visual.proj" in state_dict:
+        raise CheckpointError("this is a CLIP ViT checkpoint; QualiCLIP uses the ResNet image tower")
+    layers = [
+        len({key.split(".")[2] for key in state_dict if key.startswith(f"visual.layer{stage}.")})
+        for stage in (1, 2, 3, 4)
+    ]
+    width = state_dict["visual.layer1.0.conv1.weight"].shape[0]
+    output_dim = state_dict["text_projection"].shape[1]
+    pos_tokens = state_dict["visual.attnpool.positional_embedding"].shape[0]
+    text_width = state_dict["ln_final.weight"].shape[0]
+    vision_config = {
+        "layers": layers,
+        "width": width,
+        # OpenAI's rule: 64 channels per attention head in the pool.
+        "heads": width * 32 // 64,
+        "output_dim": output_dim,
+        "image_resolution": round((pos_tokens - 1) ** 0.5) * 32,
+    }
+    text_config = {
+        "context_length": state_dict["positional_embedding"].shape[0],
+        "vocab_size": state_dict["token_embedding.weight"].shape[0],
+        "width": text_width,
+        "heads": text_width // 64,
+        "layers": len({key.split(".")[2] for key in state_dict if key.startswith("transformer.resblocks.")}),
+        "output_dim": output_dim,
+    }
+    vision_config.update(overrides.pop("vision_config", {}))
+    clip_logit_scale = float(state_dict["logit_scale"].exp()) if "logit_scale" in state_dict else None
+    return QualiCLIPConfig(
+        vision_config=vision_config, text_config=text_config, clip_logit_scale=clip_logit_scale, **overrides
+    )
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], config: QualiCLIPConfig) -> dict[str, torch.Tensor]:
+    """
+    Maps CLIP ResNet tensor names (without the `clip_model.` prefix) to `QualiCLIPModel` names.
+
+    `visual.*` becomes `vision_model.*` (with the downsample branch's `0`/`1` indices named `conv`/`bn`), the text
+    tensors go under `text_model.` (the `transformer.` level is dropped), and the attention pool's positional
+    embedding is kept only if the config uses it.
+    """
+    converted = {}
+    for key, tensor in state_dict.items():
+        if key in _DROPPED_KEYS:
+            continue
+        if key.startswith("visual."):
+            if key == "visual.attnpool.positional_embedding" and not config.vision_config.use_pos_embedding:
+                continue
+            new_key = "vision_model." + key[len("visual.") :]
+            new_key = re.sub(r"\.downsample\.0\.", ".downsample.conv.", new_key)
+            new_key = re.sub(r"\.downsample\.1\.", ".downsample.bn.", new_key)
+        elif key.startswith(_TEXT_KEYS):
+            new_key = "text_model." + key.removeprefix("transformer.")
+        else:
+            raise CheckpointError(f"unexpected tensor '{key}' in a CLIP ResNet checkpoint")
+        converted[new_key] = tensor
+    return converted
+
+
+def convert_state_dict(
+    checkpoint: dict[str, torch.Tensor], **config_overrides: Any
+) -> tuple[QualiCLIPConfig, dict[str, torch.Tensor]]:
+    """Turns an official-layout checkpoint into a `(config, state_dict)` for `QualiCLIPModel`."""
+    clip_state = {
+        key[len(_CHECKPOINT_PREFIX) :]: tensor
+        for key, tensor in checkpoint.items()
+        if key.startswith(_CHECKPOINT_PREFIX)
+    }
+    config = config_from_state_dict(clip_state, **config_overrides)
+    state_dict = checkpoint_filter_fn(clip_state, config)
+    prompts = checkpoint[_PROMPTS_KEY].float()
+    if prompts.shape != (2 * config.num_prompt_pairs, config.vision_config.output_dim):
+        raise CheckpointError(
+            f"'{_PROMPTS_KEY}' has shape {tuple(prompts.shape)}, expected "
+            f"({2 * config.num_prompt_pairs}, {config.vision_config.output_dim}) for {config.num_prompt_pairs} pairs"
+        )
+    state_dict["prompt_embeds"] = torch.nn.functional.normalize(prompts, dim=-1)
+    return config, {key: tensor.float() for key, tensor in state_dict.items()}
+
+
+def build_clip_tokenizer() -> CLIPTokenizer:
+    """
+    CLIP's tokenizer built offline from the BPE merges that ship inside the `openai-clip` package
+    (`clip/bpe_simple_vocab_16e6.txt.gz`), with the vocabulary laid out exactly as OpenAI's `SimpleTokenizer`
+    builds it, so token ids match `clip.tokenize`.
+    """
+    merges = _read_clip_bpe_merges()
+    byte_symbols = list(bytes_to_unicode().values())
+    tokens = byte_symbols + [symbol + "</w>" for symbol in byte_symbols]
+    tokens += ["".join(merge) for merge in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={token: index for index, token in enumerate(tokens)}, merges=merges)
+
+
+def _read_clip_bpe_merges() -> list[tuple[str, str]]:
+    spec = importlib.util.find_spec("clip")  # locate the data file without importing the package
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    candidates = [Path(location) / "bpe_simple_vocab_16e6.txt.gz" for location in locations]
+    bpe_path = next((path for path in candidates if path.is_file()), None)
+    if bpe_path is None:
+        raise FileNotFoundError(
+            "CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) was not found: install the 'openai-clip' package"
+        )
+    with gzip.open(bpe_path, "rt", encoding="utf-8") as file:
+        lines = file.read().split("\n")
+    # The first line is a version header; OpenAI uses the next 49152 - 256 - 2 merges so that the vocabulary
+    # (256 bytes x 2 + merges + 2 special tokens) has 49408 entries.
+    return [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+
+
+def make_processor(tokenizer: CLIPTokenizer | None = None) -> QualiCLIPProcessor:
+    """The default processor: full-resolution image processing and CLIP's tokenizer."""
+    return QualiCLIPProcessor(image_processor=QualiCLIPImageProcessor(), tokenizer=tokenizer or build_clip_tokenizer())
+
+
+def convert_checkpoint(checkpoint_path: str | Path, output_dir: str | Path, **config_overrides: Any) -> Path:
+    """
+    Converts an official-layout QualiCLIP checkpoint into a complete Hugging Face folder: config, safetensors
+    weights, processor and tokenizer files, and the remote-code files for `trust_remote_code=True`.
+
+    Returns:
+        The output folder.
+    """
+    checkpoint_path = Path(checkpoint_path)
+    checkpoint = load_official_checkpoint(checkpoint_path)
+    config, state_dict = convert_state_dict(
+        checkpoint, source_checkpoint_sha256=sha256_of(checkpoint_path), **config_overrides
+    )
+    model = QualiCLIPModel(config)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{checkpoint_path}: missing tensors {missing}, unexpected tensors {unexpected}")
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir)
+    make_processor().save_pretrained(output_dir)
+    return output_dir
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_official_checkpoint(expected_sha256: str | None = None) -> Path:
+    """
+    Downloads the official checkpoint through `huggingface_hub` (cached, so only once) and verifies its SHA-256.
+
+    Args:
+        expected_sha256: The digest the file must have. By default it is the digest the Hub publishes for the file:
+            the Hub client names cached large files by that digest, so a truncated or altered download is caught.
+
+    Raises:
+        CheckpointError: when the digest does not match.
+    """
+    from huggingface_hub import hf_hub_download
+
+    path = Path(hf_hub_download(OFFICIAL_REPO_ID, OFFICIAL_FILENAME))
+    published = path.resolve().name  # blobs/<sha256> for files stored with Git LFS / Xet
+    expected = expected_sha256 or (published if re.fullmatch(r"[0-9a-f]{64}", published) else None)
+    if expected is None:
+        raise CheckpointError(f"{path}: the Hub published no SHA-256 for {OFFICIAL_FILENAME}; pass expected_sha256")
+    actual = sha256_of(path)
+    if actual != expected:
+        raise CheckpointError(
+            f"{path}: SHA-256 {actual} does not match the published {expected}; the download is corrupt or was "
+            "tampered with. Delete it and download again."
+        )
+    return path
+
+
+def official_model_dir(expected_sha256: str | None = None) -> Path:
+    """
+    A Hugging Face folder of the official QualiCLIP weights, downloaded and converted once into the cache
+    (`$HF_HOME/qualiclip_hf/official-<sha256 prefix>`), then reused.
+    """
+    from huggingface_hub import constants
+
+    checkpoint = download_official_checkpoint(expected_sha256)
+    output_dir = Path(constants.HF_HOME) / "qualiclip_hf" / f"official-{checkpoint.resolve().name[:16]}"
+    if not (output_dir / "model.safetensors").is_file():
+        # Convert next to the final place and rename, so an interrupted conversion never looks complete.
+        staging = output_dir.with_name(output_dir.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(output_dir, ignore_errors=True)
+        convert_checkpoint(checkpoint, staging)
+        staging.replace(output_dir)
+    return output_dir

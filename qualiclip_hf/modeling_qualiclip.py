@@ -1,0 +1,449 @@
+"""QualiCLIP: no-reference image quality from the agreement of a CLIP image embedding with antonym prompts.
+
+The image tower is OpenAI CLIP's ModifiedResNet whose attention pool skips the positional embedding, so images
+are scored at their native resolution. The text tower is CLIP's causal transformer; it is frozen and only used
+to (re)compute the prompt embeddings, which are stored as a buffer.
+
+Reference: Agnolucci, Galteri, Bertini, "Quality-Aware Image-Text Alignment for Opinion-Unaware Image Quality
+Assessment", arXiv:2403.11176.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_qualiclip import (
+    QualiCLIPConfig,
+    QualiCLIPTextConfig,
+    QualiCLIPVisionConfig,
+    validate_prompt_pairs,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# Total stride of ModifiedResNet: a stride-2 stem convolution, a 2x2 average pool, and three stride-2 stages.
+VISION_STRIDE = 32
+
+
+@dataclass
+class QualiCLIPOutput(ModelOutput):
+    """
+    Output of [`QualiCLIPModel`].
+
+    Args:
+        quality_score (`torch.FloatTensor` of shape `(batch_size,)`):
+            Quality in [0, 1], higher is better: the mean over prompt pairs of the softmax probability of the
+            positive prompt.
+        logits_per_prompt (`torch.FloatTensor` of shape `(batch_size, num_prompt_pairs, 2)`):
+            `logit_scale * cos(image, prompt)` for the (positive, negative) prompt of each pair.
+        image_embeds (`torch.FloatTensor` of shape `(batch_size, output_dim)`):
+            L2-normalised image embeddings.
+    """
+
+    quality_score: torch.FloatTensor | None = None
+    logits_per_prompt: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+
+
+class ResidualOutputBatchNorm2d(nn.BatchNorm2d):
+    """The BatchNorm that ends a residual branch; its own type lets it be zero-initialised (see `_init_weights`)."""
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck whose strided variant average-pools before the 3x3 convolution (anti-aliasing)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = ResidualOutputBatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+
+        self.downsample = None
+        if stride > 1 or inplanes != planes * self.expansion:
+            self.downsample = nn.Sequential(
+                OrderedDict(
+                    pool=nn.AvgPool2d(stride),
+                    conv=nn.Conv2d(inplanes, planes * self.expansion, 1, bias=False),
+                    bn=nn.BatchNorm2d(planes * self.expansion),
+                )
+            )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        identity = hidden_states if self.downsample is None else self.downsample(hidden_states)
+        out = self.relu(self.bn1(self.conv1(hidden_states)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(self.avgpool(out)))
+        return self.relu(out + identity)
+
+
+class AttentionPool2d(nn.Module):
+    """
+    CLIP's attention pooling: the mean of the feature map is prepended as a query token and attends to itself and to
+    every spatial position; its output, projected, is the image embedding.
+
+    Only the mean token's output is ever used, so only its query is computed: the result is the same as full
+    self-attention over the `HW + 1` tokens, at a fraction of the cost on large images.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, output_dim: int, num_pos_tokens: int | None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+        # QualiCLIP runs without it; it exists only when the config asks for it, so that no unused parameter is
+        # carried around (and trained) otherwise.
+        self.positional_embedding = (
+            nn.Parameter(torch.zeros(num_pos_tokens, embed_dim)) if num_pos_tokens is not None else None
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            features (`torch.Tensor` of shape `(batch_size, embed_dim, height, width)`): the last stage's output.
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, output_dim)`.
+        """
+        batch_size, channels = features.shape[:2]
+        tokens = features.flatten(2).transpose(1, 2)  # (B, HW, C)
+        tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)  # (B, HW + 1, C)
+        if self.positional_embedding is not None:
+            tokens = tokens + self._resized_positional_embedding(tokens.shape[1]).to(tokens.dtype)
+
+        head_dim = channels // self.num_heads
+
+        def split_heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch_size, -1, self.num_heads, head_dim).transpose(1, 2)  # (B, heads, L, head_dim)
+
+        query = split_heads(self.q_proj(tokens[:, :1]))
+        key = split_heads(self.k_proj(tokens))
+        value = split_heads(self.v_proj(tokens))
+        pooled = F.scaled_dot_product_attention(query, key, value)  # (B, heads, 1, head_dim)
+        return self.c_proj(pooled.transpose(1, 2).reshape(batch_size, channels))
+
+    def _resized_positional_embedding(self, num_tokens: int) -> torch.Tensor:
+        # Same resizing as the official QualiCLIP code: the (tokens, channels) table is interpolated as one
+        # image to the new number of tokens; at the training resolution it is the identity.
+        table = self.positional_embedding
+        if table.shape[0] == num_tokens:
+            return table
+        return F.interpolate(table[None, None], size=(num_tokens, table.shape[1]), mode="bicubic")[0, 0]
+
+
+class QualiCLIPVisionTower(nn.Module):
+    """OpenAI CLIP's ModifiedResNet: 3-convolution stem, anti-aliased bottleneck stages, attention pooling."""
+
+    def __init__(self, config: QualiCLIPVisionConfig) -> None:
+        super().__init__()
+        width = config.width
+        self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.avgpool = nn.AvgPool2d(2)
+        self.relu = nn.ReLU(inplace=True)
+
+        inplanes = width
+        stages = []
+        for index, num_blocks in enumerate(config.layers):
+            planes = width * 2**index
+            blocks = [Bottleneck(inplanes, planes, stride=1 if index == 0 else 2)]
+            inplanes = planes * Bottleneck.expansion
+            blocks += [Bottleneck(inplanes, planes) for _ in range(1, num_blocks)]
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+
+        num_pos_tokens = (config.image_resolution // VISION_STRIDE) ** 2 + 1 if config.use_pos_embedding else None
+        self.attnpool = AttentionPool2d(width * 32, config.heads, config.output_dim, num_pos_tokens)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            pixel_values (`torch.Tensor` of shape `(batch_size, 3, height, width)`): CLIP-normalised RGB.
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, output_dim)`: unnormalised image embeddings.
+        """
+        hidden = self.relu(self.bn1(self.conv1(pixel_values)))
+        hidden = self.relu(self.bn2(self.conv2(hidden)))
+        hidden = self.relu(self.bn3(self.conv3(hidden)))
+        hidden = self.avgpool(hidden)
+        hidden = self.layer4(self.layer3(self.layer2(self.layer1(hidden))))
+        return self.attnpool(hidden)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LayerNorm transformer block of CLIP's text tower (QuickGELU MLP)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            OrderedDict(c_fc=nn.Linear(width, width * 4), gelu=QuickGELU(), c_proj=nn.Linear(width * 4, width))
+        )
+
+    def forward(self, hidden: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
+        normed = self.ln_1(hidden)
+        hidden = hidden + self.attn(normed, normed, normed, attn_mask=causal_mask, need_weights=False)[0]
+        return hidden + self.mlp(self.ln_2(hidden))
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class QualiCLIPTextTower(nn.Module):
+    """CLIP's causal text transformer; the embedding is read at the end-of-text token and projected."""
+
+    def __init__(self, config: QualiCLIPTextConfig) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.positional_embedding = nn.Parameter(torch.zeros(config.context_length, config.width))
+        self.resblocks = nn.ModuleList(
+            [ResidualAttentionBlock(config.width, config.heads) for _ in range(config.layers)]
+        )
+        self.ln_final = nn.LayerNorm(config.width)
+        self.text_projection = nn.Parameter(torch.zeros(config.width, config.output_dim))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            input_ids (`torch.LongTensor` of shape `(num_prompts, context_length)`): CLIP BPE tokens padded to the
+                context length, `<|startoftext|> ... <|endoftext|>`.
+            attention_mask (`torch.LongTensor` of shape `(num_prompts, context_length)`): 1 up to and including
+                the end-of-text token.
+
+        Returns:
+            `torch.Tensor` of shape `(num_prompts, output_dim)`: unnormalised text embeddings.
+        """
+        return self.encode_embeddings(self.token_embedding(input_ids), attention_mask.sum(dim=-1) - 1)
+
+    def encode_embeddings(self, token_embeds: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        """
+        Runs the transformer on token embeddings (learned prompt contexts enter here).
+
+        Args:
+            token_embeds (`torch.Tensor` of shape `(num_prompts, context_length, width)`).
+            eot_index (`torch.LongTensor` of shape `(num_prompts,)`): position of each end-of-text token.
+        """
+        length = token_embeds.shape[1]
+        hidden = token_embeds + self.positional_embedding[:length].to(token_embeds.dtype)
+        causal_mask = torch.full((length, length), float("-inf"), device=hidden.device).triu_(1).to(hidden.dtype)
+        for block in self.resblocks:
+            hidden = block(hidden, causal_mask)
+        hidden = self.ln_final(hidden)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), eot_index] @ self.text_projection
+
+
+class QualiCLIPPreTrainedModel(PreTrainedModel):
+    config_class = QualiCLIPConfig
+    base_model_prefix = "qualiclip"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["Bottleneck", "ResidualAttentionBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # CLIP's own initialisation, through transformers' `init` functions: they skip tensors that were loaded
+        # from a checkpoint, so loading never overwrites weights (tested by the save/load round trip).
+        if isinstance(module, AttentionPool2d):
+            std = module.c_proj.in_features**-0.5
+            for linear in (module.q_proj, module.k_proj, module.v_proj, module.c_proj):
+                init.normal_(linear.weight, std=std)
+                init.zeros_(linear.bias)
+            if module.positional_embedding is not None:
+                init.normal_(module.positional_embedding, std=std)
+        elif isinstance(module, nn.Conv2d):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            # Zero scale at the end of each residual branch: every block starts as the identity.
+            if isinstance(module, ResidualOutputBatchNorm2d):
+                init.zeros_(module.weight)
+            else:
+                init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+        elif isinstance(module, QualiCLIPTextTower):
+            width = module.ln_final.normalized_shape[0]
+            residual_std = width**-0.5 * (2 * max(len(module.resblocks), 1)) ** -0.5
+            init.normal_(module.token_embedding.weight, std=0.02)
+            init.normal_(module.positional_embedding, std=0.01)
+            init.normal_(module.text_projection, std=width**-0.5)
+            for block in module.resblocks:
+                init.normal_(block.attn.in_proj_weight, std=width**-0.5)
+                init.zeros_(block.attn.in_proj_bias)
+                init.normal_(block.attn.out_proj.weight, std=residual_std)
+                init.zeros_(block.attn.out_proj.bias)
+                init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+                init.normal_(block.mlp.c_proj.weight, std=residual_std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, QualiCLIPModel):
+            init.copy_(module.prompt_embeds, F.normalize(torch.randn_like(module.prompt_embeds), dim=-1))
+
+
+class QualiCLIPModel(QualiCLIPPreTrainedModel):
+    """
+    QualiCLIP for no-reference image quality assessment.
+
+    `forward(pixel_values)` embeds the images, compares them with the stored prompt embeddings and returns a quality
+    score in [0, 1] per image. Images of different sizes can be batched: pad them to a common size and pass their
+    true sizes as `image_sizes` (what [`QualiCLIPImageProcessor`] does); each image is then cropped back and scored
+    alone or with same-size companions, so padding never changes a score.
+
+    Example:
+
+    ```python
+    >>> from transformers import AutoModel, AutoProcessor
+    >>> model = AutoModel.from_pretrained("path/to/qualiclip", trust_remote_code=True)
+    >>> processor = AutoProcessor.from_pretrained("path/to/qualiclip", trust_remote_code=True)
+    >>> model(**processor(images=[image_a, image_b], return_tensors="pt")).quality_score  # shape (2,)
+    ```
+    """
+
+    def __init__(self, config: QualiCLIPConfig) -> None:
+        super().__init__(config)
+        self.vision_model = QualiCLIPVisionTower(config.vision_config)
+        self.text_model = QualiCLIPTextTower(config.text_config)
+        self.text_model.requires_grad_(False)
+        # Normalised text embeddings of the prompts, in (positive, negative) order per pair. Saved with the weights
+        # so that scoring never runs the text tower.
+        self.register_buffer("prompt_embeds", torch.zeros(2 * config.num_prompt_pairs, config.vision_config.output_dim))
+        self.post_init()
+
+    @property
+    def min_image_size(self) -> int:
+        """Smallest height and width the image tower accepts."""
+        return VISION_STRIDE
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
+        logit_scale: float | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> QualiCLIPOutput | tuple[torch.Tensor, ...]:
+        """
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
+                CLIP-normalised RGB images (see [`QualiCLIPImageProcessor`]); any size of at least 32x32.
+            image_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*):
+                The true `(height, width)` of each image when the batch was padded to a common size; padding lies
+                below and to the right of each image. Omit it when no image is padded.
+            logit_scale (`float`, *optional*):
+                Overrides `config.logit_scale`, the multiplier of the cosine similarities.
+            return_dict (`bool`, *optional*): Return a [`QualiCLIPOutput`] (default) or a tuple.
+
+        Returns:
+            [`QualiCLIPOutput`] with `quality_score` `(batch_size,)`, `logits_per_prompt`
+            `(batch_size, num_prompt_pairs, 2)` and `image_embeds` `(batch_size, output_dim)`.
+        """
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(
+                f"pixel_values must be a (batch_size, 3, height, width) tensor, got shape {tuple(pixel_values.shape)}"
+            )
+        image_embeds = F.normalize(self.get_image_features(pixel_values, image_sizes), dim=-1)
+        scale = self.config.logit_scale if logit_scale is None else logit_scale
+        logits = scale * image_embeds @ self.prompt_embeds.to(image_embeds.dtype).T
+        logits_per_prompt = logits.view(logits.shape[0], -1, 2)
+        quality_score = logits_per_prompt.softmax(dim=-1)[..., 0].mean(dim=-1)
+
+        output = QualiCLIPOutput(
+            quality_score=quality_score, logits_per_prompt=logits_per_prompt, image_embeds=image_embeds
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return output if return_dict else output.to_tuple()
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Unnormalised image embeddings, `(batch_size, output_dim)`. With `image_sizes`, each image is cropped to its
+        true size and images of equal size are embedded together.
+        """
+        pixel_values = pixel_values.to(self.vision_model.conv1.weight.dtype)
+        padded_size = tuple(pixel_values.shape[-2:])
+        if image_sizes is None:
+            self._check_size(padded_size)
+            return self.vision_model(pixel_values)
+
+        sizes = [tuple(size) for size in torch.as_tensor(image_sizes).tolist()]
+        if len(sizes) != pixel_values.shape[0]:
+            raise ValueError(f"got {len(sizes)} image_sizes for a batch of {pixel_values.shape[0]} images")
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, size in enumerate(sizes):
+            if size[0] > padded_size[0] or size[1] > padded_size[1]:
+                raise ValueError(f"image {index} claims size {size}, larger than the padded batch {padded_size}")
+            groups.setdefault(size, []).append(index)
+        if len(groups) == 1 and sizes[0] == padded_size:
+            self._check_size(padded_size)
+            return self.vision_model(pixel_values)
+
+        embeds: torch.Tensor | None = None
+        for (height, width), indices in groups.items():
+            self._check_size((height, width))
+            index_tensor = torch.tensor(indices, device=pixel_values.device)
+            group_embeds = self.vision_model(pixel_values[index_tensor, :, :height, :width])
+            if embeds is None:
+                embeds = group_embeds.new_empty(pixel_values.shape[0], group_embeds.shape[-1])
+            embeds[index_tensor] = group_embeds
+        return embeds
+
+    def _check_size(self, size: tuple[int, int]) -> None:
+        if min(size) < self.min_image_size:
+            raise ValueError(
+                f"an image of {size[0]}x{size[1]} pixels is smaller than the {self.min_image_size}x"
+                f"{self.min_image_size} minimum of the image tower (its total stride); upscale it first"
+            )
+
+    @torch.no_grad()
+    def set_prompts(
+        self, prompt_pairs: list[tuple[str, str]] | list[list[str]], tokenizer: PreTrainedTokenizerBase
+    ) -> None:
+        """
+        Replaces the prompt pairs and recomputes their embeddings with the (frozen) text tower.
+
+        Args:
+            prompt_pairs: `(positive, negative)` pairs of prompts.
+            tokenizer: CLIP's tokenizer (the one saved with the model, or `QualiCLIPProcessor.tokenizer`).
+        """
+        self.config.prompt_pairs = validate_prompt_pairs(prompt_pairs)
+        texts = [text for pair in self.config.prompt_pairs for text in pair]
+        tokens = tokenizer(
+            texts,
+            padding="max_length",
+            max_length=self.config.text_config.context_length,
+            truncation=True,
+            return_tensors="pt",
+        ).to(self.prompt_embeds.device)
+        embeds = self.text_model(tokens["input_ids"], tokens["attention_mask"])
+        self.prompt_embeds = F.normalize(embeds.float(), dim=-1).to(self.prompt_embeds.dtype)
+
+
+__all__ = ["QualiCLIPModel", "QualiCLIPOutput", "QualiCLIPPreTrainedModel"]

@@ -1,0 +1,169 @@
+"""Scoring image files: decoding in DataLoader workers, batched inference, one result per file, errors included."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from .image_processing_qualiclip import to_viewable_rgb
+from .modeling_qualiclip import QualiCLIPModel
+from .processing_qualiclip import QualiCLIPProcessor
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jp2", ".heic", ".avif"}
+)
+
+
+@dataclass
+class ScoreResult:
+    """The outcome for one file: a score in [0, 1], or the reason there is none."""
+
+    path: str
+    score: float | None = None
+    error: str | None = None
+
+
+def collect_image_paths(inputs: Iterable[str | Path], recursive: bool = False) -> list[Path]:
+    """
+    Expands the command-line inputs: a file is taken as given (an unreadable one gets an error later, not
+    silently dropped); a directory contributes its files with an image extension, sorted, descending into
+    subdirectories only when `recursive`. A path that does not exist is kept, so it is reported as an error.
+    """
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            pattern = "**/*" if recursive else "*"
+            found = (p for p in item.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
+            paths.extend(sorted(found))
+        else:
+            paths.append(item)
+    return paths
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """
+    Decodes an image file to a `(3, height, width)` uint8 RGB tensor, EXIF orientation applied (first frame of
+    animations).
+
+    Raises:
+        ValueError: naming the file and the cause (missing, a directory, not an image, truncated, ...).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, not an image")
+    if not path.exists():
+        raise ValueError(f"{path}: no such file" + (" (broken symbolic link)" if path.is_symlink() else ""))
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(to_viewable_rgb(image))
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image file, or a format no installed reader supports") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{path}: cannot decode image: {error}") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+class _ImageFiles(Dataset):
+    """Decodes files in DataLoader workers; a failure travels as a message instead of killing the worker."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return index, read_image(self.paths[index]), None
+        except ValueError as error:
+            return index, None, str(error)
+
+
+def score_files(
+    paths: list[Path],
+    model: QualiCLIPModel,
+    processor: QualiCLIPProcessor,
+    batch_size: int = 4,
+    num_workers: int | None = None,
+    max_size: int | None = None,
+) -> Iterator[ScoreResult]:
+    """
+    Scores image files, yielding one [`ScoreResult`] per path in order. Decoding runs in `num_workers` background
+    processes (default: up to 4, one per spare core) while the model works. A file that cannot be read or scored
+    gets its `error` and the others go on.
+    """
+    if num_workers is None:
+        num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
+    loader = DataLoader(
+        _ImageFiles(paths),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=list,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+    for batch in loader:
+        results = {index: ScoreResult(str(paths[index]), error=error) for index, _, error in batch}
+        decoded = [(index, image) for index, image, error in batch if error is None]
+        for index, error in _too_small(decoded, model.min_image_size, max_size, paths):
+            results[index].error = error
+        decoded = [(index, image) for index, image in decoded if results[index].error is None]
+        for index, outcome in _score_decoded(decoded, model, processor, max_size, paths):
+            if isinstance(outcome, float):
+                results[index].score = outcome
+            else:
+                results[index].error = outcome
+        yield from (results[index] for index, _, _ in batch)
+
+
+def _too_small(
+    decoded: list[tuple[int, torch.Tensor]], min_size: int, max_size: int | None, paths: list[Path]
+) -> Iterator[tuple[int, str]]:
+    for index, image in decoded:
+        height, width = image.shape[-2:]
+        scale = 1.0 if max_size is None else min(1.0, max_size / max(height, width))
+        if min(height, width) * scale < min_size:
+            yield (
+                index,
+                (
+                    f"{paths[index]}: {width}x{height} pixels is below the model's {min_size}x{min_size} minimum"
+                    + (f" after --max-size {max_size}" if scale < 1 else "")
+                ),
+            )
+
+
+@torch.inference_mode()
+def _score_decoded(
+    decoded: list[tuple[int, torch.Tensor]],
+    model: QualiCLIPModel,
+    processor: QualiCLIPProcessor,
+    max_size: int | None,
+    paths: list[Path],
+) -> Iterator[tuple[int, float | str]]:
+    if not decoded:
+        return
+    try:
+        scores = _run_model([image for _, image in decoded], model, processor, max_size)
+    except (RuntimeError, ValueError) as error:
+        if len(decoded) == 1:
+            yield decoded[0][0], f"{paths[decoded[0][0]]}: scoring failed: {error}"
+            return
+        # The batch failed as a whole (out of memory, say): score the images one by one so that each gets its
+        # own outcome.
+        for item in decoded:
+            yield from _score_decoded([item], model, processor, max_size, paths)
+        return
+    yield from ((index, score) for (index, _), score in zip(decoded, scores, strict=True))
+
+
+def _run_model(
+    images: list[torch.Tensor], model: QualiCLIPModel, processor: QualiCLIPProcessor, max_size: int | None
+) -> list[float]:
+    inputs = processor(images=images, return_tensors="pt", max_size=max_size).to(model.device)
+    return model(**inputs).quality_score.float().cpu().tolist()

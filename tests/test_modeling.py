@@ -1,0 +1,146 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qualiclip_hf import QUALICLIP_PROMPT_PAIRS, QualiCLIPModel, QualiCLIPOutput
+from qualiclip_hf.modeling_qualiclip import Bottleneck
+
+from .conftest import tiny_config
+
+
+def images(*sizes, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, h, w, generator=generator) for h, w in sizes]
+
+
+@torch.no_grad()
+def test_output_shapes_and_score_range(tiny_model):
+    out = tiny_model(torch.randn(3, 3, 64, 96))
+    assert isinstance(out, QualiCLIPOutput)
+    assert out.quality_score.shape == (3,)
+    assert out.logits_per_prompt.shape == (3, 7, 2)
+    assert out.image_embeds.shape == (3, 32)
+    assert torch.all((out.quality_score >= 0) & (out.quality_score <= 1))
+    assert torch.allclose(out.image_embeds.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+@torch.no_grad()
+def test_score_is_the_mean_positive_softmax_at_logit_scale(tiny_model):
+    x = torch.randn(2, 3, 64, 64)
+    out = tiny_model(x)
+    cosine = out.image_embeds @ tiny_model.prompt_embeds.T
+    expected = (100.0 * cosine).view(2, 7, 2).softmax(-1)[..., 0].mean(-1)
+    torch.testing.assert_close(out.quality_score, expected)
+    half = tiny_model(x, logit_scale=50.0).quality_score
+    torch.testing.assert_close(half, (50.0 * cosine).view(2, 7, 2).softmax(-1)[..., 0].mean(-1))
+
+
+@torch.no_grad()
+def test_any_resolution_works_without_positional_embedding(tiny_model):
+    for height, width in [(32, 32), (33, 47), (224, 224), (300, 97)]:
+        assert tiny_model(torch.randn(1, 3, height, width)).quality_score.shape == (1,)
+
+
+@torch.no_grad()
+def test_too_small_images_are_refused_clearly(tiny_model):
+    with pytest.raises(ValueError, match=r"16x16 pixels is smaller than the 32x32 minimum"):
+        tiny_model(torch.randn(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="batch_size, 3, height, width"):
+        tiny_model(torch.randn(3, 64, 64))
+
+
+@torch.no_grad()
+def test_padded_mixed_size_batch_gives_each_image_its_own_score(tiny_model):
+    batch_images = images((64, 96), (40, 40), (64, 96), (97, 33))
+    alone = torch.cat([tiny_model(image[None]).quality_score for image in batch_images])
+    height = max(image.shape[1] for image in batch_images)
+    width = max(image.shape[2] for image in batch_images)
+    padded = torch.full((4, 3, height, width), 7.0)  # the padding value must not matter
+    for index, image in enumerate(batch_images):
+        padded[index, :, : image.shape[1], : image.shape[2]] = image
+    sizes = torch.tensor([image.shape[1:] for image in batch_images])
+    batched = tiny_model(padded, image_sizes=sizes).quality_score
+    torch.testing.assert_close(batched, alone, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_image_sizes_larger_than_the_batch_are_refused(tiny_model):
+    with pytest.raises(ValueError, match="larger than the padded batch"):
+        tiny_model(torch.randn(1, 3, 64, 64), image_sizes=torch.tensor([[65, 64]]))
+
+
+@torch.no_grad()
+def test_attention_pool_equals_full_self_attention(tiny_model):
+    pool = tiny_model.vision_model.attnpool
+    features = torch.randn(2, 256, 3, 5)
+    tokens = features.flatten(2).permute(2, 0, 1)
+    tokens = torch.cat([tokens.mean(0, keepdim=True), tokens])
+    full, _ = torch.nn.functional.multi_head_attention_forward(
+        tokens, tokens, tokens, 256, pool.num_heads, None,
+        torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]), None, None, False, 0.0,
+        pool.c_proj.weight, pool.c_proj.bias, use_separate_proj_weight=True, q_proj_weight=pool.q_proj.weight,
+        k_proj_weight=pool.k_proj.weight, v_proj_weight=pool.v_proj.weight, need_weights=False, training=False,
+    )  # fmt: skip
+    torch.testing.assert_close(pool(features), full[0], atol=1e-5, rtol=1e-5)
+
+
+def test_save_and_load_keeps_every_tensor_bit_identical(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = QualiCLIPModel.from_pretrained(tmp_path)
+    original = tiny_model.state_dict()
+    reloaded = loaded.state_dict()
+    assert original.keys() == reloaded.keys()
+    for key, tensor in original.items():
+        assert torch.equal(tensor, reloaded[key]), key
+    # The prompt embeddings travel in the safetensors file, not only in memory.
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["prompt_embeds"], tiny_model.prompt_embeds)
+
+
+def test_text_tower_is_frozen_and_image_tower_trainable(tiny_model):
+    assert not any(p.requires_grad for p in tiny_model.text_model.parameters())
+    assert all(p.requires_grad for p in tiny_model.vision_model.parameters())
+
+
+def test_score_is_differentiable_with_respect_to_the_input(tiny_model):
+    x = torch.randn(1, 3, 64, 64, requires_grad=True)
+    tiny_model(x).quality_score.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_fresh_model_starts_with_identity_residual_branches():
+    model = QualiCLIPModel(tiny_config())
+    bottlenecks = [m for m in model.modules() if isinstance(m, Bottleneck)]
+    assert bottlenecks and all(torch.count_nonzero(m.bn3.weight) == 0 for m in bottlenecks)
+    torch.testing.assert_close(model.prompt_embeds.norm(dim=-1), torch.ones(14))
+
+
+@torch.no_grad()
+def test_set_prompts_recomputes_embeddings_with_the_text_tower(tiny_model, tokenizer):
+    model = QualiCLIPModel(tiny_config()).eval()
+    model.load_state_dict(tiny_model.state_dict())
+    model.set_prompts([("Crisp photo.", "Smeared photo.")], tokenizer)
+    assert model.config.prompt_pairs == [["Crisp photo.", "Smeared photo."]]
+    assert model.prompt_embeds.shape == (2, 32)
+    tokens = tokenizer(["Crisp photo.", "Smeared photo."], padding="max_length", max_length=77, return_tensors="pt")
+    direct = model.text_model(tokens["input_ids"], tokens["attention_mask"])
+    torch.testing.assert_close(model.prompt_embeds, torch.nn.functional.normalize(direct, dim=-1))
+    assert model(torch.randn(1, 3, 64, 64)).logits_per_prompt.shape == (1, 1, 2)
+    # Recomputing the official pairs gives back the embeddings the fixture stored.
+    model.set_prompts(QUALICLIP_PROMPT_PAIRS, tokenizer)
+    torch.testing.assert_close(model.prompt_embeds, tiny_model.prompt_embeds)
+
+
+@torch.no_grad()
+def test_positional_embedding_flag_adds_the_table_and_still_takes_any_size():
+    model = QualiCLIPModel(tiny_config(vision={"use_pos_embedding": True}))
+    table = model.vision_model.attnpool.positional_embedding
+    assert table is not None and table.shape == (7 * 7 + 1, 256)
+    assert model.eval()(torch.randn(1, 3, 96, 160)).quality_score.shape == (1,)
+    assert QualiCLIPModel(tiny_config()).vision_model.attnpool.positional_embedding is None
+
+
+def test_return_dict_false_gives_a_tuple(tiny_model):
+    with torch.no_grad():
+        score, logits, embeds = tiny_model(torch.randn(1, 3, 64, 64), return_dict=False)
+    assert score.shape == (1,) and logits.shape == (1, 7, 2) and embeds.shape == (1, 32)
