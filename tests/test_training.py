@@ -1,0 +1,121 @@
+"""The QualiCLIP training recipe: losses, samples, and a few real steps under `accelerate launch` on 2 CPU processes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qualiclip_hf import QualiCLIPModel
+from training.data import DegradedBatches, load_pristine_stream, overlapping_crops, shard_for_process
+from training.losses import QualiCLIPLossWeights, qualiclip_losses
+
+from .conftest import TINY_TEXT, TINY_VISION, photo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def similarities_with(positive_by_level, negative_by_level, crop_gap=0.0):
+    """(1, L, 2, 1, 2) similarities with the given per-level values; crop 2 offset by `crop_gap`."""
+    pos = torch.tensor(positive_by_level).view(1, -1, 1, 1)
+    neg = torch.tensor(negative_by_level).view(1, -1, 1, 1)
+    sims = torch.stack([pos, neg], dim=-1).repeat(1, 1, 2, 1, 1)
+    sims[:, :, 1] += crop_gap
+    return sims
+
+
+def test_well_ordered_similarities_cost_nothing():
+    weights = QualiCLIPLossWeights(margin_consistency=0.02, margin_ranking=0.05)
+    losses = qualiclip_losses(similarities_with([0.5, 0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4, 0.5]), weights)
+    assert losses["loss"].item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_each_term_penalises_its_own_violation():
+    weights = QualiCLIPLossWeights(margin_consistency=0.02, margin_ranking=0.05)
+    rising_positive = qualiclip_losses(similarities_with([0.1, 0.2, 0.3, 0.4, 0.5], [0.1, 0.2, 0.3, 0.4, 0.5]), weights)
+    assert rising_positive["positive"] > 0 and rising_positive["negative"] == 0 and rising_positive["consistency"] == 0
+    falling_negative = qualiclip_losses(
+        similarities_with([0.5, 0.4, 0.3, 0.2, 0.1], [0.5, 0.4, 0.3, 0.2, 0.1]), weights
+    )
+    assert falling_negative["negative"] > 0 and falling_negative["positive"] == 0
+    apart = qualiclip_losses(similarities_with([0.5, 0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4, 0.5], 0.1), weights)
+    assert apart["consistency"].item() == pytest.approx(0.1 - 0.02)
+    # Equal neighbours still cost the ranking margin: levels must be separated, not merely not reversed.
+    flat = qualiclip_losses(similarities_with([0.3] * 5, [0.3] * 5), weights)
+    assert flat["positive"].item() == pytest.approx(0.05) and flat["negative"].item() == pytest.approx(0.05)
+
+
+def test_crops_overlap_and_small_images_are_upscaled():
+    image = torch.rand(3, 100, 150)
+    for seed in range(20):
+        crops = overlapping_crops(image, 64, torch.Generator().manual_seed(seed))
+        assert crops.shape == (2, 3, 64, 64)
+    small = overlapping_crops(torch.rand(3, 40, 50), 64, torch.Generator().manual_seed(0))
+    assert small.shape == (2, 3, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def pristine_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pristine") / "train"
+    folder.mkdir()
+    for index in range(6):
+        photo(96, 128, seed=index).save(folder / f"photo{index}.jpg", quality=95)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    return folder.parent
+
+
+def test_batches_are_reproducible_and_count_unreadable_images(pristine_folder):
+    def first_batches(workers):
+        stream = load_pristine_stream(str(pristine_folder))
+        batches = DegradedBatches(stream, batch_size=7, crop_size=48, max_groups=2, seed=3, num_workers=workers)
+        iterator = batches.iterate()
+        return [next(iterator) for _ in range(2)]
+
+    (batch, skipped, epoch), (batch2, skipped2, epoch2) = first_batches(0)
+    assert batch.shape == (6, 5, 2, 3, 48, 48) and skipped == 1 and epoch == 0
+    assert skipped2 == 1 and epoch2 == 1
+    assert torch.all((batch >= 0) & (batch <= 1))
+    again = first_batches(2)
+    assert torch.equal(again[0][0], batch) and torch.equal(again[1][0], batch2)
+
+
+def test_process_shards_are_disjoint_and_complete(pristine_folder):
+    stream = load_pristine_stream(str(pristine_folder))
+    paths = [[example["image"]["path"] for example in shard_for_process(stream, rank, 2)] for rank in range(2)]
+    assert not set(paths[0]) & set(paths[1])
+    assert len(paths[0]) + len(paths[1]) == 7
+
+
+def test_accelerate_launch_trains_on_two_cpu_processes(pristine_folder, tmp_path):
+    config = {
+        "output_dir": str(tmp_path / "run"),
+        "vision": TINY_VISION,
+        "text": TINY_TEXT,
+        "data_source": str(pristine_folder),
+        "shuffle_buffer": 4,
+        "crop_size": 48,
+        "max_groups": 2,
+        "num_workers": 0,
+        "batch_size": 2,
+        "max_steps": 3,
+        "checkpoint_every": 2,
+        "log_every": 1,
+    }
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(json.dumps(config))  # JSON is YAML
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "training" / "train.py"),
+        "--config", str(config_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2", "step_3"]
+    summary = json.loads((run / "final" / "training_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["skipped_images"] >= 1
+    model = QualiCLIPModel.from_pretrained(run / "final")
+    with torch.no_grad():
+        assert model.eval()(torch.rand(1, 3, 64, 64)).quality_score.shape == (1,)

@@ -1,0 +1,191 @@
+"""Training samples: pristine images from a `datasets` stream, two overlapping crops, degraded at L levels.
+
+Sharding: the stream is split across processes with `datasets.distributed.split_dataset_by_node`, and nothing
+is passed through `accelerator.prepare` as a data loader (Accelerate would shard the iterable a second time and
+drop samples). Within a process, a pool of worker processes does the decoding and degrading.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from datasets.distributed import split_dataset_by_node
+from PIL import Image
+
+from qualiclip_hf.image_processing_qualiclip import to_viewable_rgb
+
+from .degradations import apply_composition_all_levels, sample_composition
+
+
+def load_pristine_stream(source: str, split: str = "train", image_column: str = "image") -> datasets.IterableDataset:
+    """
+    A stream of pristine images: a local folder (read as an `imagefolder`, with `split` as its subfolder when it has
+    one), a local parquet/webdataset path, or a Hub dataset id. Images stay undecoded, so that a corrupt one can be
+    skipped and counted instead of failing the stream.
+    """
+    path = Path(source)
+    if path.is_dir():
+        data_dir = path / split if (path / split).is_dir() else path
+        stream = datasets.load_dataset("imagefolder", data_dir=str(data_dir), split="train", streaming=True)
+    else:
+        stream = datasets.load_dataset(source, split=split, streaming=True)
+    if image_column != "image":
+        stream = stream.rename_column(image_column, "image")
+    return stream.cast_column("image", datasets.Image(decode=False)).select_columns(["image"])
+
+
+def shard_for_process(stream: datasets.IterableDataset, rank: int, world_size: int) -> datasets.IterableDataset:
+    """This process's part of the stream: every sample goes to exactly one process."""
+    return split_dataset_by_node(stream, rank=rank, world_size=world_size) if world_size > 1 else stream
+
+
+class DegradedBatches:
+    """
+    Batches of `(batch, levels, 2, 3, crop, crop)` float tensors in [0, 1]: per pristine image, two overlapping crops
+    degraded with one random ARNIQA composition at `num_levels` increasing levels (index 0 the mildest).
+
+    This process reads the (cheap, undecoded) examples from its part of the stream; decoding, cropping and
+    degrading run in a pool of `num_workers` processes, a bounded number of images ahead. The pool does not depend
+    on how many shards the stream has (a local folder streams as a single shard, which would leave all but one
+    DataLoader worker idle). Randomness is a function of `(seed, epoch, rank, position in the stream)` only, so a run
+    is reproducible whatever the number of workers.
+    """
+
+    def __init__(
+        self,
+        stream: datasets.IterableDataset,
+        batch_size: int,
+        crop_size: int = 224,
+        num_levels: int = 5,
+        max_groups: int = 7,
+        seed: int = 0,
+        rank: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        self.stream = stream
+        self.batch_size = batch_size
+        self.sample_options = {"crop_size": crop_size, "num_levels": num_levels, "max_groups": max_groups}
+        self.seed = seed
+        self.rank = rank
+        self.num_workers = num_workers
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, int, int]]:
+        return self.iterate()
+
+    def iterate(self, start_epoch: int = 0) -> Iterator[tuple[torch.Tensor | None, int, int]]:
+        """
+        Yields `(batch, skipped, epoch)` endlessly, epoch after epoch from `start_epoch`; `batch` is None when no
+        image of it was readable, `skipped` counts its unreadable images. Batches may span an epoch boundary, so
+        a small dataset still keeps the pool busy.
+        """
+        jobs = self._jobs(start_epoch)
+        if self.num_workers == 0:
+            yield from _batched(map(_make_sample, jobs), self.batch_size)
+            return
+        context = torch.multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(self.num_workers, mp_context=context, initializer=_init_worker) as pool:
+            yield from _batched(_bounded_map(pool, _make_sample, jobs, 4 * self.batch_size), self.batch_size)
+
+    def _jobs(self, epoch: int) -> Iterator[tuple[dict, int, dict, int]]:
+        while True:
+            self.stream.set_epoch(epoch)
+            empty = True
+            for position, example in enumerate(self.stream):
+                empty = False
+                yield example["image"], _mix(self.seed, epoch, self.rank, position), self.sample_options, epoch
+            if empty:
+                raise ValueError("the pristine image stream is empty")
+            epoch += 1
+
+
+def _batched(
+    samples: Iterator[tuple[torch.Tensor | None, int]], batch_size: int
+) -> Iterator[tuple[torch.Tensor | None, int, int]]:
+    batch = []
+    for sample, epoch in samples:
+        batch.append(sample)
+        if len(batch) == batch_size:
+            yield (*collate_degraded(batch), epoch)
+            batch = []
+
+
+def _bounded_map(pool: ProcessPoolExecutor, fn, jobs: Iterator, window: int) -> Iterator:
+    """`pool.map` in order, with at most `window` jobs in flight (the stream may be endless)."""
+    pending: deque = deque()
+    for job in jobs:
+        pending.append(pool.submit(fn, job))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)  # one image per process; threads would only contend
+
+
+def _make_sample(job: tuple[dict, int, dict, int]) -> tuple[torch.Tensor | None, int]:
+    image_data, seed, options, epoch = job
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        image = _decode(image_data)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None, epoch
+    crops = overlapping_crops(image, options["crop_size"], generator)
+    composition = sample_composition(generator, max_groups=options["max_groups"], num_levels=options["num_levels"])
+    degradation_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    levels = apply_composition_all_levels(crops, composition, degradation_seed, num_levels=options["num_levels"])
+    return levels, epoch
+
+
+def collate_degraded(samples: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, int]:
+    """Stacks the readable samples to `(batch, levels, 2, 3, crop, crop)`; returns it with the count skipped."""
+    good = [sample for sample in samples if sample is not None]
+    return (torch.stack(good) if good else None), len(samples) - len(good)
+
+
+def overlapping_crops(image: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """
+    Two random `size` x `size` crops of a `(3, H, W)` float image that overlap by at least half their side in each
+    direction (the second is the first shifted by at most `size // 2`). Images smaller than the crop are upscaled.
+
+    Returns:
+        `(2, 3, size, size)`.
+    """
+    height, width = image.shape[-2:]
+    if min(height, width) < size:
+        scale = size / min(height, width)
+        new_size = (max(size, round(height * scale)), max(size, round(width * scale)))
+        image = torch.nn.functional.interpolate(image[None], size=new_size, mode="bicubic", antialias=True)[0]
+        image = image.clamp(0, 1)
+        height, width = new_size
+
+    def randint(low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+    top, left = randint(0, height - size), randint(0, width - size)
+    shift = size // 2
+    top2 = min(max(top + randint(-shift, shift), 0), height - size)
+    left2 = min(max(left + randint(-shift, shift), 0), width - size)
+    return torch.stack(
+        [image[:, top : top + size, left : left + size], image[:, top2 : top2 + size, left2 : left2 + size]]
+    )
+
+
+def _decode(image: dict) -> torch.Tensor:
+    source = io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]
+    with Image.open(source) as pil:
+        array = np.array(to_viewable_rgb(pil))
+    return torch.from_numpy(array).permute(2, 0, 1).float() / 255
+
+
+def _mix(*values: int) -> int:
+    return zlib.crc32(",".join(map(str, values)).encode())

@@ -1,0 +1,253 @@
+"""Train QualiCLIP's image tower with the self-supervised QualiCLIP recipe.
+
+    accelerate launch training/train.py --config training/configs/demo.yaml [--resume] [--push-to-hub ORG/NAME]
+
+Accelerate is the distributed engine (CPU, one GPU, DDP/FSDP/DeepSpeed through `accelerate config`). Only the image
+tower trains; the text tower is frozen and the prompt embeddings are fixed. Checkpoints (`save_state`) are written
+to a temporary folder and renamed, so an interrupted save never leaves an unloadable checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repository
+
+from qualiclip_hf import QualiCLIPConfig, QualiCLIPModel
+from qualiclip_hf.convert_qualiclip_checkpoint import make_processor
+from training.data import DegradedBatches, load_pristine_stream, shard_for_process
+from training.losses import QualiCLIPLossWeights, qualiclip_losses
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run; see `training/configs/*.yaml` for the values used and where they come from."""
+
+    output_dir: str = "runs/qualiclip"
+    # Model: fine-tune a pretrained QualiCLIP/CLIP folder or Hub id, or build one from `vision`/`text` sizes.
+    init_from: str | None = None
+    vision: dict = field(default_factory=dict)
+    text: dict = field(default_factory=dict)
+    # Data
+    data_source: str = "data/pristine"
+    data_split: str = "train"
+    image_column: str = "image"
+    shuffle_buffer: int = 1000
+    crop_size: int = 224
+    num_levels: int = 5
+    max_groups: int = 7
+    num_workers: int = 4
+    # Optimisation
+    batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 1000
+    # Stop early (with a checkpoint and the final folder) once this much wall time has passed; None: no limit.
+    time_limit_minutes: float | None = None
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-2
+    warmup_steps: int = 0
+    loss: dict = field(default_factory=dict)
+    # Run
+    seed: int = 0
+    mixed_precision: str = "no"
+    checkpoint_every: int = 200
+    log_every: int = 10
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = set(values) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+    return TrainConfig(**values)
+
+
+def build_model(config: TrainConfig) -> QualiCLIPModel:
+    if config.init_from:
+        return QualiCLIPModel.from_pretrained(config.init_from)
+    model = QualiCLIPModel(QualiCLIPConfig(vision_config=config.vision, text_config=config.text))
+    # A model built from scratch has a random frozen text tower: the prompt embeddings are what it encodes.
+    model.set_prompts(model.config.prompt_pairs, make_processor().tokenizer)
+    return model
+
+
+def prompt_similarities(model: torch.nn.Module, prompt_embeds: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
+    """
+    Args:
+        prompt_embeds (`torch.Tensor` of shape `(2 * num_pairs, dim)`): the fixed, normalised prompt embeddings.
+        crops (`torch.Tensor` of shape `(batch, levels, 2, 3, size, size)`): degraded crops in [0, 1].
+
+    Returns:
+        `(batch, levels, 2, num_pairs, 2)` cosine similarities to the (positive, negative) prompts.
+    """
+    batch, levels, two = crops.shape[:3]
+    mean = crops.new_tensor(CLIP_MEAN).view(3, 1, 1)
+    std = crops.new_tensor(CLIP_STD).view(3, 1, 1)
+    pixels = ((crops.flatten(0, 2) - mean) / std).contiguous(memory_format=torch.channels_last)
+    # Through the (possibly DDP-wrapped) module's forward, so that gradients are synchronised.
+    embeds = model(pixel_values=pixels).image_embeds.float()
+    similarities = embeds @ prompt_embeds.float().T
+    return similarities.view(batch, levels, two, -1, 2)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    checkpoints = sorted((output_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state: dict) -> None:
+    final = output_dir / "checkpoints" / f"step_{step}"
+    staging = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    if accelerator.is_main_process:
+        (staging / "trainer_state.json").write_text(json.dumps(state))
+        os.replace(staging, final)
+    accelerator.wait_for_everyone()
+
+
+def train(config: TrainConfig, resume: bool = False, push_to_hub: str | None = None) -> Path:
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_dir=str(output_dir),
+    )
+    set_seed(config.seed)
+    accelerator.init_trackers("qualiclip", config={k: str(v) for k, v in asdict(config).items()})
+
+    model = build_model(config)
+    model.train()
+    model.text_model.eval()
+    optimizer = torch.optim.AdamW(
+        model.vision_model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps))
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    loss_weights = QualiCLIPLossWeights(**config.loss)
+    prompt_embeds = accelerator.unwrap_model(model).prompt_embeds
+
+    step, epoch, skipped_images = 0, 0, 0
+    if resume and (checkpoint := latest_checkpoint(output_dir)) is not None:
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        step, epoch, skipped_images = state["step"], state["epoch"] + 1, state["skipped_images"]
+        accelerator.print(f"resumed from {checkpoint} at step {step}")
+
+    stream = load_pristine_stream(config.data_source, config.data_split, config.image_column)
+    stream = shard_for_process(stream, accelerator.process_index, accelerator.num_processes)
+    if config.shuffle_buffer > 1:
+        stream = stream.shuffle(seed=config.seed, buffer_size=config.shuffle_buffer)
+
+    progress = tqdm(total=config.max_steps, initial=step, disable=not accelerator.is_local_main_process)
+    started = time.perf_counter()
+    batches = DegradedBatches(
+        stream, config.batch_size, config.crop_size, config.num_levels, config.max_groups, config.seed,
+        accelerator.process_index, config.num_workers,
+    )  # fmt: skip
+    if step < config.max_steps:
+        start_epoch = epoch
+        for crops, skipped, epoch in batches.iterate(start_epoch):
+            skipped_images += skipped
+            if crops is None:
+                continue
+            crops = crops.to(accelerator.device, non_blocking=True)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    similarities = prompt_similarities(model, prompt_embeds, crops)
+                losses = qualiclip_losses(similarities, loss_weights)
+                accelerator.backward(losses["loss"])
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            progress.update()
+            if step % config.log_every == 0 or step == config.max_steps:
+                logged = {name: accelerator.gather(value.detach()).mean().item() for name, value in losses.items()}
+                logged["skipped_images"] = skipped_images
+                logged["samples_per_second"] = (
+                    step * config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+                ) / (time.perf_counter() - started)
+                accelerator.log(logged, step=step)
+                progress.set_postfix(loss=f"{logged['loss']:.4f}")
+            out_of_time = (
+                config.time_limit_minutes is not None and time.perf_counter() - started > 60 * config.time_limit_minutes
+            )
+            if out_of_time:
+                config.max_steps = step  # ends both loops after this step's checkpoint
+            if step % config.checkpoint_every == 0 or step == config.max_steps:
+                save_checkpoint(
+                    accelerator, output_dir, step, {"step": step, "epoch": epoch, "skipped_images": skipped_images}
+                )
+            if step >= config.max_steps:
+                break
+
+    progress.close()
+    accelerator.end_training()
+    final_dir = output_dir / "final"
+    if accelerator.is_main_process:
+        final_model = accelerator.unwrap_model(model).eval()
+        final_model.save_pretrained(final_dir)
+        make_processor().save_pretrained(final_dir)
+        (final_dir / "training_summary.json").write_text(
+            json.dumps(
+                {
+                    "steps": step,
+                    "skipped_images": skipped_images,
+                    "seconds": round(time.perf_counter() - started, 1),
+                    "config": asdict(config),
+                },
+                indent=2,
+            )
+        )
+        if push_to_hub:
+            final_model.push_to_hub(push_to_hub)
+            make_processor().push_to_hub(push_to_hub)
+        accelerator.print(f"saved {final_dir} ({skipped_images} unreadable images skipped)")
+    return final_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file of TrainConfig settings")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the final model to this Hub repository")
+    parser.add_argument("--max-steps", type=int, help="override max_steps")
+    parser.add_argument("--output-dir", help="override output_dir")
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    if args.max_steps is not None:
+        config.max_steps = args.max_steps
+    if args.output_dir is not None:
+        config.output_dir = args.output_dir
+    if not math.isfinite(config.learning_rate) or config.learning_rate <= 0:
+        raise ValueError("learning_rate must be positive")
+    train(config, resume=args.resume, push_to_hub=args.push_to_hub)
+
+
+if __name__ == "__main__":
+    main()
