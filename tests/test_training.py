@@ -73,12 +73,26 @@ def test_batches_are_reproducible_and_count_unreadable_images(pristine_folder):
         iterator = batches.iterate()
         return [next(iterator) for _ in range(2)]
 
-    (batch, skipped, epoch), (batch2, skipped2, epoch2) = first_batches(0)
-    assert batch.shape == (6, 5, 2, 3, 48, 48) and skipped == 1 and epoch == 0
-    assert skipped2 == 1 and epoch2 == 1
+    (batch, skipped, cursor), (batch2, skipped2, cursor2) = first_batches(0)
+    assert batch.shape == (6, 5, 2, 3, 48, 48) and skipped == 1 and cursor == (0, 7)
+    assert skipped2 == 1 and cursor2 == (1, 7)
     assert torch.all((batch >= 0) & (batch <= 1))
     again = first_batches(2)
     assert torch.equal(again[0][0], batch) and torch.equal(again[1][0], batch2)
+
+
+def test_a_cursor_resumes_the_same_sequence_of_batches(pristine_folder):
+    def batches():
+        stream = load_pristine_stream(str(pristine_folder)).shuffle(seed=1, buffer_size=4)
+        return DegradedBatches(stream, batch_size=3, crop_size=32, max_groups=1, seed=5)
+
+    straight = batches().iterate()
+    reference = [next(straight) for _ in range(5)]  # crosses two epoch boundaries (7 images, batches of 3)
+    resumed = batches().iterate(reference[1][2])
+    for expected in reference[2:]:
+        batch, skipped, cursor = next(resumed)
+        assert cursor == expected[2] and skipped == expected[1]
+        assert (batch is None and expected[0] is None) or torch.equal(batch, expected[0])
 
 
 def test_process_shards_are_disjoint_and_complete(pristine_folder):
@@ -88,7 +102,8 @@ def test_process_shards_are_disjoint_and_complete(pristine_folder):
     assert len(paths[0]) + len(paths[1]) == 7
 
 
-def test_accelerate_launch_trains_on_two_cpu_processes(pristine_folder, tmp_path):
+def write_config(tmp_path: Path, pristine_folder: Path, **overrides) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config = {
         "output_dir": str(tmp_path / "run"),
         "vision": TINY_VISION,
@@ -102,16 +117,25 @@ def test_accelerate_launch_trains_on_two_cpu_processes(pristine_folder, tmp_path
         "max_steps": 3,
         "checkpoint_every": 2,
         "log_every": 1,
+        **overrides,
     }
     config_path = tmp_path / "config.yaml"
     config_path.write_text(json.dumps(config))  # JSON is YAML
+    return config_path
+
+
+def launch(config_path: Path, *args: str, processes: int = 1) -> None:
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "training" / "train.py"),
-        "--config", str(config_path),
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(REPO / "training" / "train.py"), "--config", str(config_path), *args,
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=config_path.parent)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_accelerate_launch_trains_on_two_cpu_processes(pristine_folder, tmp_path):
+    launch(write_config(tmp_path, pristine_folder), processes=2)
     run = tmp_path / "run"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2", "step_3"]
     summary = json.loads((run / "final" / "training_summary.json").read_text())
@@ -119,3 +143,20 @@ def test_accelerate_launch_trains_on_two_cpu_processes(pristine_folder, tmp_path
     model = QualiCLIPModel.from_pretrained(run / "final")
     with torch.no_grad():
         assert model.eval()(torch.rand(1, 3, 64, 64)).quality_score.shape == (1,)
+
+
+def test_resume_continues_with_the_same_losses_as_an_uninterrupted_run(pristine_folder, tmp_path):
+    straight = write_config(tmp_path / "a", pristine_folder, output_dir=str(tmp_path / "a" / "run"), max_steps=4)
+    launch(straight)
+    interrupted = write_config(tmp_path / "b", pristine_folder, output_dir=str(tmp_path / "b" / "run"), max_steps=2)
+    launch(interrupted)
+    launch(interrupted, "--resume", "--max-steps", "4")
+
+    def losses(run):
+        rows = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
+        return {row["step"]: (row["loss"], row["consistency"], row["positive"], row["negative"]) for row in rows}
+
+    expected, resumed = losses(tmp_path / "a" / "run"), losses(tmp_path / "b" / "run")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step

@@ -56,7 +56,8 @@ class DegradedBatches:
     degrading run in a pool of `num_workers` processes, a bounded number of images ahead. The pool does not depend
     on how many shards the stream has (a local folder streams as a single shard, which would leave all but one
     DataLoader worker idle). Randomness is a function of `(seed, epoch, rank, position in the stream)` only, so a run
-    is reproducible whatever the number of workers.
+    is reproducible whatever the number of workers, and resuming from a batch's cursor replays exactly the batches
+    that would have followed it.
     """
 
     def __init__(
@@ -77,16 +78,16 @@ class DegradedBatches:
         self.rank = rank
         self.num_workers = num_workers
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, int, int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | None, int, tuple[int, int]]]:
         return self.iterate()
 
-    def iterate(self, start_epoch: int = 0) -> Iterator[tuple[torch.Tensor | None, int, int]]:
+    def iterate(self, cursor: tuple[int, int] = (0, 0)) -> Iterator[tuple[torch.Tensor | None, int, tuple[int, int]]]:
         """
-        Yields `(batch, skipped, epoch)` endlessly, epoch after epoch from `start_epoch`; `batch` is None when no
-        image of it was readable, `skipped` counts its unreadable images. Batches may span an epoch boundary, so
-        a small dataset still keeps the pool busy.
+        Yields `(batch, skipped, cursor)` endlessly, epoch after epoch. `batch` is None when no image of it was
+        readable; `skipped` counts its unreadable images; `cursor` is `(epoch, position)` of the next example to read,
+        to pass back here to resume. Batches may span an epoch boundary, so a small dataset keeps the pool busy.
         """
-        jobs = self._jobs(start_epoch)
+        jobs = self._jobs(*cursor)
         if self.num_workers == 0:
             yield from _batched(map(_make_sample, jobs), self.batch_size)
             return
@@ -94,26 +95,27 @@ class DegradedBatches:
         with ProcessPoolExecutor(self.num_workers, mp_context=context, initializer=_init_worker) as pool:
             yield from _batched(_bounded_map(pool, _make_sample, jobs, 4 * self.batch_size), self.batch_size)
 
-    def _jobs(self, epoch: int) -> Iterator[tuple[dict, int, dict, int]]:
+    def _jobs(self, epoch: int, start: int) -> Iterator[tuple[dict, int, dict, tuple[int, int]]]:
         while True:
-            self.stream.set_epoch(epoch)
-            empty = True
-            for position, example in enumerate(self.stream):
-                empty = False
-                yield example["image"], _mix(self.seed, epoch, self.rank, position), self.sample_options, epoch
-            if empty:
+            stream = self.stream.skip(start) if start else self.stream
+            stream.set_epoch(epoch)
+            position = start - 1
+            for position, example in enumerate(stream, start):
+                seed = _mix(self.seed, epoch, self.rank, position)
+                yield example["image"], seed, self.sample_options, (epoch, position + 1)
+            if position < 0:
                 raise ValueError("the pristine image stream is empty")
-            epoch += 1
+            epoch, start = epoch + 1, 0
 
 
 def _batched(
-    samples: Iterator[tuple[torch.Tensor | None, int]], batch_size: int
-) -> Iterator[tuple[torch.Tensor | None, int, int]]:
+    samples: Iterator[tuple[torch.Tensor | None, tuple[int, int]]], batch_size: int
+) -> Iterator[tuple[torch.Tensor | None, int, tuple[int, int]]]:
     batch = []
-    for sample, epoch in samples:
+    for sample, cursor in samples:
         batch.append(sample)
         if len(batch) == batch_size:
-            yield (*collate_degraded(batch), epoch)
+            yield (*collate_degraded(batch), cursor)
             batch = []
 
 
@@ -132,18 +134,18 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # one image per process; threads would only contend
 
 
-def _make_sample(job: tuple[dict, int, dict, int]) -> tuple[torch.Tensor | None, int]:
-    image_data, seed, options, epoch = job
+def _make_sample(job: tuple[dict, int, dict, tuple[int, int]]) -> tuple[torch.Tensor | None, tuple[int, int]]:
+    image_data, seed, options, cursor = job
     generator = torch.Generator().manual_seed(seed)
     try:
         image = _decode(image_data)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return None, epoch
+        return None, cursor
     crops = overlapping_crops(image, options["crop_size"], generator)
     composition = sample_composition(generator, max_groups=options["max_groups"], num_levels=options["num_levels"])
     degradation_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     levels = apply_composition_all_levels(crops, composition, degradation_seed, num_levels=options["num_levels"])
-    return levels, epoch
+    return levels, cursor
 
 
 def collate_degraded(samples: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, int]:

@@ -149,11 +149,11 @@ def train(config: TrainConfig, resume: bool = False, push_to_hub: str | None = N
     loss_weights = QualiCLIPLossWeights(**config.loss)
     prompt_embeds = accelerator.unwrap_model(model).prompt_embeds
 
-    step, epoch, skipped_images = 0, 0, 0
+    step, cursor, skipped_images = 0, (0, 0), 0
     if resume and (checkpoint := latest_checkpoint(output_dir)) is not None:
         accelerator.load_state(str(checkpoint))
         state = json.loads((checkpoint / "trainer_state.json").read_text())
-        step, epoch, skipped_images = state["step"], state["epoch"] + 1, state["skipped_images"]
+        step, cursor, skipped_images = state["step"], tuple(state["cursor"]), state["skipped_images"]
         accelerator.print(f"resumed from {checkpoint} at step {step}")
 
     stream = load_pristine_stream(config.data_source, config.data_split, config.image_column)
@@ -161,6 +161,7 @@ def train(config: TrainConfig, resume: bool = False, push_to_hub: str | None = N
     if config.shuffle_buffer > 1:
         stream = stream.shuffle(seed=config.seed, buffer_size=config.shuffle_buffer)
 
+    first_step = step
     progress = tqdm(total=config.max_steps, initial=step, disable=not accelerator.is_local_main_process)
     started = time.perf_counter()
     batches = DegradedBatches(
@@ -168,8 +169,8 @@ def train(config: TrainConfig, resume: bool = False, push_to_hub: str | None = N
         accelerator.process_index, config.num_workers,
     )  # fmt: skip
     if step < config.max_steps:
-        start_epoch = epoch
-        for crops, skipped, epoch in batches.iterate(start_epoch):
+        resume_at = cursor
+        for crops, skipped, cursor in batches.iterate(resume_at):
             skipped_images += skipped
             if crops is None:
                 continue
@@ -190,18 +191,25 @@ def train(config: TrainConfig, resume: bool = False, push_to_hub: str | None = N
                 logged = {name: accelerator.gather(value.detach()).mean().item() for name, value in losses.items()}
                 logged["skipped_images"] = skipped_images
                 logged["samples_per_second"] = (
-                    step * config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-                ) / (time.perf_counter() - started)
+                    (step - first_step)
+                    * config.batch_size
+                    * config.gradient_accumulation_steps
+                    * accelerator.num_processes
+                    / (time.perf_counter() - started)
+                )
                 accelerator.log(logged, step=step)
+                if accelerator.is_main_process:
+                    with open(output_dir / "losses.jsonl", "a") as log_file:
+                        log_file.write(json.dumps({"step": step, **logged}) + "\n")
                 progress.set_postfix(loss=f"{logged['loss']:.4f}")
             out_of_time = (
                 config.time_limit_minutes is not None and time.perf_counter() - started > 60 * config.time_limit_minutes
             )
             if out_of_time:
-                config.max_steps = step  # ends both loops after this step's checkpoint
+                config.max_steps = step  # ends the loop after this step's checkpoint
             if step % config.checkpoint_every == 0 or step == config.max_steps:
                 save_checkpoint(
-                    accelerator, output_dir, step, {"step": step, "epoch": epoch, "skipped_images": skipped_images}
+                    accelerator, output_dir, step, {"step": step, "cursor": cursor, "skipped_images": skipped_images}
                 )
             if step >= config.max_steps:
                 break
