@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -160,3 +161,35 @@ def test_resume_continues_with_the_same_losses_as_an_uninterrupted_run(pristine_
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in (3, 4):
         assert resumed[step] == pytest.approx(expected[step], abs=1e-6), step
+
+
+def test_correlation_metrics_on_a_known_monotone_relation():
+    from training.evaluate import correlation_metrics
+
+    scores = np.linspace(0.05, 0.95, 40)
+    opinions = 1 + 4 / (1 + np.exp(-(scores - 0.5) * 12))  # monotone but strongly non-linear
+    metrics = correlation_metrics(scores, opinions)
+    assert metrics["srcc"] == pytest.approx(1.0) and metrics["krcc"] == pytest.approx(1.0)
+    assert metrics["plcc"] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["plcc_raw"] < metrics["plcc"] - 0.01  # the logistic mapping is what makes it linear
+    reversed_metrics = correlation_metrics(scores, opinions[::-1])
+    assert reversed_metrics["srcc"] == pytest.approx(-1.0)
+
+
+def test_mos_evaluation_from_a_csv_and_folder(tmp_path, tiny_model_dir):
+    from training.evaluate import main as evaluate
+
+    rows = ["image_name,MOS"]
+    for index in range(5):
+        photo(64, 64, seed=index).save(tmp_path / f"{index}.png")
+        rows.append(f"{index}.png,{index + 1}")
+    rows.append("missing.png,3")
+    (tmp_path / "scores.csv").write_text("\n".join(rows) + "\n")
+    output = tmp_path / "result.json"
+    evaluate(
+        ["mos", "--model", str(tiny_model_dir), "--dataset", "koniq10k", "--csv", str(tmp_path / "scores.csv"),
+         "--images", str(tmp_path), "--device", "cpu", "--output", str(output)]
+    )  # fmt: skip
+    result = json.loads(output.read_text())
+    assert result["num_images"] == 6 and result["num_failed"] == 1 and "missing.png" in result["errors"][0]
+    assert all(-1 <= result[key] <= 1 for key in ("srcc", "krcc", "plcc", "plcc_raw"))
