@@ -46,6 +46,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser("convert", help="convert the official qualiclip.pth to a Hugging Face folder")
     convert.add_argument("--checkpoint", required=True, type=Path, help="official-layout checkpoint (.pth)")
+    convert.add_argument(
+        "--plus", type=Path, help="a QualiCLIP+ file of pyiqa (QualiCLIP+_<dataset>.pth) to add its learned prompts"
+    )
     convert.add_argument("--output", required=True, type=Path, help="folder to write")
     convert.set_defaults(handler=_convert_command)
     return parser
@@ -152,10 +155,13 @@ def _print_table(results: list[ScoreResult]) -> None:
 
 
 def _convert_command(args: argparse.Namespace) -> int:
-    from .convert_qualiclip_checkpoint import CheckpointError, convert_checkpoint
+    from .convert_qualiclip_checkpoint import CheckpointError, convert_checkpoint, convert_qualiclip_plus
 
     try:
-        output = convert_checkpoint(args.checkpoint, args.output)
+        if args.plus is None:
+            output = convert_checkpoint(args.checkpoint, args.output)
+        else:
+            output = convert_qualiclip_plus(args.checkpoint, args.plus, args.output)
     except CheckpointError as error:
         print(f"qualiclip: {error}", file=sys.stderr)
         return 1

@@ -120,6 +120,10 @@ class QualiCLIPConfig(PreTrainedConfig):
         clip_logit_scale (`float`, *optional*):
             `exp(logit_scale)` of the CLIP checkpoint the weights were converted from. Not used by the official
             score; kept so that formulas that use CLIP's learned scale (pyiqa's) can be reproduced exactly.
+        prompt_context_length (`int`, *optional*):
+            QualiCLIP+ only: the number of learned context token embeddings of each prompt (16 in pyiqa's
+            QualiCLIP+), placed half before and half after the prompt's words (CoOp-style prompt learning). `None`,
+            QualiCLIP, uses the prompts as written.
         source_checkpoint_sha256 (`str`, *optional*):
             SHA-256 of the checkpoint file the weights were converted from, for provenance.
 
@@ -142,6 +146,7 @@ class QualiCLIPConfig(PreTrainedConfig):
         prompt_pairs: list[list[str]] | tuple[tuple[str, str], ...] | None = None,
         logit_scale: float = 100.0,
         clip_logit_scale: float | None = None,
+        prompt_context_length: int | None = None,
         source_checkpoint_sha256: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -163,6 +168,9 @@ class QualiCLIPConfig(PreTrainedConfig):
         self.text_config = text_config
         self.logit_scale = float(logit_scale)
         self.clip_logit_scale = None if clip_logit_scale is None else float(clip_logit_scale)
+        if prompt_context_length is not None and prompt_context_length < 1:
+            raise ValueError(f"prompt_context_length must be positive or None, got {prompt_context_length}")
+        self.prompt_context_length = prompt_context_length
         self.source_checkpoint_sha256 = source_checkpoint_sha256
         super().__init__(**kwargs)
 

@@ -5,6 +5,11 @@ fine-tuned by QualiCLIP, the text tower untouched) and `"prompts_features"`, the
 embeddings of the seven antonym pairs. It is published as the release asset `weights/qualiclip.pth` of
 github.com/miccunifi/QualiCLIP and, byte for byte the same file, as `QualiCLIP.pth` in the Hub repository
 `chaofengc/IQA-PyTorch-Weights` (pyiqa's weight store), which is where we download it from.
+
+QualiCLIP+ (pyiqa's prompt-learning variant) adds, per training dataset, a file `QualiCLIP+_<dataset>.pth` in the
+same Hub repository: `{"params": {"prompt_learner.ctx": (14, 16, 512), "prompt_learner.token_prefix": (14, 1, 512),
+"prompt_learner.token_suffix": (14, 60, 512)}}`, the learned context of each prompt and the token embeddings of the
+text around it. The towers are those of `QualiCLIP.pth`.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import importlib.util
 import re
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,8 @@ from .processing_qualiclip import QualiCLIPProcessor
 OFFICIAL_REPO_ID = "chaofengc/IQA-PyTorch-Weights"
 OFFICIAL_FILENAME = "QualiCLIP.pth"
 OFFICIAL_RELEASE_URL = "https://github.com/miccunifi/QualiCLIP/releases/download/weights/qualiclip.pth"
+# QualiCLIP+ contexts by the dataset they were learned on; pyiqa's metric "qualiclip+" is the KonIQ one.
+PLUS_FILENAMES = {dataset: f"QualiCLIP+_{dataset}.pth" for dataset in ("koniq", "clive", "flive", "spaq")}
 
 _CHECKPOINT_PREFIX = "clip_model."
 _PROMPTS_KEY = "prompts_features"
@@ -37,6 +45,7 @@ _PROMPTS_KEY = "prompts_features"
 # learned temperature, which goes to the config.
 _DROPPED_KEYS = {"input_resolution", "context_length", "vocab_size", "logit_scale"}
 _TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+_PLUS_KEYS = ("prompt_learner.ctx", "prompt_learner.token_prefix", "prompt_learner.token_suffix")
 
 
 class CheckpointError(ValueError):
@@ -65,6 +74,28 @@ def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not any(key.startswith(_CHECKPOINT_PREFIX) for key in state_dict):
         raise CheckpointError(f"{path}: not a QualiCLIP checkpoint (no '{_CHECKPOINT_PREFIX}*' tensors)")
     return state_dict
+
+
+def load_plus_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """
+    Reads a QualiCLIP+ file of pyiqa (`QualiCLIP+_<dataset>.pth`) safely and returns its `params`.
+
+    Raises:
+        CheckpointError: naming the file and the cause when it is unreadable or lacks the prompt-learner tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from None
+    except Exception as error:  # an unpickler refusal (a pickle that carries code) is not a plain error subclass
+        raise CheckpointError(f"{path}: refused to load (only tensors are allowed): {error}") from None
+    params = checkpoint.get("params") if isinstance(checkpoint, dict) else None
+    if not isinstance(params, dict) or not all(key in params for key in _PLUS_KEYS):
+        raise CheckpointError(f"{path}: not a QualiCLIP+ checkpoint (needs 'params' with {', '.join(_PLUS_KEYS)})")
+    return params
 
 
 def config_from_state_dict(state_dict: dict[str, torch.Tensor], **overrides: Any) -> QualiCLIPConfig:
@@ -149,6 +180,83 @@ def convert_state_dict(
     return config, {key: tensor.float() for key, tensor in state_dict.items()}
 
 
+def convert_qualiclip_plus(
+    base_checkpoint: str | Path, plus_checkpoint: str | Path, output_dir: str | Path, **config_overrides: Any
+) -> Path:
+    """
+    Converts QualiCLIP+ into a complete Hugging Face folder: the towers of the official-layout `base_checkpoint`
+    (`QualiCLIP.pth`), the learned prompt context of pyiqa's `plus_checkpoint` (`QualiCLIP+_<dataset>.pth`) as
+    `prompt_context`, and `prompt_embeds` recomputed from both. `source_checkpoint_sha256` is the base file's.
+
+    Raises:
+        CheckpointError: when a file is unreadable, or when the token embeddings stored around the context do not
+            match our prompts and tokenizer (the context was learned for other prompts or another text tower).
+
+    Returns:
+        The output folder.
+    """
+    base_checkpoint, plus_checkpoint = Path(base_checkpoint), Path(plus_checkpoint)
+    checkpoint = load_official_checkpoint(base_checkpoint)
+    params = load_plus_checkpoint(plus_checkpoint)
+    context = params["prompt_learner.ctx"].float()
+    config, state_dict = convert_state_dict(
+        checkpoint,
+        source_checkpoint_sha256=sha256_of(base_checkpoint),
+        prompt_context_length=context.shape[-2],
+        **config_overrides,
+    )
+    num_prompts, width = 2 * config.num_prompt_pairs, config.text_config.width
+    if context.ndim == 2:  # one context shared by every prompt (pyiqa's prompt_specific_ctx=False)
+        context = context.expand(num_prompts, -1, -1)
+    if context.shape != (num_prompts, config.prompt_context_length, width):
+        raise CheckpointError(
+            f"{plus_checkpoint}: 'prompt_learner.ctx' has shape {tuple(params['prompt_learner.ctx'].shape)}, "
+            f"expected ({num_prompts}, n_ctx, {width}) for {num_prompts} prompts of the base checkpoint"
+        )
+    state_dict["prompt_context"] = context.contiguous()
+    model = QualiCLIPModel(config)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{base_checkpoint}: missing tensors {missing}, unexpected tensors {unexpected}")
+    tokenizer = build_clip_tokenizer()
+    _check_plus_token_embeddings(model, tokenizer, params, plus_checkpoint)
+    model.set_prompts(config.prompt_pairs, tokenizer)
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir)
+    make_processor(tokenizer).save_pretrained(output_dir)
+    return output_dir
+
+
+def _check_plus_token_embeddings(
+    model: QualiCLIPModel, tokenizer: CLIPTokenizer, params: dict[str, torch.Tensor], path: Path
+) -> None:
+    # pyiqa stores, besides the context, the embeddings of the start token (`token_prefix`) and of the words, the
+    # end token and the padding after it (`token_suffix`). We rebuild those from our tokenizer and token embedding
+    # instead of storing them; they must agree, or the scores would silently differ from pyiqa's.
+    texts = [text for pair in model.config.prompt_pairs for text in pair]
+    tokens = tokenizer(
+        texts, padding="max_length", max_length=model.config.text_config.context_length, return_tensors="pt"
+    )
+    with torch.no_grad():
+        embeds = model.text_model.token_embedding(tokens["input_ids"])
+    prefix = params["prompt_learner.token_prefix"].float()
+    suffix = params["prompt_learner.token_suffix"].float()
+    if prefix.shape[:2] != (len(texts), 1) or suffix.shape[0] != len(texts):
+        raise CheckpointError(
+            f"{path}: token_prefix {tuple(prefix.shape)} / token_suffix {tuple(suffix.shape)} do not hold "
+            f"{len(texts)} prompts"
+        )
+    # Tolerant enough for a context learned with fp16 token embeddings, far below the gap between two tokens.
+    for index, (text, eot) in enumerate(zip(texts, (tokens["attention_mask"].sum(dim=-1) - 1).tolist(), strict=True)):
+        start_matches = torch.allclose(prefix[index, 0], embeds[index, 0], atol=1e-3, rtol=1e-2)
+        words_match = torch.allclose(suffix[index, :eot], embeds[index, 1 : eot + 1], atol=1e-3, rtol=1e-2)
+        if not (start_matches and words_match):
+            raise CheckpointError(
+                f"{path}: its learned context belongs to other prompts or another CLIP text tower: the stored token "
+                f"embeddings of prompt {index} do not match {text!r} through the base checkpoint's token embedding"
+            )
+
+
 def build_clip_tokenizer() -> CLIPTokenizer:
     """
     CLIP's tokenizer built offline from the BPE merges that ship inside the `openai-clip` package
@@ -214,24 +322,26 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def download_official_checkpoint(expected_sha256: str | None = None) -> Path:
+def download_official_checkpoint(expected_sha256: str | None = None, filename: str = OFFICIAL_FILENAME) -> Path:
     """
     Downloads the official checkpoint through `huggingface_hub` (cached, so only once) and verifies its SHA-256.
 
     Args:
         expected_sha256: The digest the file must have. By default it is the digest the Hub publishes for the file:
             the Hub client names cached large files by that digest, so a truncated or altered download is caught.
+        filename: The file of `OFFICIAL_REPO_ID` to download: `QualiCLIP.pth`, or a QualiCLIP+ file of
+            `PLUS_FILENAMES`.
 
     Raises:
         CheckpointError: when the digest does not match.
     """
     from huggingface_hub import hf_hub_download
 
-    path = Path(hf_hub_download(OFFICIAL_REPO_ID, OFFICIAL_FILENAME))
+    path = Path(hf_hub_download(OFFICIAL_REPO_ID, filename))
     published = path.resolve().name  # blobs/<sha256> for files stored with Git LFS / Xet
     expected = expected_sha256 or (published if re.fullmatch(r"[0-9a-f]{64}", published) else None)
     if expected is None:
-        raise CheckpointError(f"{path}: the Hub published no SHA-256 for {OFFICIAL_FILENAME}; pass expected_sha256")
+        raise CheckpointError(f"{path}: the Hub published no SHA-256 for {filename}; pass expected_sha256")
     actual = sha256_of(path)
     if actual != expected:
         raise CheckpointError(
@@ -250,11 +360,31 @@ def official_model_dir(expected_sha256: str | None = None) -> Path:
 
     checkpoint = download_official_checkpoint(expected_sha256)
     output_dir = Path(constants.HF_HOME) / "qualiclip_hf" / f"official-{checkpoint.resolve().name[:16]}"
+    return _convert_once(output_dir, lambda staging: convert_checkpoint(checkpoint, staging))
+
+
+def official_plus_model_dir(dataset: str = "koniq") -> Path:
+    """
+    A Hugging Face folder of pyiqa's QualiCLIP+ learned on `dataset` (one of `PLUS_FILENAMES`: "koniq" is pyiqa's
+    "qualiclip+"), downloaded with `QualiCLIP.pth` and converted once into `$HF_HOME/qualiclip_hf/`, then reused.
+    """
+    from huggingface_hub import constants
+
+    if dataset not in PLUS_FILENAMES:
+        raise ValueError(f"no QualiCLIP+ weights for {dataset!r}; choose one of {', '.join(PLUS_FILENAMES)}")
+    base = download_official_checkpoint()
+    plus = download_official_checkpoint(filename=PLUS_FILENAMES[dataset])
+    name = f"official-plus-{dataset}-{base.resolve().name[:8]}-{plus.resolve().name[:8]}"
+    output_dir = Path(constants.HF_HOME) / "qualiclip_hf" / name
+    return _convert_once(output_dir, lambda staging: convert_qualiclip_plus(base, plus, staging))
+
+
+def _convert_once(output_dir: Path, convert: Callable[[Path], Path]) -> Path:
     if not (output_dir / "model.safetensors").is_file():
         # Convert next to the final place and rename, so an interrupted conversion never looks complete.
         staging = output_dir.with_name(output_dir.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(output_dir, ignore_errors=True)
-        convert_checkpoint(checkpoint, staging)
+        convert(staging)
         staging.replace(output_dir)
     return output_dir

@@ -14,7 +14,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageInp
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType
 
-__all__ = ["QualiCLIPImageProcessor", "pad_to_common_size", "to_viewable_rgb"]
+__all__ = ["QualiCLIPImageProcessor", "limit_longest_side", "pad_to_common_size", "to_viewable_rgb"]
 
 
 class QualiCLIPImageProcessorKwargs(ImagesKwargs, total=False):
@@ -90,15 +90,24 @@ class QualiCLIPImageProcessor(TorchvisionBackend):
 
     @staticmethod
     def _limit_longest_side(image: torch.Tensor, max_size: int) -> torch.Tensor:
-        height, width = image.shape[-2:]
-        scale = max_size / max(height, width)
-        if scale >= 1:
-            return image
-        size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        resized = F.interpolate(image[None].float(), size=size, mode="bicubic", antialias=True, align_corners=False)
+        resized = limit_longest_side(image[None].float(), max_size)[0]
         if image.dtype == torch.uint8:
-            return resized.round_().clamp_(0, 255).to(torch.uint8)[0]
-        return resized[0].to(image.dtype)
+            return resized.round_().clamp_(0, 255).to(torch.uint8)
+        return resized.to(image.dtype)
+
+
+def limit_longest_side(images: torch.Tensor, max_size: int) -> torch.Tensor:
+    """
+    Downscales `(batch_size, channels, height, width)` float images whose longest side exceeds `max_size`, keeping the
+    aspect ratio (antialiased bicubic, as PIL does); smaller images are returned unchanged. Values may overshoot
+    the input range slightly, as with any bicubic filter.
+    """
+    height, width = images.shape[-2:]
+    scale = max_size / max(height, width)
+    if scale >= 1:
+        return images
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
 
 
 def to_viewable_rgb(image: Image.Image) -> Image.Image:

@@ -307,6 +307,8 @@ class QualiCLIPPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, QualiCLIPModel):
             init.copy_(module.prompt_embeds, F.normalize(torch.randn_like(module.prompt_embeds), dim=-1))
+            if module.prompt_context is not None:
+                init.normal_(module.prompt_context, std=0.02)  # CoOp's initialisation of learned contexts
 
 
 class QualiCLIPModel(QualiCLIPPreTrainedModel):
@@ -336,6 +338,15 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
         # Normalised text embeddings of the prompts, in (positive, negative) order per pair. Saved with the weights
         # so that scoring never runs the text tower.
         self.register_buffer("prompt_embeds", torch.zeros(2 * config.num_prompt_pairs, config.vision_config.output_dim))
+        # QualiCLIP+: learned context token embeddings of each prompt, in the order of `prompt_embeds`. They enter
+        # the score only through `prompt_embeds`, which `set_prompts` recomputes from them.
+        self.prompt_context = (
+            nn.Parameter(
+                torch.zeros(2 * config.num_prompt_pairs, config.prompt_context_length, config.text_config.width)
+            )
+            if config.prompt_context_length is not None
+            else None
+        )
         self.post_init()
 
     @property
@@ -427,14 +438,15 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
         self, prompt_pairs: list[tuple[str, str]] | list[list[str]], tokenizer: PreTrainedTokenizerBase
     ) -> None:
         """
-        Replaces the prompt pairs and recomputes their embeddings with the (frozen) text tower.
+        Replaces the prompt pairs and recomputes their embeddings with the (frozen) text tower, with the learned
+        context inserted when the model has one (QualiCLIP+; call it again after changing `prompt_context`).
 
         Args:
             prompt_pairs: `(positive, negative)` pairs of prompts.
             tokenizer: CLIP's tokenizer (the one saved with the model, or `QualiCLIPProcessor.tokenizer`).
         """
-        self.config.prompt_pairs = validate_prompt_pairs(prompt_pairs)
-        texts = [text for pair in self.config.prompt_pairs for text in pair]
+        prompt_pairs = validate_prompt_pairs(prompt_pairs)
+        texts = [text for pair in prompt_pairs for text in pair]
         tokens = tokenizer(
             texts,
             padding="max_length",
@@ -442,8 +454,44 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
             truncation=True,
             return_tensors="pt",
         ).to(self.prompt_embeds.device)
-        embeds = self.text_model(tokens["input_ids"], tokens["attention_mask"])
+        embeds = self.encode_prompts(tokens["input_ids"], tokens["attention_mask"])
+        self.config.prompt_pairs = prompt_pairs
         self.prompt_embeds = F.normalize(embeds.float(), dim=-1).to(self.prompt_embeds.dtype)
+
+    def encode_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """
+        Text embeddings of tokenised prompts. With a learned context (QualiCLIP+), each prompt becomes
+        `<|startoftext|> context[:n/2] words context[n/2:] <|endoftext|>`, the layout of pyiqa's QualiCLIP+; the
+        result is differentiable with respect to `prompt_context`, so the context can be trained.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(num_prompts, context_length)`): the prompts alone, padded.
+            attention_mask (`torch.LongTensor` of shape `(num_prompts, context_length)`).
+
+        Returns:
+            `torch.Tensor` of shape `(num_prompts, output_dim)`: unnormalised text embeddings.
+        """
+        if self.prompt_context is None:
+            return self.text_model(input_ids, attention_mask)
+        num_prompts, length = input_ids.shape
+        num_context = self.prompt_context.shape[1]
+        if num_prompts != self.prompt_context.shape[0]:
+            raise ValueError(
+                f"the model has learned contexts for {self.prompt_context.shape[0]} prompts, got {num_prompts}"
+            )
+        eot_index = attention_mask.sum(dim=-1) - 1
+        if int(eot_index.max()) + num_context >= length:
+            raise ValueError(f"a prompt is too long to fit {num_context} context tokens in {length} positions")
+        token_embeds = self.text_model.token_embedding(input_ids)
+        context = self.prompt_context.to(token_embeds.dtype)
+        half = num_context // 2
+        rows = []
+        for tokens, prompt_context, eot in zip(token_embeds, context, eot_index.tolist(), strict=True):
+            # The padding after the end-of-text token is cut by as many positions as the context adds; the causal
+            # mask keeps padding from influencing the end-of-text output, so only the length matters.
+            words, end = tokens[1:eot], tokens[eot : length - num_context]
+            rows.append(torch.cat([tokens[:1], prompt_context[:half], words, prompt_context[half:], end]))
+        return self.text_model.encode_embeddings(torch.stack(rows), eot_index + num_context)
 
 
 __all__ = ["QualiCLIPModel", "QualiCLIPOutput", "QualiCLIPPreTrainedModel"]
