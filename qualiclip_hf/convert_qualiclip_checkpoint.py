@@ -52,6 +52,18 @@ class CheckpointError(ValueError):
     """The file is not a readable QualiCLIP / CLIP checkpoint."""
 
 
+def _load_pickle_safely(path: Path) -> Any:
+    """`torch.load(weights_only=True)`: tensors and plain containers only, never code; errors name the file."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from None
+    except Exception as error:  # an unpickler refusal (a pickle that carries code) is not a plain error subclass
+        raise CheckpointError(f"{path}: refused to load (only tensors are allowed): {error}") from None
+
+
 def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """
     Reads an official-layout checkpoint safely (`weights_only=True`: tensors and plain containers only, no code).
@@ -61,14 +73,7 @@ def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             the QualiCLIP keys.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from None
-    except Exception as error:  # an unpickler refusal (a pickle that carries code) is not a plain error subclass
-        raise CheckpointError(f"{path}: refused to load (only tensors are allowed): {error}") from None
+    state_dict = _load_pickle_safely(path)
     if not isinstance(state_dict, dict) or _PROMPTS_KEY not in state_dict:
         raise CheckpointError(f"{path}: not a QualiCLIP checkpoint (no '{_PROMPTS_KEY}' entry)")
     if not any(key.startswith(_CHECKPOINT_PREFIX) for key in state_dict):
@@ -84,14 +89,7 @@ def load_plus_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         CheckpointError: naming the file and the cause when it is unreadable or lacks the prompt-learner tensors.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from None
-    except Exception as error:  # an unpickler refusal (a pickle that carries code) is not a plain error subclass
-        raise CheckpointError(f"{path}: refused to load (only tensors are allowed): {error}") from None
+    checkpoint = _load_pickle_safely(path)
     params = checkpoint.get("params") if isinstance(checkpoint, dict) else None
     if not isinstance(params, dict) or not all(key in params for key in _PLUS_KEYS):
         raise CheckpointError(f"{path}: not a QualiCLIP+ checkpoint (needs 'params' with {', '.join(_PLUS_KEYS)})")
