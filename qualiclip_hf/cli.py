@@ -45,7 +45,11 @@ def _build_parser() -> argparse.ArgumentParser:
     score.set_defaults(handler=_score_command)
 
     convert = commands.add_parser("convert", help="convert the official qualiclip.pth to a Hugging Face folder")
-    convert.add_argument("--checkpoint", required=True, type=Path, help="official-layout checkpoint (.pth)")
+    source = convert.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="official-layout QualiCLIP checkpoint (qualiclip.pth)")
+    source.add_argument(
+        "--clip", type=Path, help="an OpenAI CLIP ResNet checkpoint (RN50.pt): the starting point for training"
+    )
     convert.add_argument(
         "--plus", type=Path, help="a QualiCLIP+ file of pyiqa (QualiCLIP+_<dataset>.pth) to add its learned prompts"
     )
@@ -155,10 +159,17 @@ def _print_table(results: list[ScoreResult]) -> None:
 
 
 def _convert_command(args: argparse.Namespace) -> int:
-    from .convert_qualiclip_checkpoint import CheckpointError, convert_checkpoint, convert_qualiclip_plus
+    from .convert_qualiclip_checkpoint import (
+        CheckpointError,
+        convert_checkpoint,
+        convert_clip_checkpoint,
+        convert_qualiclip_plus,
+    )
 
     try:
-        if args.plus is None:
+        if args.clip is not None:
+            output = convert_clip_checkpoint(args.clip, args.output)
+        elif args.plus is None:
             output = convert_checkpoint(args.checkpoint, args.output)
         else:
             output = convert_qualiclip_plus(args.checkpoint, args.plus, args.output)

@@ -312,6 +312,46 @@ def convert_checkpoint(checkpoint_path: str | Path, output_dir: str | Path, **co
     return output_dir
 
 
+def convert_clip_checkpoint(clip_path: str | Path, output_dir: str | Path, **config_overrides: Any) -> Path:
+    """
+    Turns an OpenAI CLIP ResNet checkpoint (`RN50.pt` as OpenAI publishes it: a TorchScript archive; or a plain
+    state dict) into the starting point of QualiCLIP training: a complete folder whose prompt embeddings are
+    computed with CLIP's own text tower for the seven antonym pairs.
+
+    TorchScript archives are read with `torch.jit.load` (TorchScript, not arbitrary Python); anything else only
+    with `torch.load(weights_only=True)`.
+    """
+    clip_path = Path(clip_path)
+    if not clip_path.is_file():
+        raise CheckpointError(f"{clip_path}: no such checkpoint file")
+    if zipfile.is_zipfile(clip_path) and _is_torchscript(clip_path):
+        try:
+            state_dict = torch.jit.load(str(clip_path), map_location="cpu").state_dict()
+        except RuntimeError as error:
+            raise CheckpointError(f"{clip_path}: not a readable TorchScript archive: {error}") from None
+    else:
+        state_dict = _load_pickle_safely(clip_path)
+    if not isinstance(state_dict, dict) or "visual.layer1.0.conv1.weight" not in state_dict:
+        raise CheckpointError(f"{clip_path}: not a CLIP ResNet checkpoint")
+    config = config_from_state_dict(state_dict, source_checkpoint_sha256=sha256_of(clip_path), **config_overrides)
+    model = QualiCLIPModel(config)
+    weights = {key: tensor.float() for key, tensor in checkpoint_filter_fn(state_dict, config).items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if set(missing) - {"prompt_embeds"} or unexpected:
+        raise CheckpointError(f"{clip_path}: missing tensors {missing}, unexpected tensors {unexpected}")
+    processor = make_processor()
+    model.set_prompts(config.prompt_pairs, processor.tokenizer)
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    return output_dir
+
+
+def _is_torchscript(path: Path) -> bool:
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())  # TorchScript keeps its code there
+
+
 def sha256_of(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:

@@ -184,3 +184,28 @@ def test_tampered_download_is_rejected(official_checkpoint, offline_hub):
     with pytest.raises(CheckpointError, match="does not match"):
         download_official_checkpoint(expected_sha256="f" * 64)
     shutil.rmtree(offline_hub)
+
+
+def test_openai_clip_torchscript_becomes_a_training_starting_point(reference_clip, tmp_path):
+    import warnings
+
+    from qualiclip_hf.cli import main
+
+    clip_model, prompts_features = reference_clip
+    archive = tmp_path / "RN50.pt"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        import clip
+
+        image = torch.rand(1, 3, 224, 224)
+        torch.jit.trace(clip_model, (image, clip.tokenize(["a photo"])), check_trace=False).save(str(archive))
+    assert main(["convert", "--clip", str(archive), "--output", str(tmp_path / "start")]) == 0
+    model = QualiCLIPModel.from_pretrained(tmp_path / "start").eval()
+    # The prompt embeddings are CLIP's own text features of the seven pairs, computed with our tokenizer.
+    torch.testing.assert_close(model.prompt_embeds, prompts_features, atol=2e-5, rtol=0)
+    images = torch.randn(2, 3, 128, 160) * torch.tensor([0.3, 1.5]).view(2, 1, 1, 1)
+    with torch.no_grad():
+        expected = official_quality_score(clip_model, prompts_features, images)
+        assert (model(images).quality_score - expected).abs().max() <= 1e-5
+    (tmp_path / "text.pt").write_bytes(b"PK\x03\x04 not a zip")
+    assert main(["convert", "--clip", str(tmp_path / "text.pt"), "--output", str(tmp_path / "x")]) == 1
