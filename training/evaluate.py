@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qualiclip_hf.cli import load_model_and_processor
+from qualiclip_hf.image_processing_qualiclip import limit_longest_side
 from qualiclip_hf.scoring import collect_image_paths, read_image, score_files
 from training.degradations import ALL_DISTORTIONS, apply_distortion
 
@@ -151,7 +152,7 @@ def synthetic_level_srcc(
     paths = collect_image_paths([image_dir])
     if not paths:
         raise ValueError(f"{image_dir}: no images")
-    images = [_fit(read_image(path).float() / 255, max_side) for path in paths]
+    images = [limit_longest_side(read_image(path)[None].float() / 255, max_side)[0].clamp(0, 1) for path in paths]
     per_distortion = {}
     for name in tqdm(names, desc="distortions"):
         correlations = []
@@ -174,14 +175,6 @@ def synthetic_level_srcc(
         "per_distortion": per_distortion,
         "overall": float(np.mean(list(per_distortion.values()))),
     }
-
-
-def _fit(image: torch.Tensor, max_side: int) -> torch.Tensor:
-    scale = max_side / max(image.shape[-2:])
-    if scale >= 1:
-        return image
-    size = [round(s * scale) for s in image.shape[-2:]]
-    return torch.nn.functional.interpolate(image[None], size=size, mode="bicubic", antialias=True)[0].clamp(0, 1)
 
 
 def main(argv: list[str] | None = None) -> None:

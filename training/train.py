@@ -24,6 +24,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repository
 
@@ -31,9 +32,6 @@ from qualiclip_hf import QualiCLIPConfig, QualiCLIPModel
 from qualiclip_hf.convert_qualiclip_checkpoint import make_processor
 from training.data import DegradedBatches, load_pristine_stream, shard_for_process
 from training.losses import QualiCLIPLossWeights, qualiclip_losses
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -98,8 +96,8 @@ def prompt_similarities(model: torch.nn.Module, prompt_embeds: torch.Tensor, cro
         `(batch, levels, 2, num_pairs, 2)` cosine similarities to the (positive, negative) prompts.
     """
     batch, levels, two = crops.shape[:3]
-    mean = crops.new_tensor(CLIP_MEAN).view(3, 1, 1)
-    std = crops.new_tensor(CLIP_STD).view(3, 1, 1)
+    mean = crops.new_tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
+    std = crops.new_tensor(OPENAI_CLIP_STD).view(3, 1, 1)
     pixels = ((crops.flatten(0, 2) - mean) / std).contiguous(memory_format=torch.channels_last)
     # Through the (possibly DDP-wrapped) module's forward, so that gradients are synchronised.
     embeds = model(pixel_values=pixels).image_embeds.float()
