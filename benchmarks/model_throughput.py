@@ -1,20 +1,30 @@
 """Model throughput: pyiqa's built-in QualiCLIP arch vs ours, same RN50 weights, same tensors, same device.
 
-    python benchmarks/model_throughput.py [--sizes 384x512 768x1024] [--batches 1 8] [--repeats 3]
+    python benchmarks/model_throughput.py [--sizes 512x384 1024x768] [--batches 1 32] [--repeats 3]
+                                          [--precision fp32|bf16|fp16]
 
-The weights are random, in the official layout (no real weights exist offline): this measures speed, and the max
-score difference between the two, not quality. pyiqa's download is bypassed exactly as in tests/test_pyiqa_plugin.py
-(its cache points to a temporary folder, its CLIP loader to a TorchScript archive of openai-clip's CLIP).
-Both run under `torch.inference_mode()` with pyiqa's score formula, so the scores must agree.
+The weights are random, in the official layout (no real weights exist offline): this measures speed, memory and
+the largest score difference between the two, not quality. pyiqa's download is bypassed exactly as in
+tests/test_pyiqa_plugin.py (its cache points to a temporary folder, its CLIP loader to a TorchScript archive of
+openai-clip's CLIP). Both take the same [0, 1] tensors under `torch.inference_mode()` with pyiqa's score formula;
+pyiqa always runs in float32, ours in `--precision` (autocast, on CUDA only).
+
+The two models are timed in alternation, `--repeats` times each, and each figure is the median, so that a change of
+machine load hits both alike. Peak memory is the growth of the process's resident memory during one forward on the
+CPU (Linux `VmHWM`, reset before each call), or `torch.cuda.max_memory_allocated` growth on CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import statistics
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,6 +44,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import clip
     from clip.model import CLIP
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_both(workdir: Path, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -66,44 +78,104 @@ def build_both(workdir: Path, device: str) -> tuple[torch.nn.Module, torch.nn.Mo
     return theirs, ours
 
 
-def images_per_second(model: torch.nn.Module, images: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
-    with torch.inference_mode():
-        scores = model(images)  # warm-up
-        if images.is_cuda:
+class PeakMemory:
+    """Growth of memory use during a block: resident memory on the CPU, allocated CUDA memory on a GPU (MiB)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.mib = float("nan")
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
-        started = time.perf_counter()
-        for _ in range(repeats):
-            model(images)
-        if images.is_cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self._before = torch.cuda.memory_allocated()
+        else:
+            ctypes.CDLL(None).malloc_trim(0)  # memory freed earlier goes back to the system, out of the baseline
+            with contextlib.suppress(OSError):  # resets VmHWM to the current RSS (Linux)
+                Path("/proc/self/clear_refs").write_text("5")
+            self._before = _proc_status_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
-    return repeats * images.shape[0] / (time.perf_counter() - started), scores.float().flatten().cpu()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            peak = _proc_status_kib("VmHWM") * 1024
+        self.mib = (peak - self._before) / 2**20
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    return 0
+
+
+def timed(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> float:
+    if images.is_cuda:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    model(images)
+    if images.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["384x512", "768x1024"], help="HxW")
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sizes", nargs="+", default=["512x384", "1024x768"], help="WIDTHxHEIGHT")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--repeats", type=int, default=3, help="timed forwards per model and setting (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="ours only; autocast on CUDA")
     args = parser.parse_args()
-    name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# torch {torch.__version__}, {name}, {time.strftime('%Y-%m-%d')}, random RN50 weights\n")
+    device = torch.device(args.device)
+    if args.precision != "fp32" and device.type != "cuda":
+        parser.error("--precision bf16/fp16 is for CUDA; on this CPU (no native bf16) it only slows down")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(
+        f"# torch {torch.__version__}, {name}, {time.strftime('%Y-%m-%d')}, random RN50 weights; "
+        f"ours in {args.precision}, median of {args.repeats}\n"
+    )
     with tempfile.TemporaryDirectory() as workdir:
         theirs, ours = build_both(Path(workdir), args.device)
-        print("| size | batch | pyiqa img/s | ours img/s | ours / pyiqa | max score diff |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        autocast = PRECISIONS[args.precision]
+
+        def run_ours(images: torch.Tensor) -> torch.Tensor:
+            if autocast is None:
+                return ours(images)
+            with torch.autocast(device.type, dtype=autocast):
+                return ours(images)
+
+        print(
+            "| size (WxH) | batch | pyiqa img/s | ours img/s | ours / pyiqa | pyiqa peak MiB | ours peak MiB "
+            "| max score diff |"
+        )
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for size in args.sizes:
-            height, width = map(int, size.split("x"))
+            width, height = map(int, size.split("x"))
             for batch in args.batches:
-                images = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(batch))
-                images = images.to(args.device)
-                # Interleaved, so that a change of machine load hits both alike.
-                theirs_rate, theirs_scores = images_per_second(theirs, images, args.repeats)
-                ours_rate, ours_scores = images_per_second(ours, images, args.repeats)
+                generator = torch.Generator().manual_seed(batch)
+                images = torch.rand(batch, 3, height, width, generator=generator).to(device)
+                with torch.inference_mode():
+                    theirs(images[:1]), run_ours(images[:1])  # warm-up: kernel selection
+                    with PeakMemory(device) as theirs_memory:
+                        theirs_scores = theirs(images).float().flatten().cpu()
+                    with PeakMemory(device) as ours_memory:
+                        ours_scores = run_ours(images).float().flatten().cpu()
+                    theirs_times, ours_times = [], []
+                    for _ in range(args.repeats):
+                        theirs_times.append(timed(theirs, images))
+                        ours_times.append(timed(run_ours, images))
+                theirs_rate = batch / statistics.median(theirs_times)
+                ours_rate = batch / statistics.median(ours_times)
                 diff = (theirs_scores - ours_scores).abs().max().item()
                 print(
                     f"| {size} | {batch} | {theirs_rate:.2f} | {ours_rate:.2f} | {ours_rate / theirs_rate:.2f}x "
-                    f"| {diff:.1e} |"
+                    f"| {theirs_memory.mib:,.0f} | {ours_memory.mib:,.0f} | {diff:.1e} |",
+                    flush=True,
                 )
 
 

@@ -1,9 +1,11 @@
+import copy
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from qualiclip_hf import QUALICLIP_PROMPT_PAIRS, QualiCLIPModel, QualiCLIPOutput
-from qualiclip_hf.modeling_qualiclip import Bottleneck
+from qualiclip_hf import QUALICLIP_PROMPT_PAIRS, QualiCLIPModel, QualiCLIPOutput, modeling_qualiclip
+from qualiclip_hf.modeling_qualiclip import Bottleneck, conv_batch_norm
 
 from .conftest import tiny_config
 
@@ -144,3 +146,74 @@ def test_return_dict_false_gives_a_tuple(tiny_model):
     with torch.no_grad():
         score, logits, embeds = tiny_model(torch.randn(1, 3, 64, 64), return_dict=False)
     assert score.shape == (1,) and logits.shape == (1, 7, 2) and embeds.shape == (1, 32)
+
+
+def _conv_and_norm(seed: int = 0) -> tuple[torch.nn.Conv2d, torch.nn.BatchNorm2d]:
+    generator = torch.Generator().manual_seed(seed)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    norm = torch.nn.BatchNorm2d(6)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator))
+        norm.weight.copy_(torch.rand(6, generator=generator) + 0.5)
+        norm.bias.copy_(torch.randn(6, generator=generator))
+        norm.running_mean.copy_(torch.randn(6, generator=generator))
+        norm.running_var.copy_(torch.rand(6, generator=generator) + 0.5)
+    return conv, norm
+
+
+@torch.no_grad()
+def test_folded_batch_norm_follows_every_change_of_its_tensors():
+    conv, norm = _conv_and_norm()
+    conv.eval(), norm.eval()
+    x = torch.randn(2, 4, 9, 7)
+    torch.testing.assert_close(conv_batch_norm(conv, norm, x), norm(conv(x)))
+    with torch.inference_mode():  # a cache made here must serve later calls too
+        conv_batch_norm(conv, norm, x)
+    norm.running_var.mul_(3.0)  # an in-place update, as an optimizer or load_state_dict makes
+    torch.testing.assert_close(conv_batch_norm(conv, norm, x), norm(conv(x)))
+    conv.load_state_dict(_conv_and_norm(seed=1)[0].state_dict())
+    torch.testing.assert_close(conv_batch_norm(conv, norm, x), norm(conv(x)))
+    conv.double(), norm.double()
+    result = conv_batch_norm(conv, norm, x.double())
+    assert result.dtype == torch.float64
+    torch.testing.assert_close(result, norm(conv(x.double())))
+
+
+def test_folded_batch_norm_in_eval_mode_keeps_gradients_for_weights_and_inputs():
+    conv, norm = _conv_and_norm()
+    conv.eval(), norm.eval()
+    x = torch.randn(2, 4, 9, 7, requires_grad=True)
+    with torch.inference_mode():
+        conv_batch_norm(conv, norm, x)
+    folded = torch.autograd.grad(conv_batch_norm(conv, norm, x).square().sum(), [x, conv.weight, norm.weight])
+    reference = torch.autograd.grad(norm(conv(x)).square().sum(), [x, conv.weight, norm.weight])
+    for got, expected in zip(folded, reference, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_training_mode_normalises_with_batch_statistics_and_updates_them():
+    conv, norm = _conv_and_norm()
+    reference_norm = copy.deepcopy(norm)
+    x = torch.randn(2, 4, 9, 7)
+    torch.testing.assert_close(conv_batch_norm(conv, norm, x), reference_norm(conv(x)))
+    torch.testing.assert_close(norm.running_mean, reference_norm.running_mean)
+    assert not torch.equal(norm.running_mean, _conv_and_norm()[1].running_mean)
+
+
+@torch.no_grad()
+def test_eval_scores_equal_the_unfolded_image_tower(tiny_model, monkeypatch):
+    x = torch.randn(3, 3, 70, 90)
+    folded = tiny_model(x)
+    monkeypatch.setattr(modeling_qualiclip, "conv_batch_norm", lambda conv, norm, hidden: norm(conv(hidden)))
+    unfolded = tiny_model(x.contiguous())
+    torch.testing.assert_close(folded.image_embeds, unfolded.image_embeds, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(folded.quality_score, unfolded.quality_score, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_half_precision_weights_still_give_a_float32_score_close_to_float32(tiny_model):
+    x = torch.randn(2, 3, 64, 96)
+    reference = tiny_model(x).quality_score
+    half = copy.deepcopy(tiny_model).to(torch.bfloat16)(x)
+    assert half.quality_score.dtype == torch.float32 and half.image_embeds.dtype == torch.float32
+    torch.testing.assert_close(half.quality_score, reference, atol=2e-2, rtol=0)
