@@ -152,7 +152,8 @@ def _score_decoded(
         scores = _run_model([image for _, image in decoded], model, processor, max_size)
     except (RuntimeError, ValueError) as error:
         if len(decoded) == 1:
-            yield decoded[0][0], f"{paths[decoded[0][0]]}: scoring failed: {error}"
+            index, image = decoded[0]
+            yield index, _failure_message(paths[index], image, error)
             return
         # The batch failed as a whole (out of memory, say): score the images one by one so that each gets its
         # own outcome.
@@ -160,6 +161,17 @@ def _score_decoded(
             yield from _score_decoded([item], model, processor, max_size, paths)
         return
     yield from ((index, score) for (index, _), score in zip(decoded, scores, strict=True))
+
+
+def _failure_message(path: Path, image: torch.Tensor, error: Exception) -> str:
+    text = str(error)
+    if isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text:
+        height, width = image.shape[-2:]
+        return (
+            f"{path}: not enough memory to score {width}x{height} pixels at full resolution; downscale large images "
+            "with --max-size (for example --max-size 2048; `max_size=2048` in Python)"
+        )
+    return f"{path}: scoring failed: {text}"
 
 
 def _run_model(

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +94,27 @@ def test_max_size_is_applied(folder, tiny_model_dir, tmp_path):
     main(["score", str(folder / "a.jpg"), "--model", str(tiny_model_dir), "--output", str(output)])
     full = json.loads(output.read_text())[0]["score"]
     assert capped != pytest.approx(full, abs=1e-9)
+
+
+def test_running_out_of_memory_on_one_image_says_how_to_downscale(tiny_model_dir, tmp_path, monkeypatch):
+    photo(64, 96, seed=1).save(tmp_path / "small.jpg", quality=95)
+    photo(300, 200, seed=2).save(tmp_path / "large.jpg", quality=95)
+    photo(70, 70, seed=3).save(tmp_path / "square.jpg", quality=95)
+    original_forward = QualiCLIPModel.forward
+
+    def forward_with_little_memory(self, pixel_values, image_sizes=None, **kwargs):
+        sizes = pixel_values.shape[-2:] if image_sizes is None else image_sizes.max(dim=0).values
+        if int(sizes[0]) * int(sizes[1]) > 150 * 150:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return original_forward(self, pixel_values, image_sizes=image_sizes, **kwargs)
+
+    monkeypatch.setattr(QualiCLIPModel, "forward", forward_with_little_memory)
+    output = tmp_path / "scores.json"
+    assert main(["score", str(tmp_path), "--model", str(tiny_model_dir), "--output", str(output)]) == 1
+    rows = {Path(row["path"]).name: row for row in json.loads(output.read_text())}
+    assert rows["small.jpg"]["score"] is not None and rows["square.jpg"]["score"] is not None
+    assert rows["large.jpg"]["score"] is None
+    assert "large.jpg: not enough memory to score 200x300 pixels" in rows["large.jpg"]["error"]
+    assert "--max-size" in rows["large.jpg"]["error"]
+    # With the advice followed, the same run succeeds.
+    assert main(["score", str(tmp_path), "--model", str(tiny_model_dir), "--max-size", "128"]) == 0
