@@ -193,3 +193,39 @@ def test_mos_evaluation_from_a_csv_and_folder(tmp_path, tiny_model_dir):
     result = json.loads(output.read_text())
     assert result["num_images"] == 6 and result["num_failed"] == 1 and "missing.png" in result["errors"][0]
     assert all(-1 <= result[key] <= 1 for key in ("srcc", "krcc", "plcc", "plcc_raw"))
+
+
+def test_mos_presets_read_the_official_and_the_pyiqa_layouts(tmp_path):
+    from training.evaluate import MOS_PRESETS, read_mos_csv
+
+    official = tmp_path / "dmos.csv"
+    official.write_text("dist_img,ref_img,dmos,var\nI01_01_01.png,I01.png,4.57,0.49\nI01_01_05.png,I01.png,1.1,0.3\n")
+    pyiqa = tmp_path / "meta_info_KADID10kDataset.csv"
+    pyiqa.write_text("ref_name,dist_name,dmos,std\nI01.png,I01_01_01.png,4.57,0.496\nI01.png,I01_01_05.png,1.1,0.3\n")
+    for csv_path in (official, pyiqa):
+        paths, opinions = read_mos_csv(csv_path, tmp_path / "images", MOS_PRESETS["kadid10k"])
+        assert [p.name for p in paths] == ["I01_01_01.png", "I01_01_05.png"] and opinions == [4.57, 1.1]
+
+    clive = tmp_path / "livec.csv"
+    clive.write_text("img_name,mos,std\nt1.bmp,63.9,18.3\nt7.bmp,77.8,19.6\n100.bmp,32.5,19.1\n3.bmp,44.4,20.2\n")
+    paths, opinions = read_mos_csv(clive, tmp_path, MOS_PRESETS["clive"])
+    assert [p.name for p in paths] == ["100.bmp", "3.bmp"] and opinions == [32.5, 44.4]
+
+    with pytest.raises(ValueError, match=r"livec\.csv.*'name' and 'mos_quality'"):
+        read_mos_csv(clive, tmp_path, MOS_PRESETS["agiqa3k"])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,mos_quality\na.jpg,high\n")
+    with pytest.raises(ValueError, match=r"bad\.csv, row 2: 'mos_quality' is not a number"):
+        read_mos_csv(bad, tmp_path, MOS_PRESETS["agiqa3k"])
+
+
+def test_kadid_opinions_count_as_higher_is_better_unless_told_otherwise(tmp_path, monkeypatch):
+    import training.evaluate as evaluate
+
+    (tmp_path / "dmos.csv").write_text("dist_img,ref_img,dmos,var\na.png,r.png,4.5,0.1\nb.png,r.png,1.2,0.1\n")
+    seen = []
+    monkeypatch.setattr(evaluate, "mos_evaluation", lambda *args, **kwargs: seen.append(args[3]) or {})
+    common = ["mos", "--model", "demo", "--csv", str(tmp_path / "dmos.csv"), "--images", str(tmp_path)]
+    evaluate.main([*common, "--dataset", "kadid10k"])
+    evaluate.main([*common, "--dataset", "kadid10k", "--lower-is-better"])
+    assert seen == [True, False]
