@@ -96,6 +96,23 @@ def test_a_cursor_resumes_the_same_sequence_of_batches(pristine_folder):
         assert (batch is None and expected[0] is None) or torch.equal(batch, expected[0])
 
 
+def test_degrading_on_the_device_gives_the_workers_samples_and_resumes_alike(pristine_folder):
+    def batches(**options):
+        stream = load_pristine_stream(str(pristine_folder)).shuffle(seed=2, buffer_size=4)
+        return DegradedBatches(stream, batch_size=2, crop_size=32, max_groups=7, seed=4, **options)
+
+    def take(iterator, count):
+        return [next(iterator) for _ in range(count)]
+
+    # These 8 samples (2 unreadable) draw 3 compositions with a codec (2 with steps after it) and 3 without.
+    on_workers = take(batches().iterate(), 4)
+    on_device = take(batches(degrade_device="cpu").iterate(), 2)
+    resumed = take(batches(degrade_device="cpu").iterate(on_device[1][2]), 2)
+    for expected, got in zip(on_workers, on_device + resumed, strict=True):
+        assert got[1:] == expected[1:]
+        assert (got[0] is None and expected[0] is None) or torch.equal(got[0], expected[0])
+
+
 def test_process_shards_are_disjoint_and_complete(pristine_folder):
     stream = load_pristine_stream(str(pristine_folder))
     paths = [[example["image"]["path"] for example in shard_for_process(stream, rank, 2)] for rank in range(2)]
