@@ -153,7 +153,8 @@ def launch(config_path: Path, *args: str, processes: int = 1) -> None:
 
 
 def test_accelerate_launch_trains_on_two_cpu_processes(pristine_folder, tmp_path):
-    launch(write_config(tmp_path, pristine_folder), processes=2)
+    # Degrading "on the accelerator" (here the CPU, in the training processes) while the resume test uses workers.
+    launch(write_config(tmp_path, pristine_folder, degrade_on="accelerator"), processes=2)
     run = tmp_path / "run"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2", "step_3"]
     summary = json.loads((run / "final" / "training_summary.json").read_text())
@@ -246,3 +247,11 @@ def test_kadid_opinions_count_as_higher_is_better_unless_told_otherwise(tmp_path
     evaluate.main([*common, "--dataset", "kadid10k"])
     evaluate.main([*common, "--dataset", "kadid10k", "--lower-is-better"])
     assert seen == [True, False]
+
+
+def test_an_unknown_degradation_place_is_refused_before_anything_starts(tmp_path):
+    from training.train import TrainConfig, train
+
+    with pytest.raises(ValueError, match="degrade_on must be"):
+        train(TrainConfig(output_dir=str(tmp_path / "run"), degrade_on="gpu"))
+    assert not (tmp_path / "run").exists()
