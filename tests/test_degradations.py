@@ -21,10 +21,12 @@ from training.degradations import (
     Distortion,
     apply_composition,
     apply_composition_all_levels,
+    apply_composition_levels_from,
     apply_distortion,
     get_distortion,
     level_probabilities,
     sample_composition,
+    split_after_last_codec,
 )
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -501,6 +503,35 @@ def test_composition_at_all_levels_shares_randomness_and_grows(photos):
     distance = torch.stack([_mae_per_image(stack[level], photos) for level in range(5)], dim=1)
     assert (distance[:, 1:] >= distance[:, :-1]).all(), distance
     assert torch.equal(stack, apply_composition_all_levels(photos, composition, seed=3))
+
+
+def test_split_after_last_codec():
+    noisy_jpeg = [("white_noise", 2), ("jpeg", 1), ("gaussian_blur", 0), ("jpeg2000", 3), ("impulse_noise", 4)]
+    assert split_after_last_codec(noisy_jpeg) == (noisy_jpeg[:4], noisy_jpeg[4:])
+    assert split_after_last_codec(["darken", "jpeg"]) == (["darken", "jpeg"], [])
+    assert split_after_last_codec([("motion_blur", 0), ("darken", 1)]) == ([], [("motion_blur", 0), ("darken", 1)])
+
+
+@pytest.mark.parametrize(
+    "composition",
+    [
+        # random draws before and after the codec: the tail must continue the head's generator, not restart it
+        [("impulse_noise", 0), ("jpeg", 0), ("white_noise", 0), ("motion_blur", 0)],
+        [("color_shift", 0), ("jitter", 0), ("darken", 0)],  # no codec: the whole composition is the tail
+        [("white_noise", 0), ("jpeg2000", 0)],  # codec last: nothing left for the tail
+    ],
+)
+def test_head_then_tail_from_saved_generator_states_is_the_whole_composition(photos, composition):
+    whole = apply_composition_all_levels(photos[:2], composition, seed=11)
+    head, tail = split_after_last_codec(composition)
+    generators = [_seeded(11) for _ in range(5)]
+    partial = torch.stack([apply_composition(photos[:2], head, level, g) for level, g in enumerate(generators)])
+    resumed = apply_composition_levels_from(partial if head else photos[:2], tail, [g.get_state() for g in generators])
+    assert torch.equal(resumed, whole)
+    # A fresh generator for the tail would give other noise: the states are what carries the realisation over.
+    if head and any(get_distortion(name).stochastic for name, _ in tail):
+        restarted = apply_composition_levels_from(partial, tail, [_seeded(11).get_state() for _ in range(5)])
+        assert not torch.equal(restarted, whole)
 
 
 # --------------------------------------------------------------------------------------------------- CUDA

@@ -96,6 +96,23 @@ def test_a_cursor_resumes_the_same_sequence_of_batches(pristine_folder):
         assert (batch is None and expected[0] is None) or torch.equal(batch, expected[0])
 
 
+def test_degrading_on_the_device_gives_the_workers_samples_and_resumes_alike(pristine_folder):
+    def batches(**options):
+        stream = load_pristine_stream(str(pristine_folder)).shuffle(seed=2, buffer_size=4)
+        return DegradedBatches(stream, batch_size=2, crop_size=32, max_groups=7, seed=4, **options)
+
+    def take(iterator, count):
+        return [next(iterator) for _ in range(count)]
+
+    # These 8 samples (2 unreadable) draw 3 compositions with a codec (2 with steps after it) and 3 without.
+    on_workers = take(batches().iterate(), 4)
+    on_device = take(batches(degrade_device="cpu").iterate(), 2)
+    resumed = take(batches(degrade_device="cpu").iterate(on_device[1][2]), 2)
+    for expected, got in zip(on_workers, on_device + resumed, strict=True):
+        assert got[1:] == expected[1:]
+        assert (got[0] is None and expected[0] is None) or torch.equal(got[0], expected[0])
+
+
 def test_process_shards_are_disjoint_and_complete(pristine_folder):
     stream = load_pristine_stream(str(pristine_folder))
     paths = [[example["image"]["path"] for example in shard_for_process(stream, rank, 2)] for rank in range(2)]
@@ -136,7 +153,8 @@ def launch(config_path: Path, *args: str, processes: int = 1) -> None:
 
 
 def test_accelerate_launch_trains_on_two_cpu_processes(pristine_folder, tmp_path):
-    launch(write_config(tmp_path, pristine_folder), processes=2)
+    # Degrading "on the accelerator" (here the CPU, in the training processes) while the resume test uses workers.
+    launch(write_config(tmp_path, pristine_folder, degrade_on="accelerator"), processes=2)
     run = tmp_path / "run"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2", "step_3"]
     summary = json.loads((run / "final" / "training_summary.json").read_text())
@@ -193,3 +211,47 @@ def test_mos_evaluation_from_a_csv_and_folder(tmp_path, tiny_model_dir):
     result = json.loads(output.read_text())
     assert result["num_images"] == 6 and result["num_failed"] == 1 and "missing.png" in result["errors"][0]
     assert all(-1 <= result[key] <= 1 for key in ("srcc", "krcc", "plcc", "plcc_raw"))
+
+
+def test_mos_presets_read_the_official_and_the_pyiqa_layouts(tmp_path):
+    from training.evaluate import MOS_PRESETS, read_mos_csv
+
+    official = tmp_path / "dmos.csv"
+    official.write_text("dist_img,ref_img,dmos,var\nI01_01_01.png,I01.png,4.57,0.49\nI01_01_05.png,I01.png,1.1,0.3\n")
+    pyiqa = tmp_path / "meta_info_KADID10kDataset.csv"
+    pyiqa.write_text("ref_name,dist_name,dmos,std\nI01.png,I01_01_01.png,4.57,0.496\nI01.png,I01_01_05.png,1.1,0.3\n")
+    for csv_path in (official, pyiqa):
+        paths, opinions = read_mos_csv(csv_path, tmp_path / "images", MOS_PRESETS["kadid10k"])
+        assert [p.name for p in paths] == ["I01_01_01.png", "I01_01_05.png"] and opinions == [4.57, 1.1]
+
+    clive = tmp_path / "livec.csv"
+    clive.write_text("img_name,mos,std\nt1.bmp,63.9,18.3\nt7.bmp,77.8,19.6\n100.bmp,32.5,19.1\n3.bmp,44.4,20.2\n")
+    paths, opinions = read_mos_csv(clive, tmp_path, MOS_PRESETS["clive"])
+    assert [p.name for p in paths] == ["100.bmp", "3.bmp"] and opinions == [32.5, 44.4]
+
+    with pytest.raises(ValueError, match=r"livec\.csv.*'name' and 'mos_quality'"):
+        read_mos_csv(clive, tmp_path, MOS_PRESETS["agiqa3k"])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,mos_quality\na.jpg,high\n")
+    with pytest.raises(ValueError, match=r"bad\.csv, row 2: 'mos_quality' is not a number"):
+        read_mos_csv(bad, tmp_path, MOS_PRESETS["agiqa3k"])
+
+
+def test_kadid_opinions_count_as_higher_is_better_unless_told_otherwise(tmp_path, monkeypatch):
+    import training.evaluate as evaluate
+
+    (tmp_path / "dmos.csv").write_text("dist_img,ref_img,dmos,var\na.png,r.png,4.5,0.1\nb.png,r.png,1.2,0.1\n")
+    seen = []
+    monkeypatch.setattr(evaluate, "mos_evaluation", lambda *args, **kwargs: seen.append(args[3]) or {})
+    common = ["mos", "--model", "demo", "--csv", str(tmp_path / "dmos.csv"), "--images", str(tmp_path)]
+    evaluate.main([*common, "--dataset", "kadid10k"])
+    evaluate.main([*common, "--dataset", "kadid10k", "--lower-is-better"])
+    assert seen == [True, False]
+
+
+def test_an_unknown_degradation_place_is_refused_before_anything_starts(tmp_path):
+    from training.train import TrainConfig, train
+
+    with pytest.raises(ValueError, match="degrade_on must be"):
+        train(TrainConfig(output_dir=str(tmp_path / "run"), degrade_on="gpu"))
+    assert not (tmp_path / "run").exists()

@@ -2,7 +2,8 @@
 
 Sharding: the stream is split across processes with `datasets.distributed.split_dataset_by_node`, and nothing
 is passed through `accelerator.prepare` as a data loader (Accelerate would shard the iterable a second time and
-drop samples). Within a process, a pool of worker processes does the decoding and degrading.
+drop samples). Within a process, a pool of worker processes does the decoding and degrading; optionally the
+degradations after a composition's last codec step run in the training process instead, on its accelerator.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import zlib
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -22,7 +24,14 @@ from PIL import Image
 
 from qualiclip_hf.image_processing_qualiclip import to_viewable_rgb
 
-from .degradations import apply_composition_all_levels, sample_composition
+from .degradations import (
+    CompositionStep,
+    apply_composition,
+    apply_composition_all_levels,
+    apply_composition_levels_from,
+    sample_composition,
+    split_after_last_codec,
+)
 
 
 def load_pristine_stream(source: str, split: str = "train", image_column: str = "image") -> datasets.IterableDataset:
@@ -58,6 +67,11 @@ class DegradedBatches:
     DataLoader worker idle). Randomness is a function of `(seed, epoch, rank, position in the stream)` only, so a run
     is reproducible whatever the number of workers, and resuming from a batch's cursor replays exactly the batches
     that would have followed it.
+
+    With `degrade_device` set, the workers stop after a composition's last codec step (JPEG / JPEG2000, which need
+    the CPU) and this process applies the rest of it to the batch on `degrade_device`, carrying each level's random
+    generator on from where the worker left it. The samples are the same as the workers' own (bit for bit on CPU;
+    on a GPU up to floating-point differences of its kernels), and still a function of the cursor only.
     """
 
     def __init__(
@@ -70,13 +84,20 @@ class DegradedBatches:
         seed: int = 0,
         rank: int = 0,
         num_workers: int = 0,
+        degrade_device: torch.device | str | None = None,
     ) -> None:
         self.stream = stream
         self.batch_size = batch_size
-        self.sample_options = {"crop_size": crop_size, "num_levels": num_levels, "max_groups": max_groups}
+        self.sample_options = {
+            "crop_size": crop_size,
+            "num_levels": num_levels,
+            "max_groups": max_groups,
+            "defer": degrade_device is not None,
+        }
         self.seed = seed
         self.rank = rank
         self.num_workers = num_workers
+        self.degrade_device = None if degrade_device is None else torch.device(degrade_device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor | None, int, tuple[int, int]]]:
         return self.iterate()
@@ -86,14 +107,16 @@ class DegradedBatches:
         Yields `(batch, skipped, cursor)` endlessly, epoch after epoch. `batch` is None when no image of it was
         readable; `skipped` counts its unreadable images; `cursor` is `(epoch, position)` of the next example to read,
         to pass back here to resume. Batches may span an epoch boundary, so a small dataset keeps the pool busy.
+        `batch` is on `degrade_device` when that is set, else on the CPU.
         """
         jobs = self._jobs(*cursor)
         if self.num_workers == 0:
-            yield from _batched(map(_make_sample, jobs), self.batch_size)
+            yield from _batched(map(_make_sample, jobs), self.batch_size, self.degrade_device)
             return
         context = torch.multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(self.num_workers, mp_context=context, initializer=_init_worker) as pool:
-            yield from _batched(_bounded_map(pool, _make_sample, jobs, 4 * self.batch_size), self.batch_size)
+            samples = _bounded_map(pool, _make_sample, jobs, 4 * self.batch_size)
+            yield from _batched(samples, self.batch_size, self.degrade_device)
 
     def _jobs(self, epoch: int, start: int) -> Iterator[tuple[dict, int, dict, tuple[int, int]]]:
         while True:
@@ -108,12 +131,33 @@ class DegradedBatches:
             epoch, start = epoch + 1, 0
 
 
+@dataclass
+class PendingDegradation:
+    """A sample whose CPU part is done: the rest of its composition, to apply where the model is.
+
+    `partial` is `(levels, 2, 3, crop, crop)` after the composition's head (up to its last codec step), or the
+    `(2, 3, crop, crop)` crops themselves when the composition has no codec; `steps` is the tail still to apply and
+    `generator_states` the state of each level's CPU generator where the head left it.
+    """
+
+    partial: torch.Tensor
+    steps: list[CompositionStep]
+    generator_states: list[torch.Tensor]
+
+    def finish(self, device: torch.device) -> torch.Tensor:
+        """The `(levels, 2, 3, crop, crop)` degraded crops, computed on `device`."""
+        partial = self.partial.to(device, non_blocking=True)
+        return apply_composition_levels_from(partial, self.steps, self.generator_states)
+
+
 def _batched(
-    samples: Iterator[tuple[torch.Tensor | None, tuple[int, int]]], batch_size: int
+    samples: Iterator[tuple[torch.Tensor | PendingDegradation | None, tuple[int, int]]],
+    batch_size: int,
+    device: torch.device | None = None,
 ) -> Iterator[tuple[torch.Tensor | None, int, tuple[int, int]]]:
     batch = []
     for sample, cursor in samples:
-        batch.append(sample)
+        batch.append(sample.finish(device) if isinstance(sample, PendingDegradation) else sample)
         if len(batch) == batch_size:
             yield (*collate_degraded(batch), cursor)
             batch = []
@@ -134,7 +178,9 @@ def _init_worker() -> None:
     torch.set_num_threads(1)  # one image per process; threads would only contend
 
 
-def _make_sample(job: tuple[dict, int, dict, tuple[int, int]]) -> tuple[torch.Tensor | None, tuple[int, int]]:
+def _make_sample(
+    job: tuple[dict, int, dict, tuple[int, int]],
+) -> tuple[torch.Tensor | PendingDegradation | None, tuple[int, int]]:
     image_data, seed, options, cursor = job
     generator = torch.Generator().manual_seed(seed)
     try:
@@ -142,10 +188,18 @@ def _make_sample(job: tuple[dict, int, dict, tuple[int, int]]) -> tuple[torch.Te
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None, cursor
     crops = overlapping_crops(image, options["crop_size"], generator)
-    composition = sample_composition(generator, max_groups=options["max_groups"], num_levels=options["num_levels"])
+    num_levels = options["num_levels"]
+    composition = sample_composition(generator, max_groups=options["max_groups"], num_levels=num_levels)
     degradation_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    levels = apply_composition_all_levels(crops, composition, degradation_seed, num_levels=options["num_levels"])
-    return levels, cursor
+    if not options["defer"]:
+        return apply_composition_all_levels(crops, composition, degradation_seed, num_levels=num_levels), cursor
+    # The same draws as apply_composition_all_levels: one generator per level, all seeded alike.
+    head, tail = split_after_last_codec(composition)
+    generators = [torch.Generator().manual_seed(degradation_seed) for _ in range(num_levels)]
+    partial = crops  # shared by every level when the whole composition runs on the device
+    if head:
+        partial = torch.stack([apply_composition(crops, head, level, g) for level, g in enumerate(generators)])
+    return PendingDegradation(partial, tail, [g.get_state() for g in generators]), cursor
 
 
 def collate_degraded(samples: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, int]:

@@ -923,3 +923,50 @@ def apply_composition_all_levels(
         generator = torch.Generator(device=generator_device).manual_seed(seed)
         outputs.append(apply_composition(images, composition, level, generator))
     return torch.stack(outputs)
+
+
+# ========================================================================================= split execution
+CODEC_DISTORTIONS = frozenset(d.name for d in DISTORTION_GROUPS["jpeg"])
+"""The distortions that round-trip through an image codec on the CPU (Pillow), whatever the images' device."""
+
+
+def split_after_last_codec(
+    composition: Sequence[CompositionStep | str],
+) -> tuple[list[CompositionStep | str], list[CompositionStep | str]]:
+    """Split a composition into a head that ends with its last codec step and a tail free of codecs.
+
+    The head is empty when the composition has no codec. Applying the head and then the tail, with the same generator
+    carried across, is exactly applying the whole composition; the tail is all tensor operations, which run on any
+    device.
+    """
+    names = [step if isinstance(step, str) else step[0] for step in composition]
+    cut = max((index + 1 for index, name in enumerate(names) if name in CODEC_DISTORTIONS), default=0)
+    return list(composition[:cut]), list(composition[cut:])
+
+
+def apply_composition_levels_from(
+    images: torch.Tensor,
+    composition: Sequence[CompositionStep | str],
+    generator_states: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """Continue :func:`apply_composition_all_levels` from per-level starting points and generator states.
+
+    Args:
+        images: ``[num_levels, B, 3, H, W]`` (each level's own start), or ``[B, 3, H, W]`` shared by every level.
+        composition: the steps still to apply, each at the level of its slice.
+        generator_states: per level, the state (``torch.Generator.get_state()``) of a CPU generator to draw from.
+
+    Returns:
+        ``[num_levels, B, 3, H, W]`` on ``images``' device. With ``images`` the output of a composition's head (see
+        :func:`split_after_last_codec`) at each level and the states its generators ended in, this equals
+        :func:`apply_composition_all_levels` of the whole composition; on CPU bit for bit.
+    """
+    if images.dim() == 5 and images.shape[0] != len(generator_states):
+        raise ValueError(f"{images.shape[0]} levels of images but {len(generator_states)} generator states")
+    outputs = []
+    for level, state in enumerate(generator_states):
+        generator = torch.Generator()
+        generator.set_state(state)
+        start = images[level] if images.dim() == 5 else images
+        outputs.append(apply_composition(start, composition, level, generator))
+    return torch.stack(outputs)

@@ -6,8 +6,9 @@
 
 `mos`: SRCC, KRCC, PLCC after the usual 4-parameter logistic mapping, and raw PLCC (scipy), between the scores
 and the mean opinion scores of an IQA dataset given as a `datasets` dataset (Hub id) or a local CSV and folder.
-Presets name the columns of KonIQ-10k, CLIVE, FLIVE, SPAQ, KADID-10k and AGIQA-3K; for KADID-10k the opinion is a
-DMOS, where higher is worse, and the sign is flipped.
+Presets (`MOS_PRESETS`) know the columns of KonIQ-10k, CLIVE, FLIVE, SPAQ, KADID-10k and AGIQA-3K, both in each
+dataset's own score file and in pyiqa's meta-info CSV; the first layout whose columns the file has is used. In all six
+a higher opinion means better quality, KADID-10k's `dmos` included (see `MOS_PRESETS`).
 
 `synthetic`: each held-out pristine image is degraded by each distortion at the 5 levels; per image, the Spearman
 correlation between the level and the score is computed with the sign flipped, so that 1 means "the score falls
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,15 +36,82 @@ from qualiclip_hf.image_processing_qualiclip import limit_longest_side
 from qualiclip_hf.scoring import collect_image_paths, read_image, score_files
 from training.degradations import ALL_DISTORTIONS, apply_distortion
 
-# (image column, opinion column, higher opinion is better) of each dataset's published score file.
-MOS_PRESETS: dict[str, tuple[str, str, bool]] = {
-    "koniq10k": ("image_name", "MOS", True),
-    "clive": ("image", "mos", True),
-    "flive": ("name", "mos", True),
-    "spaq": ("Image name", "MOS", True),
-    "kadid10k": ("dist_img", "dmos", False),
-    "agiqa3k": ("name", "mos_quality", True),
+
+@dataclass(frozen=True)
+class MosLayout:
+    """The image-name column and the opinion column of one known score file, and where that file comes from."""
+
+    image_column: str
+    mos_column: str
+    source: str
+
+
+@dataclass(frozen=True)
+class MosPreset:
+    """How to read one IQA dataset's opinion scores.
+
+    `layouts` are tried in order; the first whose two columns the file has is used. `exclude` lists image names that
+    the usual protocol leaves out.
+    """
+
+    layouts: tuple[MosLayout, ...]
+    higher_is_better: bool = True
+    exclude: frozenset[str] = frozenset()
+
+
+_PYIQA_META = "pyiqa's pyiqa/data/meta_info/meta_info_{}.csv"
+
+# Checked against each dataset's published score file and pyiqa 0.1.16's meta-info CSVs and dataset settings
+# (`default_dataset_configs.yml`); ARNIQA's dataset classes (miccunifi/ARNIQA, data/dataset_*.py) read the same columns.
+MOS_PRESETS: dict[str, MosPreset] = {
+    # KonIQ-10k's `koniq10k_scores_and_distributions.csv`: MOS on 1..5 (`MOS_zscore` is the same on 0..100).
+    "koniq10k": MosPreset(
+        (
+            MosLayout("image_name", "MOS", "koniq10k_scores_and_distributions.csv (official)"),
+            MosLayout("img_name", "mos", _PYIQA_META.format("KonIQ10kDataset")),
+        )
+    ),
+    # LIVE In the Wild Challenge is released as MATLAB files (AllImages_release.mat, AllMOS_release.mat); pyiqa's CSV
+    # is their tabular form. Its first 7 rows (t1.bmp .. t7.bmp, the `trainingImages`) are not part of the 1,162 test
+    # images, and pyiqa's LIVEChallengeDataset drops them too.
+    "clive": MosPreset(
+        (MosLayout("img_name", "mos", _PYIQA_META.format("LIVEChallengeDataset")),),
+        exclude=frozenset(f"t{index}.bmp" for index in range(1, 8)),
+    ),
+    # FLIVE (PaQ-2-PiQ): `labels_image.csv` of the database (baidut/PaQ-2-PiQ, database/labels_image.csv); names are
+    # relative to the `database` folder (e.g. `voc_emotic_ava/AVA__12958.jpg`).
+    "flive": MosPreset((MosLayout("name", "mos", "labels_image.csv (official)"),)),
+    # SPAQ: `Annotations/MOS and Image attribute scores.xlsx` (export it as CSV); pyiqa's CSV keeps the same header.
+    "spaq": MosPreset(
+        (MosLayout("Image name", "MOS", "MOS and Image attribute scores.xlsx, saved as CSV (official)"),)
+    ),
+    # KADID-10k's `dmos` is a degradation category rating on 1..5 where 5 means an imperceptible degradation: higher
+    # is better despite the name (level 1 of a distortion rates higher than level 5; pyiqa: `lower_better: false`).
+    "kadid10k": MosPreset(
+        (
+            MosLayout("dist_img", "dmos", "dmos.csv (official)"),
+            MosLayout("dist_name", "dmos", _PYIQA_META.format("KADID10kDataset")),
+        )
+    ),
+    # AGIQA-3K's `data.csv` (lcysyzxdxc/AGIQA-3k-Database): perceptual quality `mos_quality` (`mos_align` is the
+    # text alignment, not quality).
+    "agiqa3k": MosPreset((MosLayout("name", "mos_quality", "data.csv (official)"),)),
 }
+_GENERIC = MosPreset((MosLayout("image", "mos", "generic"),))
+
+
+def resolve_columns(
+    preset: MosPreset, columns: list[str], image_column: str | None = None, mos_column: str | None = None, where=""
+) -> tuple[str, str]:
+    """The (image, opinion) columns to read: the first preset layout, with the explicit columns put in its place,
+    whose two columns are both among `columns`."""
+    candidates = [(image_column or lay.image_column, mos_column or lay.mos_column) for lay in preset.layouts]
+    for candidate in candidates:
+        if candidate[0] in columns and candidate[1] in columns:
+            return candidate
+    pairs = zip(candidates, preset.layouts, strict=True)
+    expected = " or ".join(f"'{image}' and '{mos}' ({layout.source})" for (image, mos), layout in pairs)
+    raise ValueError(f"{where}: needs columns {expected}; found {columns}")
 
 
 def logistic_4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
@@ -103,37 +172,58 @@ def mos_evaluation(
 
 
 def read_mos_csv(
-    csv_path: str | Path, image_dir: str | Path, image_column: str, mos_column: str
+    csv_path: str | Path,
+    image_dir: str | Path,
+    preset: MosPreset = _GENERIC,
+    image_column: str | None = None,
+    mos_column: str | None = None,
 ) -> tuple[list[Path], list[float]]:
-    """Image paths (relative to `image_dir`) and opinion scores from a CSV with a header row."""
+    """Image paths (relative to `image_dir`) and opinion scores from a CSV with a header row; the preset's excluded
+    images are left out."""
     import csv
 
     with open(csv_path, newline="", encoding="utf-8-sig") as file:
-        rows = list(csv.DictReader(file))
-    if not rows or image_column not in rows[0] or mos_column not in rows[0]:
-        found = list(rows[0]) if rows else []
-        raise ValueError(f"{csv_path}: needs columns '{image_column}' and '{mos_column}', found {found}")
-    return [Path(image_dir) / row[image_column] for row in rows], [float(row[mos_column]) for row in rows]
+        reader = csv.DictReader(file)
+        image_key, mos_key = resolve_columns(preset, list(reader.fieldnames or []), image_column, mos_column, csv_path)
+        rows = [row for row in reader if row[image_key] not in preset.exclude]
+    paths, opinions = [], []
+    for line, row in enumerate(rows, start=2):
+        try:
+            opinions.append(float(row[mos_key]))
+        except (TypeError, ValueError):
+            raise ValueError(f"{csv_path}, row {line}: '{mos_key}' is not a number: {row[mos_key]!r}") from None
+        paths.append(Path(image_dir) / row[image_key])
+    return paths, opinions
 
 
 def read_mos_hub(
-    dataset_id: str, split: str, image_column: str, mos_column: str, cache_dir: Path
+    dataset_id: str,
+    split: str,
+    cache_dir: Path,
+    preset: MosPreset = _GENERIC,
+    image_column: str | None = None,
+    mos_column: str | None = None,
 ) -> tuple[list[Path], list[float]]:
     """A Hub (or local) `datasets` dataset with an image column and an opinion column, written out as files."""
     import datasets
 
-    data = datasets.load_dataset(dataset_id, split=split).cast_column(image_column, datasets.Image(decode=False))
+    data = datasets.load_dataset(dataset_id, split=split)
+    image_key, mos_key = resolve_columns(preset, data.column_names, image_column, mos_column, dataset_id)
+    data = data.cast_column(image_key, datasets.Image(decode=False))
     cache_dir.mkdir(parents=True, exist_ok=True)
     paths, opinions = [], []
     for index, row in enumerate(data):
-        image = row[image_column]
+        image = row[image_key]
+        name = Path(image.get("path") or "image").name
+        if name in preset.exclude:
+            continue
         if image.get("path") and Path(image["path"]).is_file():
             path = Path(image["path"])
         else:
-            path = cache_dir / f"{index:06d}_{Path(image.get('path') or 'image').name}"
+            path = cache_dir / f"{index:06d}_{name}"
             path.write_bytes(image["bytes"])
         paths.append(path)
-        opinions.append(float(row[mos_column]))
+        opinions.append(float(row[mos_key]))
     return paths, opinions
 
 
@@ -182,14 +272,14 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     mos = commands.add_parser("mos", help="SRCC/PLCC/KRCC against mean opinion scores")
     mos.add_argument("--model", required=True)
-    mos.add_argument("--dataset", choices=sorted(MOS_PRESETS), help="preset of column names")
+    mos.add_argument("--dataset", choices=sorted(MOS_PRESETS), help="dataset preset: known column names")
     mos.add_argument("--csv", type=Path, help="local score file (with --images)")
     mos.add_argument("--images", type=Path, help="folder the CSV's image names are relative to")
     mos.add_argument("--hub-dataset", help="a `datasets` dataset id or local dataset folder")
     mos.add_argument("--split", default="test")
     mos.add_argument("--image-column")
     mos.add_argument("--mos-column")
-    mos.add_argument("--lower-is-better", action="store_true", help="the opinion is a DMOS")
+    mos.add_argument("--lower-is-better", action="store_true", help="a lower opinion means better quality")
     mos.add_argument("--batch-size", type=int, default=4)
     mos.add_argument("--max-size", type=int)
     mos.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -204,14 +294,15 @@ def main(argv: list[str] | None = None) -> None:
     synthetic.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     if args.command == "mos":
-        image_column, mos_column, higher_is_better = MOS_PRESETS.get(args.dataset, ("image", "mos", True))
-        image_column, mos_column = args.image_column or image_column, args.mos_column or mos_column
-        higher_is_better = higher_is_better and not args.lower_is_better
+        preset = MOS_PRESETS[args.dataset] if args.dataset else _GENERIC
+        higher_is_better = preset.higher_is_better and not args.lower_is_better
         if args.hub_dataset:
             cache = Path(args.output or "eval").with_suffix("") / "images"
-            paths, opinions = read_mos_hub(args.hub_dataset, args.split, image_column, mos_column, cache)
+            paths, opinions = read_mos_hub(
+                args.hub_dataset, args.split, cache, preset, args.image_column, args.mos_column
+            )
         elif args.csv and args.images:
-            paths, opinions = read_mos_csv(args.csv, args.images, image_column, mos_column)
+            paths, opinions = read_mos_csv(args.csv, args.images, preset, args.image_column, args.mos_column)
         else:
             parser.error("mos needs --hub-dataset, or --csv with --images")
         name = args.dataset or args.hub_dataset or str(args.csv)

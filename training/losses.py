@@ -10,6 +10,10 @@ With `s+` / `s-` the cosine similarity of a crop's embedding to the positive / n
 - negative ranking: and more similar to the negative prompt: `max(0, s-(i) - s-(j) + margin_ranking)`.
 
 Each term is averaged over images, crops, prompt pairs and level pairs.
+
+Sources: the official QualiCLIP README names the three losses and what each enforces; the hinge forms above, the set
+of ranked pairs (every i < j, both crops, every prompt pair) and the default margins are our reading and our choice,
+not values checked against the paper (see training/README.md, "Recipe and sources").
 """
 
 from __future__ import annotations

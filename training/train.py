@@ -50,8 +50,12 @@ class TrainConfig:
     shuffle_buffer: int = 1000
     crop_size: int = 224
     num_levels: int = 5
-    max_groups: int = 7
+    max_groups: int = 4
     num_workers: int = 4
+    # Where the degradations after a composition's last codec step run: "workers" (the CPU worker processes, with
+    # everything else), "accelerator" (the training process, on accelerator.device), or "auto": the accelerator when
+    # it is not the CPU. The samples are the same either way (see training/data.py).
+    degrade_on: str = "auto"
     # Optimisation
     batch_size: int = 16
     gradient_accumulation_steps: int = 1
@@ -124,6 +128,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state
 
 
 def train(config: TrainConfig, resume: bool = False, push_to_hub: str | None = None) -> Path:
+    if config.degrade_on not in ("auto", "workers", "accelerator"):
+        raise ValueError(f"degrade_on must be 'auto', 'workers' or 'accelerator', got {config.degrade_on!r}")
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
@@ -159,12 +165,15 @@ def train(config: TrainConfig, resume: bool = False, push_to_hub: str | None = N
     if config.shuffle_buffer > 1:
         stream = stream.shuffle(seed=config.seed, buffer_size=config.shuffle_buffer)
 
+    on_accelerator = config.degrade_on == "accelerator" or (
+        config.degrade_on == "auto" and accelerator.device.type != "cpu"
+    )
     first_step = step
     progress = tqdm(total=config.max_steps, initial=step, disable=not accelerator.is_local_main_process)
     started = time.perf_counter()
     batches = DegradedBatches(
         stream, config.batch_size, config.crop_size, config.num_levels, config.max_groups, config.seed,
-        accelerator.process_index, config.num_workers,
+        accelerator.process_index, config.num_workers, accelerator.device if on_accelerator else None,
     )  # fmt: skip
     if step < config.max_steps:
         resume_at = cursor
