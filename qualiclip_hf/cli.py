@@ -207,6 +207,12 @@ def _push_command(args: argparse.Namespace) -> int:
 
     model_dir = DEMO_MODEL_DIR if args.model_dir == "demo" else Path(args.model_dir)
     card_options = {"weights": args.weights, "results": args.results, "repo_id": args.repo_id}
+    if (model_dir / "README.md").is_file() and (args.weights or args.results or args.license or args.base_model):
+        print(
+            f"qualiclip: {model_dir / 'README.md'} is uploaded as it is; --weights, --results, --license and "
+            "--base-model only shape a generated card (make one with model_card/generate.py)",
+            file=sys.stderr,
+        )
     card_options.update(license=args.license, base_model=args.base_model)
     with tempfile.TemporaryDirectory(prefix="qualiclip-push-") as staging:
         try:

@@ -150,6 +150,8 @@ def test_folders_that_cannot_be_published_are_refused_with_the_cause(tiny_model_
     assert "not a saved model folder (no config.json)" in capsys.readouterr().err
     assert main(["push", "--model-dir", str(tiny_model_dir), "--repo-id", REPO_ID]) == 2
     assert "say what these weights are" in capsys.readouterr().err
+    assert main(["push", "--model-dir", "demo", "--repo-id", REPO_ID, "--weights", "demo", "--dry-run"]) == 0
+    assert "is uploaded as it is; --weights, --results" in capsys.readouterr().err  # the demo folder has its card
     assert offline_hub == []
 
 
