@@ -1,4 +1,4 @@
-"""The `qualiclip` command: `score` image files and folders, `convert` the official checkpoint, `push` to the Hub."""
+"""The `qualiclip` command: `score` image files and folders, `convert` the official checkpoint."""
 
 from __future__ import annotations
 
