@@ -55,6 +55,25 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--output", required=True, type=Path, help="folder to write")
     convert.set_defaults(handler=_convert_command)
+
+    push = commands.add_parser("push", help="publish a model folder as a Hub repository, in one commit")
+    push.add_argument("--model-dir", required=True, help="a converted or trained folder, or 'demo'")
+    push.add_argument("--repo-id", required=True, help="the Hub repository, ORG/NAME")
+    push.add_argument("--private", action="store_true", help="create the repository private (if it is new)")
+    push.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded, upload nothing")
+    push.add_argument(
+        "--weights",
+        choices=("official", "trained", "demo", "random"),
+        help="what the weights are, for a generated card (inferred for 'demo' and trained folders)",
+    )
+    push.add_argument(
+        "--results", nargs="+", type=Path, default=[], metavar="FILE", help="evaluation JSONs for a generated card"
+    )
+    push.add_argument("--license", help="Hub licence id for a generated card")
+    push.add_argument("--base-model", help="Hub id of the base model for a generated card")
+    push.add_argument("--include", nargs="+", type=Path, default=[], metavar="FILE", help="extra files for the root")
+    push.add_argument("--commit-message")
+    push.set_defaults(handler=_push_command)
     return parser
 
 
@@ -178,6 +197,53 @@ def _convert_command(args: argparse.Namespace) -> int:
         return 1
     print(f"wrote {output}")
     return 0
+
+
+def _push_command(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .hub import PushError, push_model_folder, stage_model_folder
+    from .pretrained import DEMO_MODEL_DIR
+
+    model_dir = DEMO_MODEL_DIR if args.model_dir == "demo" else Path(args.model_dir)
+    card_options = {"weights": args.weights, "results": args.results, "repo_id": args.repo_id}
+    if (model_dir / "README.md").is_file() and (args.weights or args.results or args.license or args.base_model):
+        print(
+            f"qualiclip: {model_dir / 'README.md'} is uploaded as it is; --weights, --results, --license and "
+            "--base-model only shape a generated card (make one with model_card/generate.py)",
+            file=sys.stderr,
+        )
+    card_options.update(license=args.license, base_model=args.base_model)
+    with tempfile.TemporaryDirectory(prefix="qualiclip-push-") as staging:
+        try:
+            staged = stage_model_folder(model_dir, Path(staging) / "repo", include=args.include, **card_options)
+        except PushError as error:
+            print(f"qualiclip: {error}", file=sys.stderr)
+            return 2
+        total = sum(file.size for file in staged)
+        action = "would upload" if args.dry_run else "uploading"
+        print(f"{action} {len(staged)} files ({_human_size(total)}) to {args.repo_id} in one commit:")
+        for file in staged:
+            print(f"  {file.path_in_repo:<32} {_human_size(file.size):>10}")
+        if args.dry_run:
+            return 0
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            commit = push_model_folder(staged, args.repo_id, private=args.private, commit_message=args.commit_message)
+        except (HfHubHTTPError, OSError, ValueError) as error:
+            print(f"qualiclip: upload to {args.repo_id} failed: {error}", file=sys.stderr)
+            return 1
+    print(f"pushed: {commit.commit_url}")
+    return 0
+
+
+def _human_size(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -177,6 +178,26 @@ class QualiCLIPConfig(PreTrainedConfig):
     @property
     def num_prompt_pairs(self) -> int:
         return len(self.prompt_pairs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """
+        Saves `config.json`. With the class registered for the Auto classes (importing `qualiclip_hf` does it), the
+        folder also gets this file and the files it imports relatively, the `image-quality-assessment` pipeline
+        among them, and `config.json` declares that pipeline in `custom_pipelines`, so that
+        `pipeline(model=folder, trust_remote_code=True)` finds it without being told the task.
+        """
+        if self._auto_class is not None:
+            from .pipeline_qualiclip import IMAGE_QUALITY_TASK, ImageQualityAssessmentPipeline
+
+            module = ImageQualityAssessmentPipeline.__module__.rsplit(".", 1)[-1]
+            self.custom_pipelines = {
+                IMAGE_QUALITY_TASK: {
+                    "impl": f"{module}.{ImageQualityAssessmentPipeline.__name__}",
+                    "pt": ["AutoModel"],
+                    "type": "image",
+                }
+            }
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
 
 def validate_prompt_pairs(pairs: Any) -> list[list[str]]:

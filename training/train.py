@@ -240,8 +240,15 @@ def train(config: TrainConfig, resume: bool = False, push_to_hub: str | None = N
             )
         )
         if push_to_hub:
-            final_model.push_to_hub(push_to_hub)
-            make_processor().push_to_hub(push_to_hub)
+            # What `qualiclip push` does: one commit with the weights, processor, remote code and a generated card
+            # (weights labelled as trained here, with this run's training summary).
+            import tempfile
+
+            from qualiclip_hf.hub import push_model_folder, stage_model_folder
+
+            with tempfile.TemporaryDirectory() as staging:
+                staged = stage_model_folder(final_dir, Path(staging) / "repo", repo_id=push_to_hub, weights="trained")
+                push_model_folder(staged, push_to_hub)
         accelerator.print(f"saved {final_dir} ({skipped_images} unreadable images skipped)")
     return final_dir
 

@@ -1,0 +1,169 @@
+"""The `image-quality-assessment` pipeline: QualiCLIP's score in the output schema of image classification."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader
+from transformers import Pipeline
+from transformers.image_utils import load_image
+from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
+
+from .image_processing_qualiclip import pad_to_common_size, to_viewable_rgb
+
+IMAGE_QUALITY_TASK = "image-quality-assessment"
+GOOD_LABEL, BAD_LABEL = "good", "bad"
+
+__all__ = ["BAD_LABEL", "GOOD_LABEL", "IMAGE_QUALITY_TASK", "ImageQualityAssessmentPipeline"]
+
+
+class ImageQualityAssessmentPipeline(Pipeline):
+    """
+    No-reference image quality with a [`QualiCLIPModel`]. Each image gets two labels, `"good"` with the model's
+    quality score `p` in [0, 1] and `"bad"` with `1 - p`, in the schema of the image-classification pipeline.
+
+    Example:
+
+    ```python
+    >>> from transformers import pipeline
+    >>> judge = pipeline(model="path/or/hub-id", trust_remote_code=True)
+    >>> judge("photo.jpg")
+    [{'label': 'good', 'score': 0.73}, {'label': 'bad', 'score': 0.27}]
+    >>> judge(["a.jpg", "b.png"], batch_size=2)  # one list per image; images may differ in size
+    ```
+
+    Inputs: a local path, an `http(s)://` URL or base64 string (read by transformers' `load_image`), a PIL image, or
+    an RGB array/tensor; or a list of them. Images keep their resolution unless `max_size` caps the longest side.
+
+    Call arguments:
+        top_k (`int`, *optional*): return the `top_k` most likely labels, sorted by score as image classification
+            does. Without it, both labels come back, `"good"` first, so `result[0]["score"]` is always the quality.
+        max_size (`int`, *optional*): downscale images whose longest side exceeds this many pixels.
+        timeout (`float`, *optional*): seconds to wait for an image URL.
+    """
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def _sanitize_parameters(
+        self, top_k: int | None = None, max_size: int | None = None, timeout: float | None = None
+    ) -> tuple[dict, dict, dict]:
+        preprocess_params: dict[str, Any] = {}
+        if max_size is not None:
+            preprocess_params["max_size"] = max_size
+        if timeout is not None:
+            preprocess_params["timeout"] = timeout
+        postprocess_params: dict[str, Any] = {}
+        if top_k is not None:
+            if top_k < 1:
+                raise ValueError(f"top_k must be at least 1, got {top_k}")
+            postprocess_params["top_k"] = top_k
+        return preprocess_params, {}, postprocess_params
+
+    def __call__(self, inputs: Any = None, **kwargs: Any) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        if "images" in kwargs:
+            inputs = kwargs.pop("images")
+        if inputs is None:
+            raise ValueError("give the image(s) to judge: a path, URL, PIL image or array, or a list of them")
+        if isinstance(inputs, tuple):
+            inputs = list(inputs)
+        return super().__call__(inputs, **kwargs)
+
+    def preprocess(self, image: Any, max_size: int | None = None, timeout: float | None = None) -> dict:
+        name = _describe(image)
+        try:
+            loaded = _load(image, timeout)
+            inputs = self.image_processor(images=loaded, return_tensors="pt", max_size=max_size)
+        except (OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError) as error:
+            cause = str(error).removeprefix(f"{name}: ")
+            raise ValueError(f"cannot read image {name}: {cause}") from None
+        height, width = inputs["image_sizes"][0].tolist()
+        minimum = getattr(self.model, "min_image_size", 32)
+        if min(height, width) < minimum:
+            raise ValueError(
+                f"image {name} is {height}x{width} pixels, smaller than the model's {minimum}x{minimum} minimum"
+            )
+        return {"pixel_values": inputs["pixel_values"].to(self.dtype), "image_sizes": inputs["image_sizes"]}
+
+    def _forward(self, model_inputs: dict) -> dict:
+        return {"quality_score": self.model(**model_inputs).quality_score}
+
+    def postprocess(self, model_outputs: dict, top_k: int | None = None) -> list[dict[str, Any]]:
+        quality = float(model_outputs["quality_score"].float().reshape(-1)[0])
+        labels = [{"label": GOOD_LABEL, "score": quality}, {"label": BAD_LABEL, "score": 1.0 - quality}]
+        if top_k is None:
+            return labels
+        return sorted(labels, key=lambda entry: entry["score"], reverse=True)[:top_k]
+
+    def get_iterator(
+        self,
+        inputs: Any,
+        num_workers: int,
+        batch_size: int,
+        preprocess_params: dict,
+        forward_params: dict,
+        postprocess_params: dict,
+    ) -> PipelineIterator:
+        # The base class concatenates `pixel_values`, which fails for images of different sizes; here they are
+        # padded to a common size with their true sizes kept, which the model crops back to.
+        if isinstance(inputs, list):
+            dataset = PipelineDataset(inputs, self.preprocess, preprocess_params)
+        else:
+            dataset = PipelineIterator(inputs, self.preprocess, preprocess_params)
+            num_workers = min(num_workers, 1)  # an iterator cannot be split between workers
+        loader = DataLoader(dataset, num_workers=num_workers, batch_size=batch_size, collate_fn=_collate)
+        model_iterator = PipelineIterator(loader, self.forward, forward_params, loader_batch_size=batch_size)
+        return PipelineIterator(model_iterator, self.postprocess, postprocess_params)
+
+
+def _collate(items: list[dict]) -> dict:
+    """`(1, 3, h_i, w_i)` images -> `(batch_size, 3, max_h, max_w)` zero-padded, plus `(batch_size, 2)` sizes."""
+    return {
+        "pixel_values": pad_to_common_size([item["pixel_values"][0] for item in items]),
+        "image_sizes": torch.cat([item["image_sizes"] for item in items]),
+    }
+
+
+def _load(image: Any, timeout: float | None) -> Image.Image | np.ndarray | torch.Tensor:
+    """A PIL image (decoded now, so a broken file fails here), or an array/tensor passed through unchanged."""
+    if isinstance(image, Path):
+        image = str(image)
+    if isinstance(image, str):
+        if image.startswith(("http://", "https://", "data:image/")):
+            return load_image(image, timeout=timeout)
+        if os.path.isdir(image):
+            raise ValueError("is a directory, not an image")
+        if not os.path.isfile(image):
+            try:  # transformers' pipelines also take base64-encoded images as strings
+                return load_image(image, timeout=timeout)
+            except Exception:
+                raise ValueError("no such file (nor a URL or base64-encoded image)") from None
+        try:
+            with Image.open(image) as opened:
+                opened.load()  # decode now, while the file is open: a truncated file fails here
+                return to_viewable_rgb(opened)
+        except UnidentifiedImageError:
+            raise ValueError("not an image file, or a format no installed reader supports") from None
+    if isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):
+        return image
+    raise TypeError(f"unsupported input type {type(image).__name__}; give a path, URL, PIL image or array")
+
+
+def _describe(image: Any) -> str:
+    """How an input is named in error messages: the path or URL, or what the object is."""
+    if isinstance(image, (str, Path)):
+        text = str(image)
+        return repr(text if len(text) <= 200 else text[:100] + "...")
+    if isinstance(image, Image.Image):
+        origin = f" from {image.filename}" if getattr(image, "filename", "") else ""
+        return f"(PIL image {image.width}x{image.height} {image.mode}{origin})"
+    if isinstance(image, (np.ndarray, torch.Tensor)):
+        return f"({type(image).__name__} of shape {tuple(image.shape)})"
+    return f"({type(image).__name__})"
