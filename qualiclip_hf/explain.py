@@ -18,6 +18,7 @@ they were.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,7 +73,15 @@ def grad_cam(
     if target_layer is None:
         target_layer = model.vision_model.layer4
     captured: list[torch.Tensor] = []
-    handle = target_layer.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    caller = threading.get_ident()
+
+    def capture(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        # Hooks run in the thread of the forward pass: another thread using the same model (a web app serving two
+        # requests) must not add its activations to this call's.
+        if threading.get_ident() == caller:
+            captured.append(output)
+
+    handle = target_layer.register_forward_hook(capture)
     was_training = model.training
     model.eval()
     try:

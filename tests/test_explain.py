@@ -88,6 +88,17 @@ def test_works_under_inference_mode_and_batches_like_single_images(tiny_model, t
         assert torch.allclose(batch_scores[index], single_score[0], atol=1e-6)
 
 
+def test_concurrent_calls_on_one_model_do_not_mix(tiny_model, tiny_processor):
+    from concurrent.futures import ThreadPoolExecutor
+
+    inputs = [_pixels(photo(64, 64 + 16 * index, seed=index), tiny_processor) for index in range(4)]
+    alone = [grad_cam(tiny_model, pixel_values) for pixel_values in inputs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda pixel_values: grad_cam(tiny_model, pixel_values), inputs * 3))
+    for (maps, scores), (expected_maps, expected_scores) in zip(together, alone * 3, strict=True):
+        assert torch.allclose(maps, expected_maps, atol=1e-5) and torch.allclose(scores, expected_scores, atol=1e-6)
+
+
 def _heldout_photo(name: str, size: int = 256) -> torch.Tensor:
     image = torch.from_numpy(np.asarray(getattr(data, name)()).copy()).permute(2, 0, 1).float() / 255
     scale = size / max(image.shape[-2:])
