@@ -74,6 +74,21 @@ def _build_parser() -> argparse.ArgumentParser:
     push.add_argument("--include", nargs="+", type=Path, default=[], metavar="FILE", help="extra files for the root")
     push.add_argument("--commit-message")
     push.set_defaults(handler=_push_command)
+
+    explain = commands.add_parser(
+        "explain", help="Grad-CAM map of the regions that lower an image's score (image or .npy output)"
+    )
+    explain.add_argument("image", type=Path, metavar="IMAGE", help="image file")
+    explain.add_argument(
+        "--output", required=True, type=Path, help="heat map to write: an image (.png, .jpg, ...) or .npy (raw floats)"
+    )
+    explain.add_argument("--overlay", action="store_true", help="paint the heat map over the image")
+    explain.add_argument("--model", default="demo", help="as for `score` (default: demo)")
+    explain.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    explain.add_argument(
+        "--max-size", type=_positive_int, default=None, help="downscale the image if its longest side exceeds this"
+    )
+    explain.set_defaults(handler=_explain_command)
     return parser
 
 
@@ -244,6 +259,57 @@ def _human_size(size: int) -> str:
             return f"{size} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{size:.1f} GB"
+
+
+def _explain_command(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+
+    suffix = args.output.suffix.lower()
+    if suffix != ".npy" and suffix not in Image.registered_extensions():
+        print(f"qualiclip: --output must be an image file (.png, .jpg, ...) or .npy: {args.output}", file=sys.stderr)
+        return 2
+    if suffix == ".npy" and args.overlay:
+        print("qualiclip: --overlay needs an image --output, not .npy", file=sys.stderr)
+        return 2
+    device = _pick_device(args.device)
+    if device is None:
+        print("qualiclip: --device cuda was asked for, but CUDA is not available", file=sys.stderr)
+        return 2
+
+    from .explain import colorize_heatmap, explain_image, overlay_heatmap
+    from .scoring import read_image
+
+    try:
+        image = read_image(args.image)
+    except ValueError as error:
+        print(f"qualiclip: {error}", file=sys.stderr)
+        return 1
+    try:
+        model, processor = load_model_and_processor(args.model, device)
+    except (OSError, ValueError) as error:
+        print(f"qualiclip: cannot load model '{args.model}': {error}", file=sys.stderr)
+        return 2
+    try:
+        explanation = explain_image(image, model, processor, max_size=args.max_size)
+    except (RuntimeError, ValueError) as error:
+        print(f"qualiclip: {args.image}: cannot explain: {error}", file=sys.stderr)
+        return 1
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if suffix == ".npy":
+            np.save(args.output, explanation.heatmap)
+        elif args.overlay:
+            overlay_heatmap(explanation.image, explanation.heatmap).save(args.output)
+        else:
+            colorize_heatmap(explanation.heatmap).save(args.output)
+    except (OSError, ValueError) as error:
+        print(f"qualiclip: cannot write {args.output}: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.image}\t{explanation.score:.4f}")
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
