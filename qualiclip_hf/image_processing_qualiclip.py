@@ -245,7 +245,9 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
     except _ImageRefused as error:
         raise ValueError(f"{path}: {error}") from None
     except UnidentifiedImageError:
-        raise ValueError(f"{path}: not an image file, or a format no installed reader supports") from None
+        raise ValueError(
+            f"{path}: not an image file, a damaged one, or a format no installed reader supports"
+        ) from None
     except Image.DecompressionBombError as error:
         raise ValueError(
             f"{path}: refused by Pillow's guard against decompression bombs: {error} If you trust the file, raise "
@@ -266,10 +268,11 @@ _PILLOW_LIMIT_LOCK = threading.Lock()
 
 @contextmanager
 def _pillow_pixel_limit_at_least(max_pixels: int | None) -> Iterator[None]:
-    # Pillow refuses files of more than twice `Image.MAX_IMAGE_PIXELS` on its own. Only when a larger limit is asked
-    # for is its guard lifted, for this call (Pillow has no per-call setting), under a lock.
+    # Pillow refuses files of more than twice `Image.MAX_IMAGE_PIXELS` on its own. When a caller asks for more than
+    # the default, its guard is lifted for this call (Pillow has no per-call setting), under a lock; otherwise it stays,
+    # so that a stricter limit set on Pillow still holds.
     pillow_limit = Image.MAX_IMAGE_PIXELS
-    if pillow_limit is None or (max_pixels is not None and max_pixels <= 2 * pillow_limit):
+    if pillow_limit is None or (max_pixels is not None and max_pixels <= DEFAULT_MAX_PIXELS):
         yield
         return
     with _PILLOW_LIMIT_LOCK:
