@@ -11,6 +11,7 @@ Assessment", arXiv:2403.11176.
 from __future__ import annotations
 
 import math
+import pickle
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -374,6 +375,12 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
         except SafetensorError as error:
             raise OSError(
                 f"{pretrained_model_name_or_path}: the weight file is truncated or corrupt (safetensors: {error})"
+            ) from None
+        except pickle.UnpicklingError as error:
+            raise OSError(
+                f"{pretrained_model_name_or_path}: refused the pickled weight file: it holds more than tensors (code "
+                f"runs when such a file is unpickled) or is corrupt; only torch.load(weights_only=True) is used "
+                f"({str(error).splitlines()[-1]})"
             ) from None
         problems = {"missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"])}
         if not ignore_mismatched_sizes:
