@@ -409,3 +409,117 @@ def test_heic_is_read_when_pillow_heif_is_installed(tmp_path):
     pillow_heif.from_pillow(image).save(tmp_path / "photo.heic", quality=95)
     decoded = read_image(tmp_path / "photo.heic").permute(1, 2, 0).numpy()
     assert decoded.shape == (48, 64, 3) and mean_abs_diff(decoded, np.asarray(image)) <= 6
+
+
+# Tensors and arrays given directly.
+
+
+def clip_normalised(batch: int = 1, height: int = 64, width: int = 64) -> torch.Tensor:
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    return (torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(0)) - mean) / std
+
+
+def with_value(tensor: torch.Tensor, value: float) -> torch.Tensor:
+    tensor = tensor.clone()
+    tensor[0, 1, 5, 7] = value
+    return tensor
+
+
+@pytest.mark.parametrize(
+    ("pixel_values", "image_sizes", "error", "message"),
+    [
+        (with_value(clip_normalised(), float("nan")), None, ValueError, "contains NaN or infinite values"),
+        (with_value(clip_normalised(), float("inf")), None, ValueError, "contains NaN or infinite values"),
+        ((torch.rand(1, 3, 64, 64) * 255).to(torch.uint8), None, TypeError, r"floating-point .* got torch\.uint8"),
+        (clip_normalised()[0], None, ValueError, r"\(batch_size, 3, height, width\) tensor, got shape \(3, 64, 64\)"),
+        (clip_normalised()[:, :1], None, ValueError, r"got shape \(1, 1, 64, 64\)"),
+        (np.zeros((1, 3, 64, 64), np.float32), None, TypeError, "must be a torch.Tensor, got ndarray"),
+        (clip_normalised(2), torch.tensor([64, 64]), ValueError, r"image_sizes must have shape \(2, 2\)"),
+        (clip_normalised(1, 16, 64), None, ValueError, "16x64 pixels is smaller than the 32x32 minimum"),
+    ],
+    ids=["nan", "inf", "uint8", "3d", "one-channel", "numpy", "image-sizes", "too-small"],
+)
+def test_model_refuses_bad_pixel_values_clearly(tiny_model, pixel_values, image_sizes, error, message):
+    with pytest.raises(error, match=message), torch.no_grad():
+        tiny_model(pixel_values, image_sizes=image_sizes)
+
+
+def test_model_warns_about_pixel_values_that_look_unnormalised(tiny_model):
+    from transformers.testing_utils import CaptureLogger
+
+    from qualiclip_hf import modeling_qualiclip
+
+    raw = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 254 + 1  # 8-bit values as floats
+    with CaptureLogger(modeling_qualiclip.logger) as captured, torch.no_grad():
+        score = tiny_model(raw).quality_score
+    assert torch.isfinite(score).all()
+    assert "far outside CLIP-normalised pixels" in captured.out and "were the images normalised?" in captured.out
+
+
+@pytest.mark.parametrize(
+    ("image", "error", "message"),
+    [
+        (np.full((20, 30, 3), np.nan, np.float32), ValueError, r"shape \(20, 30, 3\) has NaN or infinite values"),
+        (torch.full((3, 20, 30), float("inf")), ValueError, "has NaN or infinite values"),
+        (torch.full((3, 20, 30), -2.0), ValueError, r"holds values in \[0, 255\].*got values from -2 to -2"),
+        (torch.rand(3, 20, 30) * 300, ValueError, r"holds values in \[0, 255\]"),
+        (np.full((20, 30), 300, np.int32), ValueError, r"8-bit values \(0 to 255\), or 16-bit ones as uint16"),
+        (np.ones((20, 30, 3), bool), TypeError, "must hold integers or floats, got dtype bool"),
+        (np.zeros((20, 30, 2), np.uint8), ValueError, r"1 \(grey\), 3 \(RGB\) or 4 \(RGBA\) channels"),
+        (np.zeros((0, 30, 3), np.uint8), ValueError, r"shape \(0, 30, 3\) is empty"),
+        (np.zeros((1, 1, 3, 8, 8), np.uint8), ValueError, r"or a batch of those; got shape \(1, 1, 3, 8, 8\)"),
+        ([], ValueError, "empty list of images"),
+    ],
+    ids=["nan", "inf", "negative", "above-255", "int-above-255", "bool", "two-channels", "empty", "5d", "no-images"],
+)
+def test_processor_refuses_bad_arrays_clearly(image, error, message):
+    with pytest.raises(error, match=message):
+        QualiCLIPImageProcessor()(image, return_tensors="pt")
+
+
+def test_processor_array_conventions():
+    """16-bit arrays are scaled to 8 bits; RGBA arrays are composited onto white like RGBA images; floats are on the
+    [0, 255] scale, or [0, 1] with `do_rescale=False`; `(height, width)` is grey."""
+    processor = QualiCLIPImageProcessor()
+    base = np.asarray(photo(20, 30, seed=14))
+    expected = processor(base, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(processor(base.astype(np.uint16) * 257, return_tensors="pt")["pixel_values"], expected)
+    as_float = base.astype(np.float32)
+    torch.testing.assert_close(processor(as_float, return_tensors="pt")["pixel_values"], expected)
+    scaled = processor(as_float / 255, do_rescale=False, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(scaled, expected, atol=1e-5, rtol=0)
+    alpha = np.tile(np.linspace(0, 255, 30).round().astype(np.uint8), (20, 1))
+    rgba = np.dstack([base, alpha])
+    from_array = processor(rgba, return_tensors="pt")["pixel_values"]
+    from_image = processor(Image.fromarray(rgba), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(from_array, from_image, atol=1.01 / 255 / 0.26, rtol=0)  # rounding: one 8-bit level
+    grey = np.asarray(photo(20, 30, seed=15).convert("L"))
+    torch.testing.assert_close(
+        processor(grey, return_tensors="pt")["pixel_values"],
+        processor(Image.fromarray(grey), return_tensors="pt")["pixel_values"],
+    )
+
+
+def test_pyiqa_arch_refuses_bad_tensors_clearly(tiny_model_dir):
+    pytest.importorskip("pyiqa")
+    from pyiqa_plugin import QualiCLIPHF
+
+    arch = QualiCLIPHF(pretrained_model_name_or_path=str(tiny_model_dir))
+    images = torch.rand(2, 3, 64, 64)
+    with pytest.raises(TypeError, match=r"floating-point images in \[0, 1\], got torch\.uint8; divide 8-bit ones"):
+        arch((images * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match="NaN or infinite values"):
+        arch(with_value(images, float("nan")))
+    with pytest.raises(ValueError, match=r"\(batch_size, 3 or 1, height, width\) images, got shape \(3, 64, 64\)"):
+        arch(images[0])
+    with pytest.raises(ValueError, match="16x64 pixels is smaller than the 32x32 minimum"):
+        arch(images[:, :, :16])
+    # Through pyiqa, a loss (which skips pyiqa's own range check) still refuses NaN.
+    import pyiqa
+
+    loss = pyiqa.create_metric(
+        "qualiclip", as_loss=True, device="cpu", pretrained_model_name_or_path=str(tiny_model_dir)
+    )
+    with pytest.raises(ValueError, match="NaN or infinite values"):
+        loss(with_value(images, float("nan")))
