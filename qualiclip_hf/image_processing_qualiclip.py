@@ -157,7 +157,8 @@ class QualiCLIPImageProcessor(TorchvisionBackend):
         resized = limit_longest_side(image[None].float(), max_size)[0]
         if image.dtype == torch.uint8:
             return resized.round_().clamp_(0, 255).to(torch.uint8)
-        return resized.to(image.dtype)
+        # Bicubic overshoots at sharp edges; a float image is kept within its own range, as uint8 is within 0-255.
+        return resized.clamp_(image.min().item(), image.max().item()).to(image.dtype)
 
 
 def limit_longest_side(images: torch.Tensor, max_size: int) -> torch.Tensor:
