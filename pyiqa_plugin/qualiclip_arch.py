@@ -126,6 +126,7 @@ class QualiCLIPHF(nn.Module):
         Returns:
             `torch.Tensor` of shape `(batch_size, 1)`: quality in [0, 1], higher is better.
         """
+        _check_images(x)
         if x.shape[1] == 1:  # pyiqa accepts grey images; CLIP sees them as RGB with equal channels
             x = x.expand(-1, 3, -1, -1)
         x = x.float()
@@ -134,3 +135,16 @@ class QualiCLIPHF(nn.Module):
             x = limit_longest_side(x, self.max_size).clamp(0, 1)
         pixel_values = (x - self.image_mean) / self.image_std
         return self.model(pixel_values, logit_scale=self.logit_scale).quality_score[:, None]
+
+
+def _check_images(x: Any) -> None:
+    # pyiqa's `create_metric` checks the shape and (unless `check_input_range=False` or `as_loss=True`) the [0, 1]
+    # range; the arch can also be called directly, and neither check catches an integer image or NaN.
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"QualiCLIPHF takes a torch.Tensor of images, got {type(x).__name__}")
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"QualiCLIPHF takes (batch_size, 3 or 1, height, width) images, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"QualiCLIPHF takes floating-point images in [0, 1], got {x.dtype}; divide 8-bit ones by 255")
+    if x.numel() and not torch.isfinite(x).all():
+        raise ValueError("QualiCLIPHF got images with NaN or infinite values")

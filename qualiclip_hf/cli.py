@@ -41,6 +41,13 @@ def _build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--max-size", type=_positive_int, default=None, help="downscale images whose longest side exceeds this"
     )
+    score.add_argument(
+        "--max-pixels",
+        type=_non_negative_int,
+        default=None,
+        help="refuse files of more pixels, before decoding them (a guard against decompression bombs); 0: no limit "
+        "(default: Pillow's, about 89 million)",
+    )
     score.add_argument("--output", type=Path, help=f"write results to FILE ({', '.join(OUTPUT_FORMATS)})")
     score.set_defaults(handler=_score_command)
 
@@ -99,6 +106,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def _score_command(args: argparse.Namespace) -> int:
     if args.output is not None and args.output.suffix.lower() not in OUTPUT_FORMATS:
         print(f"qualiclip: --output must end with one of {', '.join(OUTPUT_FORMATS)}: {args.output}", file=sys.stderr)
@@ -108,7 +122,7 @@ def _score_command(args: argparse.Namespace) -> int:
         print("qualiclip: --device cuda was asked for, but CUDA is not available", file=sys.stderr)
         return 2
 
-    from .scoring import collect_image_paths, score_files
+    from .scoring import DEFAULT_MAX_PIXELS, collect_image_paths, score_files
 
     paths = collect_image_paths(args.paths, recursive=args.recursive)
     if not paths:
@@ -122,7 +136,11 @@ def _score_command(args: argparse.Namespace) -> int:
 
     results = []
     progress = tqdm(total=len(paths), unit="img", desc="scoring", disable=None)
-    for result in score_files(paths, model, processor, batch_size=args.batch_size, max_size=args.max_size):
+    max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
+    scored = score_files(
+        paths, model, processor, batch_size=args.batch_size, max_size=args.max_size, max_pixels=max_pixels
+    )
+    for result in scored:
         results.append(result)
         progress.update()
     progress.close()

@@ -56,12 +56,30 @@ def _load_pickle_safely(path: Path) -> Any:
     """`torch.load(weights_only=True)`: tensors and plain containers only, never code; errors name the file."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    _check_zip_checksums(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from None
     except Exception as error:  # an unpickler refusal (a pickle that carries code) is not a plain error subclass
         raise CheckpointError(f"{path}: refused to load (only tensors are allowed): {error}") from None
+
+
+def _check_zip_checksums(path: Path) -> None:
+    # `torch.save` files are zip archives with a CRC-32 per entry, which `torch.load` does not verify: a flipped byte
+    # in a tensor would load silently as a wrong weight.
+    if not zipfile.is_zipfile(path):
+        return  # a legacy pickle (no checksums), or a file truncated before its directory: torch.load reports it
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from None
+    if damaged is not None:
+        raise CheckpointError(
+            f"{path}: corrupt: the checksum of its entry '{damaged}' does not match its contents (damaged or altered "
+            "file); download it again"
+        )
 
 
 def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -325,6 +343,7 @@ def convert_clip_checkpoint(clip_path: str | Path, output_dir: str | Path, **con
     if not clip_path.is_file():
         raise CheckpointError(f"{clip_path}: no such checkpoint file")
     if zipfile.is_zipfile(clip_path) and _is_torchscript(clip_path):
+        _check_zip_checksums(clip_path)
         try:
             state_dict = torch.jit.load(str(clip_path), map_location="cpu").state_dict()
         except RuntimeError as error:

@@ -10,16 +10,19 @@ Assessment", arXiv:2403.11176.
 
 from __future__ import annotations
 
+import math
+import pickle
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_qualiclip import (
     QualiCLIPConfig,
@@ -30,6 +33,8 @@ from .configuration_qualiclip import (
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+logger = logging.get_logger(__name__)
 
 # Total stride of ModifiedResNet: a stride-2 stem convolution, a 2x2 average pool, and three stride-2 stages.
 VISION_STRIDE = 32
@@ -409,6 +414,53 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
         )
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> QualiCLIPModel:
+        """
+        [`PreTrainedModel.from_pretrained`], strict: a truncated or corrupt weight file, or tensors that do not match
+        the config (missing, unexpected, or of another shape), raise an `OSError` naming the model and the tensors,
+        instead of giving a model with randomly initialised parts, whose scores would be meaningless. Weights are
+        read from safetensors, or from pickles with `torch.load(weights_only=True)` (transformers' default).
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path,
+                *model_args,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported below, with the tensor names
+                **kwargs,
+            )
+        except SafetensorError as error:
+            raise OSError(
+                f"{pretrained_model_name_or_path}: the weight file is truncated or corrupt (safetensors: {error})"
+            ) from None
+        except pickle.UnpicklingError as error:
+            raise OSError(
+                f"{pretrained_model_name_or_path}: refused the pickled weight file: it holds more than tensors (code "
+                f"runs when such a file is unpickled) or is corrupt; only torch.load(weights_only=True) is used "
+                f"({str(error).splitlines()[-1]})"
+            ) from None
+        problems = {"missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"])}
+        if not ignore_mismatched_sizes:
+            problems["of another shape (file vs model)"] = [
+                f"{key} {tuple(file_shape)} vs {tuple(model_shape)}"
+                for key, file_shape, model_shape in sorted(info["mismatched_keys"])
+            ]
+        # Flipped bits in a tensor's bytes pass every check above; those that hit an exponent show up as NaN or inf.
+        problems["not finite"] = [
+            name
+            for name, tensor in model.state_dict().items()
+            if tensor.is_floating_point() and tensor.device.type != "meta" and not tensor.isfinite().all()
+        ]
+        found = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in problems.items() if keys)
+        if found:
+            raise OSError(
+                f"{pretrained_model_name_or_path}: the weights are corrupt or do not match the config: {found}"
+            )
+        return (model, info) if output_loading_info else model
+
     @property
     def min_image_size(self) -> int:
         """Smallest height and width the image tower accepts."""
@@ -437,10 +489,7 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
             [`QualiCLIPOutput`] with `quality_score` `(batch_size,)`, `logits_per_prompt`
             `(batch_size, num_prompt_pairs, 2)` and `image_embeds` `(batch_size, output_dim)`.
         """
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(
-                f"pixel_values must be a (batch_size, 3, height, width) tensor, got shape {tuple(pixel_values.shape)}"
-            )
+        _check_pixel_values(pixel_values, image_sizes)
         # The head runs in float32 whatever the tower's dtype: a logit scale of 100 turns the rounding of a half
         # precision cosine (about 4e-3) into a visible change of the score.
         image_embeds = F.normalize(self.get_image_features(pixel_values, image_sizes).float(), dim=-1)
@@ -554,6 +603,40 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
             words, end = tokens[1:eot], tokens[eot : length - num_context]
             rows.append(torch.cat([tokens[:1], prompt_context[:half], words, prompt_context[half:], end]))
         return self.text_model.encode_embeddings(torch.stack(rows), eot_index + num_context)
+
+
+def _check_pixel_values(pixel_values: Any, image_sizes: Any) -> None:
+    """
+    Refuses inputs that would give a meaningless score or a cryptic error deeper down. The values themselves have no
+    hard bound once normalised (resampling overshoots, contrast changes), so only non-finite values are refused, and
+    values that look like unnormalised 8-bit pixels are warned about.
+    """
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+        raise ValueError(
+            f"pixel_values must be a (batch_size, 3, height, width) tensor, got shape {tuple(pixel_values.shape)}"
+        )
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"pixel_values must be a floating-point tensor of CLIP-normalised pixels, got {pixel_values.dtype}; "
+            "QualiCLIPImageProcessor prepares images"
+        )
+    if image_sizes is not None and tuple(torch.as_tensor(image_sizes).shape) != (pixel_values.shape[0], 2):
+        raise ValueError(
+            f"image_sizes must have shape ({pixel_values.shape[0]}, 2), one (height, width) per image, got "
+            f"{tuple(torch.as_tensor(image_sizes).shape)}"
+        )
+    if pixel_values.numel() == 0 or torch.compiler.is_compiling():
+        return
+    peak = pixel_values.detach().abs().amax().item()  # NaN and infinity both propagate to the peak
+    if not math.isfinite(peak):
+        raise ValueError("pixel_values contains NaN or infinite values")
+    if peak > 25:
+        logger.warning_once(
+            f"pixel_values reach {peak:g}, far outside CLIP-normalised pixels (about -1.8 to 2.2): were the images "
+            "normalised? QualiCLIPImageProcessor prepares them"
+        )
 
 
 __all__ = ["QualiCLIPModel", "QualiCLIPOutput", "QualiCLIPPreTrainedModel"]

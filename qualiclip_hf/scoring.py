@@ -9,16 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from .image_processing_qualiclip import to_viewable_rgb
+from .image_processing_qualiclip import DEFAULT_MAX_PIXELS, IMAGE_FILE_SUFFIXES, load_image
 from .modeling_qualiclip import QualiCLIPModel
 from .processing_qualiclip import QualiCLIPProcessor
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jp2", ".heic", ".avif"}
-)
+IMAGE_EXTENSIONS = IMAGE_FILE_SUFFIXES
 
 
 @dataclass
@@ -47,41 +44,32 @@ def collect_image_paths(inputs: Iterable[str | Path], recursive: bool = False) -
     return paths
 
 
-def read_image(path: str | Path) -> torch.Tensor:
+def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """
-    Decodes an image file to a `(3, height, width)` uint8 RGB tensor, EXIF orientation applied (first frame of
-    animations).
+    Decodes an image file to a `(3, height, width)` uint8 RGB tensor as `load_image` reads it: EXIF orientation
+    applied, first frame of animations, transparency composited onto white, 16-bit scaled to 8 bits; files of more
+    than `max_pixels` pixels refused before decoding.
 
     Raises:
-        ValueError: naming the file and the cause (missing, a directory, not an image, truncated, ...).
+        ValueError: naming the file and the cause (missing, a directory, empty, not an image, truncated, too large).
     """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path}: is a directory, not an image")
-    if not path.exists():
-        raise ValueError(f"{path}: no such file" + (" (broken symbolic link)" if path.is_symlink() else ""))
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(to_viewable_rgb(image))
-    except UnidentifiedImageError:
-        raise ValueError(f"{path}: not an image file, or a format no installed reader supports") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{path}: cannot decode image: {error}") from None
+    array = np.asarray(load_image(path, max_pixels=max_pixels))
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 class _ImageFiles(Dataset):
     """Decodes files in DataLoader workers; a failure travels as a message instead of killing the worker."""
 
-    def __init__(self, paths: list[Path]) -> None:
+    def __init__(self, paths: list[Path], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
         self.paths = paths
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return index, read_image(self.paths[index]), None
+            return index, read_image(self.paths[index], self.max_pixels), None
         except ValueError as error:
             return index, None, str(error)
 
@@ -93,16 +81,18 @@ def score_files(
     batch_size: int = 4,
     num_workers: int | None = None,
     max_size: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Iterator[ScoreResult]:
     """
     Scores image files, yielding one [`ScoreResult`] per path in order. Decoding runs in `num_workers` background
     processes (default: up to 4, one per spare core) while the model works. A file that cannot be read or scored
-    gets its `error` and the others go on.
+    gets its `error` and the others go on. `max_size` downscales large images before scoring; `max_pixels` refuses
+    files of more pixels before decoding them (see `read_image`).
     """
     if num_workers is None:
         num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
     loader = DataLoader(
-        _ImageFiles(paths),
+        _ImageFiles(paths, max_pixels),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=list,

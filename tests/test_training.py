@@ -1,8 +1,11 @@
 """The QualiCLIP training recipe: losses, samples, and a few real steps under `accelerate launch` on 2 CPU processes."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -142,13 +145,19 @@ def write_config(tmp_path: Path, pristine_folder: Path, **overrides) -> Path:
     return config_path
 
 
+# One thread per process: on a small, busy machine, torch's default thread pool makes these tiny steps 10x slower.
+_SINGLE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def launch(config_path: Path, *args: str, processes: int = 1) -> None:
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         str(REPO / "training" / "train.py"), "--config", str(config_path), *args,
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=config_path.parent)
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, cwd=config_path.parent, env=_SINGLE_THREAD
+    )
     assert result.returncode == 0, result.stderr[-4000:]
 
 
@@ -255,3 +264,110 @@ def test_an_unknown_degradation_place_is_refused_before_anything_starts(tmp_path
     with pytest.raises(ValueError, match="degrade_on must be"):
         train(TrainConfig(output_dir=str(tmp_path / "run"), degrade_on="gpu"))
     assert not (tmp_path / "run").exists()
+
+
+def _train_command(config_path: Path, *args: str) -> list[str]:
+    return [sys.executable, str(REPO / "training" / "train.py"), "--config", str(config_path), *args]
+
+
+def _losses_by_step(run: Path) -> list[tuple[int, tuple[float, ...]]]:
+    rows = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
+    return [(row["step"], (row["loss"], row["consistency"], row["positive"], row["negative"])) for row in rows]
+
+
+def _logged_steps(run: Path) -> list[int]:
+    log = run / "losses.jsonl"
+    lines = log.read_text().splitlines() if log.is_file() else []
+    return [json.loads(line)["step"] for line in lines if line.endswith("}")]  # the last one may be half-written
+
+
+def test_sigkill_mid_run_then_resume_gives_the_losses_of_an_uninterrupted_run(pristine_folder, tmp_path):
+    """A real crash, SIGKILL from outside, between checkpoints; then `--resume`. Single-process CPU."""
+    from training.train import latest_checkpoint
+
+    steps = 10
+    small = {"crop_size": 32, "num_levels": 2, "max_groups": 1, "max_steps": steps, "checkpoint_every": 3}
+    straight = write_config(tmp_path / "a", pristine_folder, output_dir=str(tmp_path / "a" / "run"), **small)
+    killed = write_config(tmp_path / "b", pristine_folder, output_dir=str(tmp_path / "b" / "run"), **small)
+    killed_run = tmp_path / "b" / "run"
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("straight", "killed", "resumed")}  # noqa: SIM115
+    try:
+        reference = subprocess.Popen(
+            _train_command(straight), env=_SINGLE_THREAD, stdout=logs["straight"], stderr=subprocess.STDOUT
+        )
+        victim = subprocess.Popen(
+            _train_command(killed), env=_SINGLE_THREAD, stdout=logs["killed"], stderr=subprocess.STDOUT
+        )
+        # Killed once step 4 is logged: after the step-3 checkpoint, two steps before the next one.
+        deadline = time.monotonic() + 300
+        while 4 not in _logged_steps(killed_run):
+            assert victim.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "step 4 not logged within 300 s"
+            time.sleep(0.002)
+        victim.send_signal(signal.SIGKILL)
+        assert victim.wait(timeout=60) == -signal.SIGKILL
+        interrupted = latest_checkpoint(killed_run)
+        interrupted_step = int(interrupted.name.split("_")[1])
+        assert not (killed_run / "final").exists() and interrupted_step < steps, "the kill came after the end"
+        # Rows were logged after the checkpoint: the resumed run computes those steps again.
+        assert max(_logged_steps(killed_run)) > interrupted_step
+        # What a crash while saving leaves: the staging folder of a later step, partly written. It is not picked.
+        partial = killed_run / "checkpoints" / f"step_{steps}.tmp"
+        partial.mkdir()
+        (partial / "model.safetensors").write_bytes(b"\0" * 64)
+
+        resumed = subprocess.run(
+            _train_command(killed, "--resume"), env=_SINGLE_THREAD, stdout=logs["resumed"], stderr=subprocess.STDOUT
+        )
+        assert resumed.returncode == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+        assert reference.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    finally:
+        for process in (reference, victim):
+            if process.poll() is None:
+                process.kill()
+        for log in logs.values():
+            log.close()
+    assert f"resumed from {interrupted} at step {interrupted_step}" in (tmp_path / "resumed.log").read_text()
+    expected, got = _losses_by_step(tmp_path / "a" / "run"), _losses_by_step(killed_run)
+    # Every step once (the rows logged after the checkpoint, before the kill, were replaced), and the same values.
+    assert [step for step, _ in got] == [step for step, _ in expected] == list(range(1, steps + 1))
+    for (step, values), (_, reference_values) in zip(got, expected, strict=True):
+        assert values == pytest.approx(reference_values, abs=1e-6), step
+    assert QualiCLIPModel.from_pretrained(killed_run / "final").config.vision_config.width == TINY_VISION["width"]
+
+
+def test_only_complete_checkpoints_are_resumed_from(tmp_path):
+    from training.train import latest_checkpoint
+
+    checkpoints = tmp_path / "checkpoints"
+    assert latest_checkpoint(tmp_path) is None
+    for name, complete in [("step_2", True), ("step_10", True), ("step_12.tmp", False), ("step_14", False)]:
+        (checkpoints / name).mkdir(parents=True)
+        if complete:
+            (checkpoints / name / "trainer_state.json").write_text("{}")
+    (checkpoints / "step_notes.txt").write_text("not a checkpoint")
+    # step_10 beats step_2 numerically; the half-saved step_12.tmp and the stateless step_14 are ignored.
+    assert latest_checkpoint(tmp_path) == checkpoints / "step_10"
+
+
+def test_resuming_drops_the_log_rows_it_will_compute_again(tmp_path):
+    from training.train import truncate_loss_log
+
+    log = tmp_path / "losses.jsonl"
+    log.write_text(
+        "".join(json.dumps({"step": step, "loss": step / 10}) + "\n" for step in range(1, 6)) + '{"step": 6, "lo'
+    )
+    truncate_loss_log(log, 3)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+    truncate_loss_log(log, 0)
+    assert log.read_text() == ""
+
+
+def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused(pristine_folder, tmp_path):
+    from training.train import load_config, train
+
+    config = load_config(write_config(tmp_path, pristine_folder))
+    (Path(config.output_dir) / "checkpoints" / "step_2").mkdir(parents=True)
+    (Path(config.output_dir) / "checkpoints" / "step_2" / "trainer_state.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"already holds checkpoints \(step_2\): pass --resume"):
+        train(config)

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -110,8 +111,36 @@ def prompt_similarities(model: torch.nn.Module, prompt_embeds: torch.Tensor, cro
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    checkpoints = sorted((output_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    return checkpoints[-1] if checkpoints else None
+    """
+    The complete checkpoint of the highest step: a `step_<N>` folder with its trainer state. The `.tmp` folder of a
+    save cut short by a crash, or anything else put there, is never picked.
+    """
+    complete = []
+    for path in (output_dir / "checkpoints").glob("step_*"):
+        match = re.fullmatch(r"step_(\d+)", path.name)
+        if match and (path / "trainer_state.json").is_file():
+            complete.append((int(match.group(1)), path))
+    return max(complete)[1] if complete else None
+
+
+def truncate_loss_log(path: Path, step: int) -> None:
+    """
+    Keeps the rows of `losses.jsonl` up to `step`, where a resumed run starts: the rows after it, logged before an
+    interruption, are computed again (to the same values), and a row cut short by a crash is dropped.
+    """
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text("".join(kept))
+    os.replace(staging, path)
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state: dict) -> None:
@@ -131,6 +160,11 @@ def train(config: TrainConfig, resume: bool = False, push_to_hub: str | None = N
     if config.degrade_on not in ("auto", "workers", "accelerator"):
         raise ValueError(f"degrade_on must be 'auto', 'workers' or 'accelerator', got {config.degrade_on!r}")
     output_dir = Path(config.output_dir)
+    if not resume and (existing := latest_checkpoint(output_dir)) is not None:
+        # A fresh run would log after the old one's losses and collide with its checkpoints.
+        raise ValueError(
+            f"{output_dir} already holds checkpoints ({existing.name}): pass --resume, or choose another output_dir"
+        )
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -159,6 +193,8 @@ def train(config: TrainConfig, resume: bool = False, push_to_hub: str | None = N
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         step, cursor, skipped_images = state["step"], tuple(state["cursor"]), state["skipped_images"]
         accelerator.print(f"resumed from {checkpoint} at step {step}")
+    if resume and accelerator.is_main_process:
+        truncate_loss_log(output_dir / "losses.jsonl", step)
 
     stream = load_pristine_stream(config.data_source, config.data_split, config.image_column)
     stream = shard_for_process(stream, accelerator.process_index, accelerator.num_processes)

@@ -1,0 +1,64 @@
+"""The same image gets the same score (fp32, within 1e-5) across runs, batch sizes, companions and padding, on the
+embedded demo model."""
+
+import numpy as np
+import pytest
+import torch
+
+from qualiclip_hf.cli import load_model_and_processor
+from qualiclip_hf.scoring import score_files
+
+from .conftest import photo
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def demo():
+    model, processor = load_model_and_processor("demo")
+    assert next(model.parameters()).dtype == torch.float32
+    return model, processor
+
+
+@torch.no_grad()
+def scores(demo, images) -> list[float]:
+    model, processor = demo
+    return model(**processor(images=images, return_tensors="pt")).quality_score.tolist()
+
+
+def test_same_score_across_runs_batch_sizes_and_companions(demo):
+    target = photo(96, 128, seed=0)
+    others = [photo(96, 128, seed=seed) for seed in range(1, 8)]
+    alone = scores(demo, [target])[0]
+    assert scores(demo, [target])[0] == pytest.approx(alone, abs=ATOL)  # a second run
+    for batch_size in (3, 8):
+        batch = [*others[: batch_size - 1], target]
+        assert scores(demo, batch)[-1] == pytest.approx(alone, abs=ATOL), batch_size
+    # Other companions, and the target at another place in the batch.
+    assert scores(demo, [others[4], target, others[6]])[1] == pytest.approx(alone, abs=ATOL)
+    all_scores = scores(demo, [target, *others])
+    assert np.ptp(all_scores) > 1e-3, "the companions must score differently for the test to mean something"
+
+
+def test_same_score_when_padded_among_other_sizes(demo):
+    target = photo(70, 90, seed=10)
+    alone = scores(demo, [target])[0]
+    companions = [photo(120, 64, seed=11), photo(48, 160, seed=12), photo(70, 90, seed=13)]
+    # Padded to 120 x 160 with three other images, one of them of the same size (embedded together).
+    batch = scores(demo, [companions[0], target, companions[1], companions[2]])
+    assert batch[1] == pytest.approx(alone, abs=ATOL)
+    for companion, score in zip(companions, [batch[0], batch[2], batch[3]], strict=True):
+        assert score == pytest.approx(scores(demo, [companion])[0], abs=ATOL)
+
+
+def test_score_files_is_the_same_whatever_the_batch_size(demo, tmp_path):
+    paths = []
+    for index, size in enumerate([(64, 64), (96, 72), (64, 64), (50, 120), (80, 80)]):
+        paths.append(tmp_path / f"{index}.png")
+        photo(*size, seed=20 + index).save(paths[-1])
+    by_batch_size = {
+        batch_size: [result.score for result in score_files(paths, *demo, batch_size=batch_size, num_workers=0)]
+        for batch_size in (1, 3, 8)
+    }
+    assert by_batch_size[3] == pytest.approx(by_batch_size[1], abs=ATOL)
+    assert by_batch_size[8] == pytest.approx(by_batch_size[1], abs=ATOL)
