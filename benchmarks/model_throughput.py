@@ -173,7 +173,7 @@ def main() -> None:
                 ours_rate = batch / statistics.median(ours_times)
                 diff = (theirs_scores - ours_scores).abs().max().item()
                 print(
-                    f"| {size} | {batch} | {theirs_rate:.2f} | {ours_rate:.2f} | {ours_rate / theirs_rate:.2f}x "
+                    f"| {size} | {batch} | {theirs_rate:.3g} | {ours_rate:.3g} | {ours_rate / theirs_rate:.2f}x "
                     f"| {theirs_memory.mib:,.0f} | {ours_memory.mib:,.0f} | {diff:.1e} |",
                     flush=True,
                 )

@@ -94,7 +94,8 @@ def stage_model_folder(
         model, loading_info = QualiCLIPModel.from_pretrained(model_dir, dtype="auto", output_loading_info=True)
         processor = QualiCLIPProcessor.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise PushError(f"{model_dir}: does not load as a QualiCLIP model: {error}") from None
+        cause = str(error).removeprefix(f"{model_dir}: ")  # the strict loader names the folder already
+        raise PushError(f"{model_dir}: does not load as a QualiCLIP model: {cause}") from None
     # A weight missing from the file would be freshly initialised by from_pretrained and published as if trained.
     problems = {key: value for key, value in loading_info.items() if value and key != "error_msgs"}
     if problems or loading_info.get("error_msgs"):

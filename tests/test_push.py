@@ -143,7 +143,7 @@ def test_folders_that_cannot_be_published_are_refused_with_the_cause(tiny_model_
     weights = load_file(missing / "model.safetensors")
     del weights["vision_model.conv1.weight"]
     save_file(weights, missing / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(PushError, match=r"the weights do not match the model.*vision_model\.conv1\.weight"):
+    with pytest.raises(PushError, match=r"missing: does not load as a QualiCLIP model: .*vision_model\.conv1\.weight"):
         stage_model_folder(missing, tmp_path / "repo1", weights="random")
 
     assert main(["push", "--model-dir", str(tmp_path), "--repo-id", REPO_ID, "--weights", "random"]) == 2
