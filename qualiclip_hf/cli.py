@@ -35,7 +35,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="'demo' (embedded small model), 'official' (download and convert the official weights), "
         "a converted folder, or a Hub repository id (default: demo)",
     )
-    score.add_argument("--batch-size", type=_positive_int, default=4, help="images per forward pass (default: 4)")
+    score.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="images per forward pass (default: 1 on a CPU, where batches are slower, see benchmarks/RESULTS.md; "
+        "8 on CUDA)",
+    )
     score.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     score.add_argument("--recursive", action="store_true", help="descend into subfolders")
     score.add_argument(
@@ -134,12 +140,11 @@ def _score_command(args: argparse.Namespace) -> int:
         print(f"qualiclip: cannot load model '{args.model}': {error}", file=sys.stderr)
         return 2
 
+    batch_size = args.batch_size or (8 if device.type == "cuda" else 1)
     results = []
     progress = tqdm(total=len(paths), unit="img", desc="scoring", disable=None)
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
-    scored = score_files(
-        paths, model, processor, batch_size=args.batch_size, max_size=args.max_size, max_pixels=max_pixels
-    )
+    scored = score_files(paths, model, processor, batch_size=batch_size, max_size=args.max_size, max_pixels=max_pixels)
     for result in scored:
         results.append(result)
         progress.update()

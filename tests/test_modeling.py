@@ -217,3 +217,24 @@ def test_half_precision_weights_still_give_a_float32_score_close_to_float32(tiny
     half = copy.deepcopy(tiny_model).to(torch.bfloat16)(x)
     assert half.quality_score.dtype == torch.float32 and half.image_embeds.dtype == torch.float32
     torch.testing.assert_close(half.quality_score, reference, atol=2e-2, rtol=0)
+
+
+@torch.no_grad()
+def test_cpu_chunks_in_eval_mode_give_the_whole_batch_scores_and_training_keeps_the_batch(tiny_model, monkeypatch):
+    x = torch.randn(5, 3, 64, 96)
+    whole = tiny_model(x).quality_score
+    calls = []
+    tower_forward = type(tiny_model.vision_model).forward
+    monkeypatch.setattr(
+        type(tiny_model.vision_model),
+        "forward",
+        lambda self, images: calls.append(len(images)) or tower_forward(self, images),
+    )
+    monkeypatch.setattr(modeling_qualiclip, "CPU_CHUNK_PIXELS", 2 * 64 * 96)
+    torch.testing.assert_close(tiny_model(x).quality_score, whole, atol=1e-6, rtol=0)
+    assert calls == [2, 2, 1]
+
+    calls.clear()
+    model = copy.deepcopy(tiny_model).train()  # BatchNorm's batch statistics: the batch must stay whole
+    model(x)
+    assert calls == [5]
