@@ -134,11 +134,10 @@ def _score_command(args: argparse.Namespace) -> int:
     if not paths:
         print(f"qualiclip: no image files found in {' '.join(args.paths)}", file=sys.stderr)
         return 1
-    try:
-        model, processor = load_model_and_processor(args.model, device)
-    except (OSError, ValueError) as error:
-        print(f"qualiclip: cannot load model '{args.model}': {error}", file=sys.stderr)
+    loaded = _load_for_command(args.model, device)
+    if loaded is None:
         return 2
+    model, processor = loaded
 
     batch_size = args.batch_size or (8 if device.type == "cuda" else 1)
     results = []
@@ -168,6 +167,15 @@ def _pick_device(choice: str) -> torch.device | None:
     if choice == "cuda" and not torch.cuda.is_available():
         return None
     return torch.device(choice)
+
+
+def _load_for_command(name: str, device: torch.device) -> tuple | None:
+    """`load_model_and_processor`, or None after telling the user why the model cannot be loaded."""
+    try:
+        return load_model_and_processor(name, device)
+    except (OSError, ValueError) as error:
+        print(f"qualiclip: cannot load model '{name}': {error}", file=sys.stderr)
+        return None
 
 
 def load_model_and_processor(name: str, device: torch.device | str = "cpu") -> tuple:
@@ -308,11 +316,10 @@ def _explain_command(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"qualiclip: {error}", file=sys.stderr)
         return 1
-    try:
-        model, processor = load_model_and_processor(args.model, device)
-    except (OSError, ValueError) as error:
-        print(f"qualiclip: cannot load model '{args.model}': {error}", file=sys.stderr)
+    loaded = _load_for_command(args.model, device)
+    if loaded is None:
         return 2
+    model, processor = loaded
     try:
         explanation = explain_image(image, model, processor, max_size=args.max_size)
     except (RuntimeError, ValueError) as error:

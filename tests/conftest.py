@@ -3,6 +3,7 @@ from random weights with the openai-clip package's own CLIP (no real weights exi
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from pathlib import Path
 
@@ -100,3 +101,11 @@ def photo(height: int, width: int, seed: int = 0) -> Image.Image:
     image = Image.fromarray((coarse * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
     noise = rng.normal(0, 8, (height, width, 3))
     return Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8))
+
+
+def load_module_from_file(path: Path, name: str):
+    """Imports a script that is not part of a package (the Space app, the endpoint handler) as module `name`."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,5 @@
 """The Gradio app (`model_card/app.py`): its scoring function, and the app end to end in a real headless browser."""
 
-import importlib.util
 import os
 import shutil
 import socket
@@ -16,7 +15,7 @@ from qualiclip_hf.cli import load_model_and_processor
 from qualiclip_hf.scoring import read_image
 from training.degradations import apply_distortion
 
-from .conftest import photo
+from .conftest import load_module_from_file, photo
 
 # No usage statistics, update checks or share links: the tests must not reach the network.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -30,10 +29,7 @@ ARTIFACTS = Path(os.environ.get("QUALICLIP_TEST_ARTIFACTS", Path(__file__).resol
 
 @pytest.fixture(scope="module")
 def app_module():
-    spec = importlib.util.spec_from_file_location("qualiclip_space_app", APP_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module_from_file(APP_FILE, "qualiclip_space_app")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The Inference Endpoints handler (`model_card/handler.py`) with the demo model."""
 
 import base64
-import importlib.util
 import io
 import json
 import subprocess
@@ -15,16 +14,13 @@ from PIL import Image
 from qualiclip_hf.cli import load_model_and_processor
 from qualiclip_hf.pretrained import DEMO_MODEL_DIR
 
-from .conftest import photo
+from .conftest import load_module_from_file, photo
 
 HANDLER_FILE = Path(__file__).resolve().parents[1] / "model_card" / "handler.py"
 
 
 def _load_handler_module():
-    spec = importlib.util.spec_from_file_location("qualiclip_endpoint_handler", HANDLER_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module_from_file(HANDLER_FILE, "qualiclip_endpoint_handler")
 
 
 @pytest.fixture(scope="module")
