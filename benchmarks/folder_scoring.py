@@ -1,11 +1,13 @@
 """End-to-end folder scoring (`qualiclip score DIR`): where the time goes, decoding vs the model.
 
     python benchmarks/folder_scoring.py [--images 1000] [--model demo|rn50-random] [--batch-size 4] [--workers N]
+                                        [--device cpu|cuda] [--decode-on workers|device] [--precision fp32|bf16|fp16]
 
 Writes `--images` JPEG photos of mixed sizes (crops of scikit-image's photos, 320 to 1280 px on the long side) to a
 temporary folder, then measures in one run, on the same files and batches:
 
-- decode only: the DataLoader workers of `score_files` reading the files, no model;
+- decode only: the DataLoader workers of `score_files` reading the files, no model (with `--decode-on device`, the
+  workers read the bytes and TorchCodec decodes them on the device, as `score_files` then does);
 - model only: the processor and the model on images decoded beforehand;
 - end to end: `score_files`, decoding in the workers while the model works;
 - one at a time: `score_files` with batches of one image, whose scores must equal the batched ones (the model
@@ -36,7 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qualiclip_hf import QualiCLIPConfig, QualiCLIPModel, QualiCLIPProcessor
 from qualiclip_hf.pretrained import resolve_pretrained
-from qualiclip_hf.scoring import _ImageFiles, read_image, score_files
+from qualiclip_hf.scoring import (
+    PRECISIONS,
+    _decode_jpegs,
+    _device_jpeg_decoder,
+    _ImageFiles,
+    read_image,
+    score_files,
+)
 
 SOURCES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "colorwheel")
 LONG_SIDES = (320, 480, 640, 800, 1024, 1280)
@@ -74,31 +83,43 @@ def load_model(name: str) -> tuple[QualiCLIPModel, QualiCLIPProcessor]:
     return QualiCLIPModel.from_pretrained(path).eval(), QualiCLIPProcessor.from_pretrained(path)
 
 
-def decode_only(paths: list[Path], batch_size: int, workers: int) -> float:
-    loader = DataLoader(_ImageFiles(paths), batch_size=batch_size, num_workers=workers, collate_fn=list)
+def decode_only(paths: list[Path], batch_size: int, workers: int, device: torch.device, decode_on: str) -> float:
+    on_device = decode_on == "device"
+    loader = DataLoader(
+        _ImageFiles(paths, jpeg_as_bytes=on_device), batch_size=batch_size, num_workers=workers, collate_fn=list
+    )
+    decode_jpeg = _device_jpeg_decoder() if on_device else None
     started = time.perf_counter()
-    for _ in tqdm(loader, desc="decode only", unit="batch", leave=False, disable=None):
-        pass
+    for batch in tqdm(loader, desc="decode only", unit="batch", leave=False, disable=None):
+        if on_device:
+            encoded = [(item.index, item.jpeg) for item in batch if item.jpeg is not None]
+            list(_decode_jpegs(encoded, decode_jpeg, device, paths, None))
+    _synchronize(device)
     return len(paths) / (time.perf_counter() - started)
 
 
 @torch.inference_mode()
-def model_only(paths: list[Path], model: QualiCLIPModel, processor: QualiCLIPProcessor, batch_size: int) -> float:
+def model_only(
+    paths: list[Path], model: QualiCLIPModel, processor: QualiCLIPProcessor, batch_size: int, precision: str
+) -> float:
     progress = tqdm(paths, desc="decoding beforehand", unit="img", leave=False, disable=None)
     images = [read_image(path) for path in progress]
+    autocast = PRECISIONS[precision]
     started = time.perf_counter()
     for start in tqdm(range(0, len(images), batch_size), desc="model only", unit="batch", leave=False, disable=None):
-        model(**processor(images=images[start : start + batch_size], return_tensors="pt"))
+        inputs = processor(images=images[start : start + batch_size], return_tensors="pt").to(model.device)
+        with torch.autocast(model.device.type, dtype=autocast, enabled=autocast is not None):
+            model(**inputs).quality_score.cpu()
     return len(images) / (time.perf_counter() - started)
 
 
 def end_to_end(
-    paths: list[Path], model: QualiCLIPModel, processor: QualiCLIPProcessor, batch_size: int, workers: int
+    paths: list[Path], model: QualiCLIPModel, processor: QualiCLIPProcessor, batch_size: int, workers: int, **options
 ) -> tuple[float, list[float]]:
     started = time.perf_counter()
     results = list(
-        tqdm(score_files(paths, model, processor, batch_size=batch_size, num_workers=workers), total=len(paths),
-             desc=f"end to end, batches of {batch_size}", unit="img", leave=False, disable=None)
+        tqdm(score_files(paths, model, processor, batch_size=batch_size, num_workers=workers, **options),
+             total=len(paths), desc=f"end to end, batches of {batch_size}", unit="img", leave=False, disable=None)
     )  # fmt: skip
     elapsed = time.perf_counter() - started
     failed = [result for result in results if result.error is not None]
@@ -107,28 +128,40 @@ def end_to_end(
     return len(paths) / elapsed, [result.score for result in results]
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--model", default="demo", help="'demo', 'rn50-random', or a model folder")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: score_files' own)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--decode-on", choices=("workers", "device"), default="workers")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
     args = parser.parse_args()
+    device = torch.device(args.device)
     workers = args.workers if args.workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
 
     model, processor = load_model(args.model)
+    model.to(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
-        f"# torch {torch.__version__}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {workers} "
-        f"decoding workers, {time.strftime('%Y-%m-%d')}; model {args.model}, batch {args.batch_size}, "
-        f"{args.images} JPEG photos of mixed sizes\n"
+        f"# torch {torch.__version__}, {where}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+        f"{workers} workers, JPEGs decoded on {args.decode_on}, {args.precision}, {time.strftime('%Y-%m-%d')}; "
+        f"model {args.model}, batch {args.batch_size}, {args.images} JPEG photos of mixed sizes\n"
     )
+    options = {"decode_on": args.decode_on, "precision": args.precision}
     with tempfile.TemporaryDirectory() as folder:
         paths = write_photos(Path(folder), args.images)
         megapixels = sum(np.prod(Image.open(path).size) for path in paths) / 1e6 / len(paths)
-        decode_rate = decode_only(paths, args.batch_size, workers)
-        model_rate = model_only(paths, model, processor, args.batch_size)
-        total_rate, scores = end_to_end(paths, model, processor, args.batch_size, workers)
-        single_rate, single_scores = end_to_end(paths, model, processor, 1, workers)
+        decode_rate = decode_only(paths, args.batch_size, workers, device, args.decode_on)
+        model_rate = model_only(paths, model, processor, args.batch_size, args.precision)
+        total_rate, scores = end_to_end(paths, model, processor, args.batch_size, workers, **options)
+        single_rate, single_scores = end_to_end(paths, model, processor, 1, workers, **options)
     bound = min(decode_rate, model_rate)
     print(f"mean size: {megapixels:.2f} megapixels\n")
     diff = max(abs(a - b) for a, b in zip(scores, single_scores, strict=True))

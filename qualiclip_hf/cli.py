@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .scoring import ScoreResult
+from .scoring import DECODE_PLACES, PRECISIONS, ScoreResult
 
 OUTPUT_FORMATS = (".csv", ".json", ".jsonl")
 
@@ -53,6 +53,20 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="refuse files of more pixels, before decoding them (a guard against decompression bombs); 0: no limit "
         "(default: Pillow's, about 89 million)",
+    )
+    score.add_argument(
+        "--precision",
+        choices=tuple(PRECISIONS),
+        default="fp32",
+        help="bf16/fp16: run the model under autocast, for GPUs; faster there, but scores move by up to a few "
+        "thousandths (see benchmarks/RESULTS.md) (default: fp32)",
+    )
+    score.add_argument(
+        "--decode-on",
+        choices=DECODE_PLACES,
+        default="workers",
+        help="where JPEG files are decoded: 'workers' (Pillow, in background processes) or 'device' (TorchCodec on "
+        "the model's device: nvJPEG on CUDA, which frees the CPU cores; needs the [decode] extra) (default: workers)",
     )
     score.add_argument("--output", type=Path, help=f"write results to FILE ({', '.join(OUTPUT_FORMATS)})")
     score.set_defaults(handler=_score_command)
@@ -143,11 +157,25 @@ def _score_command(args: argparse.Namespace) -> int:
     results = []
     progress = tqdm(total=len(paths), unit="img", desc="scoring", disable=None)
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
-    scored = score_files(paths, model, processor, batch_size=batch_size, max_size=args.max_size, max_pixels=max_pixels)
-    for result in scored:
-        results.append(result)
-        progress.update()
-    progress.close()
+    scored = score_files(
+        paths,
+        model,
+        processor,
+        batch_size=batch_size,
+        max_size=args.max_size,
+        max_pixels=max_pixels,
+        precision=args.precision,
+        decode_on=args.decode_on,
+    )
+    try:
+        for result in scored:
+            results.append(result)
+            progress.update()
+    except ImportError as error:  # --decode-on device without TorchCodec: known before the first image
+        print(f"qualiclip: {error}", file=sys.stderr)
+        return 2
+    finally:
+        progress.close()
 
     if args.output is None:
         _print_table(results)

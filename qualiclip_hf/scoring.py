@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .image_processing_qualiclip import DEFAULT_MAX_PIXELS, IMAGE_FILE_SUFFIXES, load_image
@@ -16,6 +19,9 @@ from .modeling_qualiclip import QualiCLIPModel
 from .processing_qualiclip import QualiCLIPProcessor
 
 IMAGE_EXTENSIONS = IMAGE_FILE_SUFFIXES
+# What `score_files(precision=...)` and `qualiclip score --precision` accept: the dtype of autocast, None for none.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DECODE_PLACES = ("workers", "device")
 
 
 @dataclass
@@ -57,21 +63,54 @@ def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-class _ImageFiles(Dataset):
-    """Decodes files in DataLoader workers; a failure travels as a message instead of killing the worker."""
+class _FileItem(NamedTuple):
+    """What a DataLoader worker hands over for one file: decoded pixels, JPEG bytes left to decode, or an error."""
 
-    def __init__(self, paths: list[Path], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+    index: int
+    image: torch.Tensor | None = None  # (3, height, width) uint8
+    jpeg: torch.Tensor | None = None  # the file's bytes, (num_bytes,) uint8
+    error: str | None = None
+
+
+class _ImageFiles(Dataset):
+    """
+    Reads files in DataLoader workers; a failure travels as a message instead of killing the worker. With
+    `jpeg_as_bytes`, plain JPEG files (RGB or grey, within the pixel limit) are only read, for decoding on the
+    model's device; every other file is decoded here by Pillow.
+    """
+
+    def __init__(self, paths: list[Path], max_pixels: int | None = DEFAULT_MAX_PIXELS, jpeg_as_bytes: bool = False):
         self.paths = paths
         self.max_pixels = max_pixels
+        self.jpeg_as_bytes = jpeg_as_bytes
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def __getitem__(self, index: int) -> _FileItem:
+        path = self.paths[index]
         try:
-            return index, read_image(self.paths[index], self.max_pixels), None
-        except ValueError as error:
-            return index, None, str(error)
+            if self.jpeg_as_bytes and _is_plain_jpeg(path, self.max_pixels):
+                return _FileItem(index, jpeg=torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8))
+            return _FileItem(index, image=read_image(path, self.max_pixels))
+        except (ValueError, OSError) as error:
+            return _FileItem(index, error=str(error) if isinstance(error, ValueError) else f"{path}: {error}")
+
+
+def _is_plain_jpeg(path: Path, max_pixels: int | None) -> bool:
+    """Whether TorchCodec's decoder reads the file as Pillow does. Anything else (CMYK, other formats, too many
+    pixels, unreadable) goes to `read_image`, whose errors name the cause. Reads the header only."""
+    try:
+        with warnings.catch_warnings(), Image.open(path) as image:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            width, height = image.size
+            return (
+                image.format == "JPEG"
+                and image.mode in ("RGB", "L")
+                and (max_pixels is None or width * height <= max_pixels)
+            )
+    except Exception:  # Pillow raises many kinds; `read_image` names the cause
+        return False
 
 
 def score_files(
@@ -82,34 +121,94 @@ def score_files(
     num_workers: int | None = None,
     max_size: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    precision: str = "fp32",
+    decode_on: str = "workers",
 ) -> Iterator[ScoreResult]:
     """
     Scores image files, yielding one [`ScoreResult`] per path in order. Decoding runs in `num_workers` background
     processes (default: up to 4, one per spare core) while the model works. A file that cannot be read or scored
     gets its `error` and the others go on. `max_size` downscales large images before scoring; `max_pixels` refuses
     files of more pixels before decoding them (see `read_image`).
+
+    Args:
+        precision: `"fp32"`, or `"bf16"` / `"fp16"` to run the model under `torch.autocast` (for GPUs; the head
+            stays in float32, yet scores move: see benchmarks/RESULTS.md for the measured differences).
+        decode_on: `"workers"` (Pillow, in the worker processes) or `"device"`: the workers only read JPEG files
+            and TorchCodec decodes them in batches on the model's device (nvJPEG on CUDA); other files are still
+            decoded by Pillow in the workers. On a CPU, `"device"` decodes in the main process. Needs `torchcodec`
+            (`pip install "qualiclip-hf[decode]"`).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if decode_on not in DECODE_PLACES:
+        raise ValueError(f"decode_on must be one of {', '.join(DECODE_PLACES)}, got {decode_on!r}")
+    decode_jpeg = _device_jpeg_decoder() if decode_on == "device" else None
     if num_workers is None:
         num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
     loader = DataLoader(
-        _ImageFiles(paths, max_pixels),
+        _ImageFiles(paths, max_pixels, jpeg_as_bytes=decode_on == "device"),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=list,
         prefetch_factor=2 if num_workers > 0 else None,
     )
     for batch in loader:
-        results = {index: ScoreResult(str(paths[index]), error=error) for index, _, error in batch}
-        decoded = [(index, image) for index, image, error in batch if error is None]
+        results = {item.index: ScoreResult(str(paths[item.index]), error=item.error) for item in batch}
+        decoded = [(item.index, item.image) for item in batch if item.image is not None]
+        encoded = [(item.index, item.jpeg) for item in batch if item.jpeg is not None]
+        for index, outcome in _decode_jpegs(encoded, decode_jpeg, model.device, paths, max_pixels):
+            if isinstance(outcome, torch.Tensor):
+                decoded.append((index, outcome))
+            else:
+                results[index].error = outcome
         for index, error in _too_small(decoded, model.min_image_size, max_size, paths):
             results[index].error = error
         decoded = [(index, image) for index, image in decoded if results[index].error is None]
-        for index, outcome in _score_decoded(decoded, model, processor, max_size, paths):
+        for index, outcome in _score_decoded(decoded, model, processor, max_size, paths, PRECISIONS[precision]):
             if isinstance(outcome, float):
                 results[index].score = outcome
             else:
                 results[index].error = outcome
-        yield from (results[index] for index, _, _ in batch)
+        yield from (results[index] for index in sorted(results))
+
+
+def _device_jpeg_decoder() -> Callable[..., list[torch.Tensor]]:
+    try:
+        from torchcodec.decoders import decode_jpeg
+    except (ImportError, OSError, RuntimeError) as error:  # also a build for another torch, whose library fails to load
+        raise ImportError(
+            'decoding on the device needs TorchCodec, for this torch (pip install "qualiclip-hf[decode]"); importing '
+            f"it failed: {error}"
+        ) from error
+    return decode_jpeg
+
+
+def _decode_jpegs(
+    encoded: list[tuple[int, torch.Tensor]],
+    decode_jpeg: Callable[..., list[torch.Tensor]] | None,
+    device: torch.device,
+    paths: list[Path],
+    max_pixels: int | None,
+) -> Iterator[tuple[int, torch.Tensor | str]]:
+    """Decodes JPEG bytes on `device` in one batch (TorchCodec applies the EXIF orientation, as `read_image` does);
+    a file the batch fails on is decoded alone, and one that TorchCodec cannot decode goes to Pillow
+    (`read_image`), which decodes it or names the cause."""
+    if not encoded:
+        return
+    try:
+        images = decode_jpeg([data for _, data in encoded], mode="RGB", device=device)
+    except RuntimeError:
+        if len(encoded) > 1:
+            for item in encoded:
+                yield from _decode_jpegs([item], decode_jpeg, device, paths, max_pixels)
+            return
+        index = encoded[0][0]
+        try:
+            yield index, read_image(paths[index], max_pixels)
+        except ValueError as error:
+            yield index, str(error)
+        return
+    yield from ((index, image) for (index, _), image in zip(encoded, images, strict=True))
 
 
 def _too_small(
@@ -135,11 +234,12 @@ def _score_decoded(
     processor: QualiCLIPProcessor,
     max_size: int | None,
     paths: list[Path],
+    autocast_dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[int, float | str]]:
     if not decoded:
         return
     try:
-        scores = _run_model([image for _, image in decoded], model, processor, max_size)
+        scores = _run_model([image for _, image in decoded], model, processor, max_size, autocast_dtype)
     except (RuntimeError, ValueError) as error:
         if len(decoded) == 1:
             index, image = decoded[0]
@@ -148,7 +248,7 @@ def _score_decoded(
         # The batch failed as a whole (out of memory, say): score the images one by one so that each gets its
         # own outcome.
         for item in decoded:
-            yield from _score_decoded([item], model, processor, max_size, paths)
+            yield from _score_decoded([item], model, processor, max_size, paths, autocast_dtype)
         return
     yield from ((index, score) for (index, _), score in zip(decoded, scores, strict=True))
 
@@ -165,7 +265,12 @@ def _failure_message(path: Path, image: torch.Tensor, error: Exception) -> str:
 
 
 def _run_model(
-    images: list[torch.Tensor], model: QualiCLIPModel, processor: QualiCLIPProcessor, max_size: int | None
+    images: list[torch.Tensor],
+    model: QualiCLIPModel,
+    processor: QualiCLIPProcessor,
+    max_size: int | None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> list[float]:
     inputs = processor(images=images, return_tensors="pt", max_size=max_size).to(model.device)
-    return model(**inputs).quality_score.float().cpu().tolist()
+    with torch.autocast(model.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        return model(**inputs).quality_score.float().cpu().tolist()

@@ -27,7 +27,7 @@ from PIL import Image, features
 from qualiclip_hf import QualiCLIPImageProcessor, QualiCLIPModel, QualiCLIPProcessor
 from qualiclip_hf.cli import main
 from qualiclip_hf.image_processing_qualiclip import load_image
-from qualiclip_hf.scoring import collect_image_paths, read_image, score_files
+from qualiclip_hf.scoring import _ImageFiles, collect_image_paths, read_image, score_files
 
 from .conftest import photo
 
@@ -284,15 +284,28 @@ def check_result(path: Path, case, score: float | None, error: str | None, tiny)
         assert score is None and re.fullmatch(names_the_file_and_cause(path, case.cause) + ".*", error), error
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_score_files_gives_every_file_its_outcome_and_goes_on(corpus, tiny, num_workers):
+@pytest.mark.parametrize("num_workers, decode_on", [(0, "workers"), (2, "workers"), (0, "device"), (2, "device")])
+def test_score_files_gives_every_file_its_outcome_and_goes_on(corpus, tiny, num_workers, decode_on):
     folder, cases = corpus
     paths = collect_image_paths([folder])
     assert sorted(path.name for path in paths) == sorted(cases)
-    results = list(score_files(paths, *tiny, batch_size=3, num_workers=num_workers))
+    results = list(score_files(paths, *tiny, batch_size=3, num_workers=num_workers, decode_on=decode_on))
     assert [result.path for result in results] == [str(path) for path in paths]
     for path, result in zip(paths, results, strict=True):
         check_result(path, cases[path.name], result.score, result.error, tiny)
+
+
+def test_decoding_on_the_device_takes_plain_jpegs_only(corpus):
+    # The files that `decode_on="device"` hands to TorchCodec's decoder: plain JPEGs, broken ones included (their
+    # error then comes from Pillow, as the test above checks); everything else is decoded by Pillow in the worker.
+    folder, _ = corpus
+    paths = collect_image_paths([folder])
+    items = _ImageFiles(paths, jpeg_as_bytes=True)
+    as_bytes = {path.name for path, item in zip(paths, items, strict=True) if item.jpeg is not None}
+    assert as_bytes == {"exif_rotated.jpg", "truncated.jpg"}
+    for path, item in zip(paths, items, strict=True):
+        if item.jpeg is not None:
+            assert item.image is None and item.error is None and item.jpeg.numel() == path.stat().st_size
 
 
 def test_an_animation_is_scored_as_its_first_frame_saved_alone(corpus, tiny, tmp_path):

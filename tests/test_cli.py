@@ -96,6 +96,36 @@ def test_max_size_is_applied(folder, tiny_model_dir, tmp_path):
     assert capped != pytest.approx(full, abs=1e-9)
 
 
+def test_precision_and_decode_place_reach_the_scoring(folder, tiny_model_dir, tmp_path):
+    def scores(*options: str) -> dict[str, float | None]:
+        output = tmp_path / "scores.json"
+        main(["score", str(folder), "--model", str(tiny_model_dir), "--output", str(output), *options])
+        return {Path(row["path"]).name: row["score"] for row in json.loads(output.read_text())}
+
+    full = scores()
+    assert scores("--decode-on", "device") == pytest.approx(full, abs=1e-6)
+    half = scores("--precision", "bf16")
+    assert half.keys() == full.keys()
+    scored = [name for name, score in full.items() if score is not None]
+    assert scored and any(half[name] != full[name] for name in scored)
+    assert all(half[name] == pytest.approx(full[name], abs=0.1) for name in scored)
+
+
+def test_decoding_on_the_device_without_torchcodec_says_what_to_install(folder, tiny_model_dir, monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def import_without_torchcodec(name, *args, **kwargs):
+        if name.startswith("torchcodec"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", import_without_torchcodec)
+    assert main(["score", str(folder), "--model", str(tiny_model_dir), "--decode-on", "device"]) == 2
+    assert 'needs TorchCodec, for this torch (pip install "qualiclip-hf[decode]")' in capsys.readouterr().err
+
+
 def test_running_out_of_memory_on_one_image_says_how_to_downscale(tiny_model_dir, tmp_path, monkeypatch):
     photo(64, 96, seed=1).save(tmp_path / "small.jpg", quality=95)
     photo(300, 200, seed=2).save(tmp_path / "large.jpg", quality=95)
