@@ -37,9 +37,9 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qualiclip_hf import QualiCLIPConfig, QualiCLIPModel, QualiCLIPProcessor
+from qualiclip_hf.cli import PRECISIONS
 from qualiclip_hf.pretrained import resolve_pretrained
 from qualiclip_hf.scoring import (
-    PRECISIONS,
     _decode_jpegs,
     _device_jpeg_decoder,
     _ImageFiles,
@@ -99,17 +99,13 @@ def decode_only(paths: list[Path], batch_size: int, workers: int, device: torch.
 
 
 @torch.inference_mode()
-def model_only(
-    paths: list[Path], model: QualiCLIPModel, processor: QualiCLIPProcessor, batch_size: int, precision: str
-) -> float:
+def model_only(paths: list[Path], model: QualiCLIPModel, processor: QualiCLIPProcessor, batch_size: int) -> float:
     progress = tqdm(paths, desc="decoding beforehand", unit="img", leave=False, disable=None)
     images = [read_image(path) for path in progress]
-    autocast = PRECISIONS[precision]
     started = time.perf_counter()
     for start in tqdm(range(0, len(images), batch_size), desc="model only", unit="batch", leave=False, disable=None):
         inputs = processor(images=images[start : start + batch_size], return_tensors="pt").to(model.device)
-        with torch.autocast(model.device.type, dtype=autocast, enabled=autocast is not None):
-            model(**inputs).quality_score.cpu()
+        model(**inputs).quality_score.cpu()
     return len(images) / (time.perf_counter() - started)
 
 
@@ -141,25 +137,25 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: score_files' own)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--decode-on", choices=("workers", "device"), default="workers")
-    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="the model's dtype")
     args = parser.parse_args()
     device = torch.device(args.device)
     workers = args.workers if args.workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
 
     model, processor = load_model(args.model)
-    model.to(device)
+    model.to(device, PRECISIONS[args.precision])
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"# torch {torch.__version__}, {where}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
         f"{workers} workers, JPEGs decoded on {args.decode_on}, {args.precision}, {time.strftime('%Y-%m-%d')}; "
         f"model {args.model}, batch {args.batch_size}, {args.images} JPEG photos of mixed sizes\n"
     )
-    options = {"decode_on": args.decode_on, "precision": args.precision}
+    options = {"decode_on": args.decode_on}
     with tempfile.TemporaryDirectory() as folder:
         paths = write_photos(Path(folder), args.images)
         megapixels = sum(np.prod(Image.open(path).size) for path in paths) / 1e6 / len(paths)
         decode_rate = decode_only(paths, args.batch_size, workers, device, args.decode_on)
-        model_rate = model_only(paths, model, processor, args.batch_size, args.precision)
+        model_rate = model_only(paths, model, processor, args.batch_size)
         total_rate, scores = end_to_end(paths, model, processor, args.batch_size, workers, **options)
         single_rate, single_scores = end_to_end(paths, model, processor, 1, workers, **options)
     bound = min(decode_rate, model_rate)

@@ -7,7 +7,7 @@ The weights are random, in the official layout (no real weights exist offline): 
 the largest score difference between the two, not quality. pyiqa's download is bypassed exactly as in
 tests/test_pyiqa_plugin.py (its cache points to a temporary folder, its CLIP loader to a TorchScript archive of
 openai-clip's CLIP). Both take the same [0, 1] tensors under `torch.inference_mode()` with pyiqa's score formula;
-pyiqa always runs in float32, ours in `--precision` (autocast, on CUDA only).
+pyiqa always runs in float32, ours in `--precision` (its weights cast to that dtype, head in float32; CUDA only).
 
 The two models are timed in alternation, `--repeats` times each, and each figure is the median, so that a change of
 machine load hits both alike. Peak memory is the growth of the process's resident memory during one forward on the
@@ -38,14 +38,13 @@ from pyiqa.utils import download_util
 
 from pyiqa_plugin.qualiclip_arch import QualiCLIPHF
 from qualiclip_hf import QUALICLIP_PROMPT_PAIRS
+from qualiclip_hf.cli import PRECISIONS
 from qualiclip_hf.convert_qualiclip_checkpoint import OFFICIAL_FILENAME, convert_checkpoint
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import clip
     from clip.model import CLIP
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_both(workdir: Path, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -129,7 +128,7 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per model and setting (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="ours only; autocast on CUDA")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="ours only; CUDA only")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.precision != "fp32" and device.type != "cuda":
@@ -141,13 +140,7 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as workdir:
         theirs, ours = build_both(Path(workdir), args.device)
-        autocast = PRECISIONS[args.precision]
-
-        def run_ours(images: torch.Tensor) -> torch.Tensor:
-            if autocast is None:
-                return ours(images)
-            with torch.autocast(device.type, dtype=autocast):
-                return ours(images)
+        ours.model.to(PRECISIONS[args.precision])
 
         print(
             "| size (WxH) | batch | pyiqa img/s | ours img/s | ours / pyiqa | pyiqa peak MiB | ours peak MiB "
@@ -160,15 +153,15 @@ def main() -> None:
                 generator = torch.Generator().manual_seed(batch)
                 images = torch.rand(batch, 3, height, width, generator=generator).to(device)
                 with torch.inference_mode():
-                    theirs(images[:1]), run_ours(images[:1])  # warm-up: kernel selection
+                    theirs(images[:1]), ours(images[:1])  # warm-up: kernel selection
                     with PeakMemory(device) as theirs_memory:
                         theirs_scores = theirs(images).float().flatten().cpu()
                     with PeakMemory(device) as ours_memory:
-                        ours_scores = run_ours(images).float().flatten().cpu()
+                        ours_scores = ours(images).float().flatten().cpu()
                     theirs_times, ours_times = [], []
                     for _ in range(args.repeats):
                         theirs_times.append(timed(theirs, images))
-                        ours_times.append(timed(run_ours, images))
+                        ours_times.append(timed(ours, images))
                 theirs_rate = batch / statistics.median(theirs_times)
                 ours_rate = batch / statistics.median(ours_times)
                 diff = (theirs_scores - ours_scores).abs().max().item()

@@ -12,9 +12,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .scoring import DECODE_PLACES, PRECISIONS, ScoreResult
+from .scoring import DECODE_PLACES, ScoreResult
 
 OUTPUT_FORMATS = (".csv", ".json", ".jsonl")
+# `--precision`: the dtype the model is loaded in (`from_pretrained(dtype=...)`); its head stays in float32.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,8 +60,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=tuple(PRECISIONS),
         default="fp32",
-        help="bf16/fp16: run the model under autocast, for GPUs; faster there, but scores move by up to a few "
-        "thousandths (see benchmarks/RESULTS.md) (default: fp32)",
+        help="the model's dtype: bf16/fp16 are for GPUs (slower on a CPU) and move scores slightly; fp16 by less, "
+        "see benchmarks/RESULTS.md (default: fp32)",
     )
     score.add_argument(
         "--decode-on",
@@ -148,7 +150,7 @@ def _score_command(args: argparse.Namespace) -> int:
     if not paths:
         print(f"qualiclip: no image files found in {' '.join(args.paths)}", file=sys.stderr)
         return 1
-    loaded = _load_for_command(args.model, device)
+    loaded = _load_for_command(args.model, device, PRECISIONS[args.precision])
     if loaded is None:
         return 2
     model, processor = loaded
@@ -164,7 +166,6 @@ def _score_command(args: argparse.Namespace) -> int:
         batch_size=batch_size,
         max_size=args.max_size,
         max_pixels=max_pixels,
-        precision=args.precision,
         decode_on=args.decode_on,
     )
     try:
@@ -197,23 +198,28 @@ def _pick_device(choice: str) -> torch.device | None:
     return torch.device(choice)
 
 
-def _load_for_command(name: str, device: torch.device) -> tuple | None:
+def _load_for_command(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple | None:
     """`load_model_and_processor`, or None after telling the user why the model cannot be loaded."""
     try:
-        return load_model_and_processor(name, device)
+        return load_model_and_processor(name, device, dtype)
     except (OSError, ValueError) as error:
         print(f"qualiclip: cannot load model '{name}': {error}", file=sys.stderr)
         return None
 
 
-def load_model_and_processor(name: str, device: torch.device | str = "cpu") -> tuple:
-    """Loads a `QualiCLIPModel` in eval mode and its processor from a name `resolve_pretrained` understands."""
+def load_model_and_processor(
+    name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple:
+    """
+    Loads a `QualiCLIPModel` in eval mode and its processor from a name `resolve_pretrained` understands. In a
+    half-precision `dtype` the image tower runs in that dtype and the score head in float32.
+    """
     from .modeling_qualiclip import QualiCLIPModel
     from .pretrained import resolve_pretrained
     from .processing_qualiclip import QualiCLIPProcessor
 
     path = resolve_pretrained(name)
-    model = QualiCLIPModel.from_pretrained(path).to(device).eval()
+    model = QualiCLIPModel.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, QualiCLIPProcessor.from_pretrained(path)
 
 

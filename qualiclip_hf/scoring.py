@@ -19,8 +19,6 @@ from .modeling_qualiclip import QualiCLIPModel
 from .processing_qualiclip import QualiCLIPProcessor
 
 IMAGE_EXTENSIONS = IMAGE_FILE_SUFFIXES
-# What `score_files(precision=...)` and `qualiclip score --precision` accept: the dtype of autocast, None for none.
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DECODE_PLACES = ("workers", "device")
 
 
@@ -121,7 +119,6 @@ def score_files(
     num_workers: int | None = None,
     max_size: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    precision: str = "fp32",
     decode_on: str = "workers",
 ) -> Iterator[ScoreResult]:
     """
@@ -131,15 +128,11 @@ def score_files(
     files of more pixels before decoding them (see `read_image`).
 
     Args:
-        precision: `"fp32"`, or `"bf16"` / `"fp16"` to run the model under `torch.autocast` (for GPUs; the head
-            stays in float32, yet scores move: see benchmarks/RESULTS.md for the measured differences).
         decode_on: `"workers"` (Pillow, in the worker processes) or `"device"`: the workers only read JPEG files
             and TorchCodec decodes them in batches on the model's device (nvJPEG on CUDA); other files are still
             decoded by Pillow in the workers. On a CPU, `"device"` decodes in the main process. Needs `torchcodec`
             (`pip install "qualiclip-hf[decode]"`).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if decode_on not in DECODE_PLACES:
         raise ValueError(f"decode_on must be one of {', '.join(DECODE_PLACES)}, got {decode_on!r}")
     decode_jpeg = _device_jpeg_decoder() if decode_on == "device" else None
@@ -164,7 +157,7 @@ def score_files(
         for index, error in _too_small(decoded, model.min_image_size, max_size, paths):
             results[index].error = error
         decoded = [(index, image) for index, image in decoded if results[index].error is None]
-        for index, outcome in _score_decoded(decoded, model, processor, max_size, paths, PRECISIONS[precision]):
+        for index, outcome in _score_decoded(decoded, model, processor, max_size, paths):
             if isinstance(outcome, float):
                 results[index].score = outcome
             else:
@@ -234,12 +227,11 @@ def _score_decoded(
     processor: QualiCLIPProcessor,
     max_size: int | None,
     paths: list[Path],
-    autocast_dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[int, float | str]]:
     if not decoded:
         return
     try:
-        scores = _run_model([image for _, image in decoded], model, processor, max_size, autocast_dtype)
+        scores = _run_model([image for _, image in decoded], model, processor, max_size)
     except (RuntimeError, ValueError) as error:
         if len(decoded) == 1:
             index, image = decoded[0]
@@ -248,7 +240,7 @@ def _score_decoded(
         # The batch failed as a whole (out of memory, say): score the images one by one so that each gets its
         # own outcome.
         for item in decoded:
-            yield from _score_decoded([item], model, processor, max_size, paths, autocast_dtype)
+            yield from _score_decoded([item], model, processor, max_size, paths)
         return
     yield from ((index, score) for (index, _), score in zip(decoded, scores, strict=True))
 
@@ -265,12 +257,7 @@ def _failure_message(path: Path, image: torch.Tensor, error: Exception) -> str:
 
 
 def _run_model(
-    images: list[torch.Tensor],
-    model: QualiCLIPModel,
-    processor: QualiCLIPProcessor,
-    max_size: int | None,
-    autocast_dtype: torch.dtype | None = None,
+    images: list[torch.Tensor], model: QualiCLIPModel, processor: QualiCLIPProcessor, max_size: int | None
 ) -> list[float]:
     inputs = processor(images=images, return_tensors="pt", max_size=max_size).to(model.device)
-    with torch.autocast(model.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        return model(**inputs).quality_score.float().cpu().tolist()
+    return model(**inputs).quality_score.float().cpu().tolist()

@@ -96,7 +96,7 @@ def test_max_size_is_applied(folder, tiny_model_dir, tmp_path):
     assert capped != pytest.approx(full, abs=1e-9)
 
 
-def test_precision_and_decode_place_reach_the_scoring(folder, tiny_model_dir, tmp_path):
+def test_precision_and_decode_place_reach_the_model(folder, tiny_model_dir, tmp_path):
     def scores(*options: str) -> dict[str, float | None]:
         output = tmp_path / "scores.json"
         main(["score", str(folder), "--model", str(tiny_model_dir), "--output", str(output), *options])
