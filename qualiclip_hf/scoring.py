@@ -197,7 +197,7 @@ def _decode_jpegs(
             return
         index = encoded[0][0]
         try:
-            yield index, read_image(paths[index], max_pixels)
+            yield index, read_image(paths[index], max_pixels).to(device)  # on the device, as its batch companions
         except ValueError as error:
             yield index, str(error)
         return
