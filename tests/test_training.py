@@ -162,12 +162,14 @@ def launch(config_path: Path, *args: str, processes: int = 1) -> None:
 
 
 def test_accelerate_launch_trains_on_two_cpu_processes(pristine_folder, tmp_path):
-    # Degrading "on the accelerator" (here the CPU, in the training processes) while the resume test uses workers.
-    launch(write_config(tmp_path, pristine_folder, degrade_on="accelerator"), processes=2)
+    # Degrading "on the accelerator" (here the CPU, in the training processes) while the resume test uses workers;
+    # asked for on the command line, over the configuration's choice.
+    launch(write_config(tmp_path, pristine_folder, degrade_on="workers"), "--degrade-on", "accelerator", processes=2)
     run = tmp_path / "run"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2", "step_3"]
     summary = json.loads((run / "final" / "training_summary.json").read_text())
     assert summary["steps"] == 3 and summary["skipped_images"] >= 1
+    assert summary["config"]["degrade_on"] == "accelerator"
     model = QualiCLIPModel.from_pretrained(run / "final")
     with torch.no_grad():
         assert model.eval()(torch.rand(1, 3, 64, 64)).quality_score.shape == (1,)

@@ -296,12 +296,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the final model to this Hub repository")
     parser.add_argument("--max-steps", type=int, help="override max_steps")
     parser.add_argument("--output-dir", help="override output_dir")
+    parser.add_argument(
+        "--degrade-on", choices=("auto", "workers", "accelerator"), help="override degrade_on (compare the two)"
+    )
     args = parser.parse_args(argv)
     config = load_config(args.config)
     if args.max_steps is not None:
         config.max_steps = args.max_steps
     if args.output_dir is not None:
         config.output_dir = args.output_dir
+    if args.degrade_on is not None:
+        config.degrade_on = args.degrade_on
     if not math.isfinite(config.learning_rate) or config.learning_rate <= 0:
         raise ValueError("learning_rate must be positive")
     train(config, resume=args.resume, push_to_hub=args.push_to_hub)
