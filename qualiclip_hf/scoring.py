@@ -77,7 +77,9 @@ class _ImageFiles(Dataset):
     model's device; every other file is decoded here by Pillow.
     """
 
-    def __init__(self, paths: list[Path], max_pixels: int | None = DEFAULT_MAX_PIXELS, jpeg_as_bytes: bool = False):
+    def __init__(
+        self, paths: list[Path], max_pixels: int | None = DEFAULT_MAX_PIXELS, jpeg_as_bytes: bool = False
+    ) -> None:
         self.paths = paths
         self.max_pixels = max_pixels
         self.jpeg_as_bytes = jpeg_as_bytes
@@ -96,8 +98,10 @@ class _ImageFiles(Dataset):
 
 
 def _is_plain_jpeg(path: Path, max_pixels: int | None) -> bool:
-    """Whether TorchCodec's decoder reads the file as Pillow does. Anything else (CMYK, other formats, too many
-    pixels, unreadable) goes to `read_image`, whose errors name the cause. Reads the header only."""
+    """
+    Whether TorchCodec's decoder reads the file as Pillow does. Anything else (CMYK, other formats, too many pixels,
+    unreadable) goes to `read_image`, whose errors name the cause. Reads the header only.
+    """
     try:
         with warnings.catch_warnings(), Image.open(path) as image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -183,9 +187,11 @@ def _decode_jpegs(
     paths: list[Path],
     max_pixels: int | None,
 ) -> Iterator[tuple[int, torch.Tensor | str]]:
-    """Decodes JPEG bytes on `device` in one batch (TorchCodec applies the EXIF orientation, as `read_image` does);
-    a file the batch fails on is decoded alone, and one that TorchCodec cannot decode goes to Pillow
-    (`read_image`), which decodes it or names the cause."""
+    """
+    Decodes JPEG bytes on `device` in one batch (TorchCodec applies the EXIF orientation, as `read_image` does). A
+    file the batch fails on is decoded alone, and one that TorchCodec cannot decode goes to Pillow (`read_image`),
+    which decodes it or names the cause.
+    """
     if not encoded:
         return
     try:
