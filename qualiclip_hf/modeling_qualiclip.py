@@ -445,7 +445,11 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
                 f"runs when such a file is unpickled) or is corrupt; only torch.load(weights_only=True) is used "
                 f"({str(error).splitlines()[-1]})"
             ) from None
-        problems = {"missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"])}
+        problems = {
+            "missing": sorted(info["missing_keys"]),
+            "unexpected": sorted(info["unexpected_keys"]),
+            "load errors": list(info.get("error_msgs") or []),
+        }
         if not ignore_mismatched_sizes:
             problems["of another shape (file vs model)"] = [
                 f"{key} {tuple(file_shape)} vs {tuple(model_shape)}"
@@ -549,10 +553,8 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
         statistics depend on it; on a GPU, whole batches are what keeps it busy.
         """
         batch_size, _, height, width = pixel_values.shape
-        if self.training or pixel_values.device.type != "cpu" or batch_size == 1:
-            return self.vision_model(pixel_values)
         chunk = max(1, CPU_CHUNK_PIXELS // (height * width))
-        if chunk >= batch_size:
+        if self.training or pixel_values.device.type != "cpu" or chunk >= batch_size:
             return self.vision_model(pixel_values)
         return torch.cat([self.vision_model(images) for images in pixel_values.split(chunk)])
 

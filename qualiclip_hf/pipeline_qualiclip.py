@@ -8,13 +8,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader
 from transformers import Pipeline
 from transformers.image_utils import load_image
 from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 
-from .image_processing_qualiclip import pad_to_common_size, to_viewable_rgb
+from .image_processing_qualiclip import load_image as load_image_file
+from .image_processing_qualiclip import pad_to_common_size
 
 IMAGE_QUALITY_TASK = "image-quality-assessment"
 GOOD_LABEL, BAD_LABEL = "good", "bad"
@@ -138,19 +139,15 @@ def _load(image: Any, timeout: float | None) -> Image.Image | np.ndarray | torch
     if isinstance(image, str):
         if image.startswith(("http://", "https://", "data:image/")):
             return load_image(image, timeout=timeout)
-        if os.path.isdir(image):
-            raise ValueError("is a directory, not an image")
-        if not os.path.isfile(image):
+        if not os.path.lexists(image):
             try:  # transformers' pipelines also take base64-encoded images as strings
                 return load_image(image, timeout=timeout)
             except Exception:
                 raise ValueError("no such file (nor a URL or base64-encoded image)") from None
-        try:
-            with Image.open(image) as opened:
-                opened.load()  # decode now, while the file is open: a truncated file fails here
-                return to_viewable_rgb(opened)
-        except UnidentifiedImageError:
-            raise ValueError("not an image file, or a format no installed reader supports") from None
+        try:  # the processor's reader: EXIF, transparency, pixel limit, errors naming the cause
+            return load_image_file(image)
+        except ValueError as error:  # the caller names the input; the reader's message starts with the path
+            raise ValueError(str(error).removeprefix(f"{Path(image)}: ")) from None
     if isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):
         return image
     raise TypeError(f"unsupported input type {type(image).__name__}; give a path, URL, PIL image or array")
