@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 from pathlib import Path
 from typing import Any
@@ -11,11 +13,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 from transformers import Pipeline
-from transformers.image_utils import load_image
 from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 
-from .image_processing_qualiclip import load_image as load_image_file
 from .image_processing_qualiclip import pad_to_common_size
+from .image_reader import decode_file
 
 IMAGE_QUALITY_TASK = "image-quality-assessment"
 GOOD_LABEL, BAD_LABEL = "good", "bad"
@@ -38,14 +39,16 @@ class ImageQualityAssessmentPipeline(Pipeline):
     >>> judge(["a.jpg", "b.png"], batch_size=2)  # one list per image; images may differ in size
     ```
 
-    Inputs: a local path, an `http(s)://` URL or base64 string (read by transformers' `load_image`), a PIL image, or
-    an RGB array/tensor; or a list of them. Images keep their resolution unless `max_size` caps the longest side.
+    Inputs: a local path, the bytes of an image file, an `http(s)://` URL, a base64 string (optionally a `data:`
+    URL), a PIL image, or an array/tensor (see [`QualiCLIPImageProcessor`]: floating point in [0, 1]); or a list of
+    them. Every file and byte string is read by the same image reader as `qualiclip score` (`image_reader`).
+    Images keep their resolution unless `max_size` caps the longest side.
 
     Call arguments:
         top_k (`int`, *optional*): return the `top_k` most likely labels, sorted by score as image classification
             does. Without it, both labels come back, `"good"` first, so `result[0]["score"]` is always the quality.
-        max_size (`int`, *optional*): downscale images whose longest side exceeds this many pixels.
         timeout (`float`, *optional*): seconds to wait for an image URL.
+        Any option of the image processor (`max_size`, `convert_icc`, `do_rescale`, ...): passed to it.
     """
 
     _load_processor = False
@@ -54,11 +57,16 @@ class ImageQualityAssessmentPipeline(Pipeline):
     _load_tokenizer = False
 
     def _sanitize_parameters(
-        self, top_k: int | None = None, max_size: int | None = None, timeout: float | None = None
+        self, top_k: int | None = None, timeout: float | None = None, **image_processor_kwargs: Any
     ) -> tuple[dict, dict, dict]:
-        preprocess_params: dict[str, Any] = {}
-        if max_size is not None:
-            preprocess_params["max_size"] = max_size
+        accepted = self.image_processor.valid_kwargs.__annotations__
+        unknown = [key for key in image_processor_kwargs if key not in accepted]
+        if unknown:
+            raise TypeError(
+                f"unexpected argument(s) {', '.join(map(repr, unknown))}; the pipeline takes top_k, timeout and the "
+                f"image processor's options ({', '.join(sorted(accepted))})"
+            )
+        preprocess_params: dict[str, Any] = {"image_processor_kwargs": image_processor_kwargs}
         if timeout is not None:
             preprocess_params["timeout"] = timeout
         postprocess_params: dict[str, Any] = {}
@@ -77,20 +85,14 @@ class ImageQualityAssessmentPipeline(Pipeline):
             inputs = list(inputs)
         return super().__call__(inputs, **kwargs)
 
-    def preprocess(self, image: Any, max_size: int | None = None, timeout: float | None = None) -> dict:
+    def preprocess(self, image: Any, timeout: float | None = None, image_processor_kwargs: dict | None = None) -> dict:
         name = _describe(image)
         try:
             loaded = _load(image, timeout)
-            inputs = self.image_processor(images=loaded, return_tensors="pt", max_size=max_size)
+            inputs = self.image_processor(images=loaded, return_tensors="pt", **(image_processor_kwargs or {}))
         except (OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError) as error:
             cause = str(error).removeprefix(f"{name}: ")
             raise ValueError(f"cannot read image {name}: {cause}") from None
-        height, width = inputs["image_sizes"][0].tolist()
-        minimum = getattr(self.model, "min_image_size", 32)
-        if min(height, width) < minimum:
-            raise ValueError(
-                f"image {name} is {height}x{width} pixels, smaller than the model's {minimum}x{minimum} minimum"
-            )
         return {"pixel_values": inputs["pixel_values"].to(self.dtype), "image_sizes": inputs["image_sizes"]}
 
     def _forward(self, model_inputs: dict) -> dict:
@@ -133,28 +135,44 @@ def _collate(items: list[dict]) -> dict:
 
 
 def _load(image: Any, timeout: float | None) -> Image.Image | np.ndarray | torch.Tensor:
-    """A PIL image (decoded now, so a broken file fails here), or an array/tensor passed through unchanged."""
+    """Files, bytes, URLs and base64 text read by the image reader; PIL images and arrays passed on unchanged."""
     if isinstance(image, Path):
         image = str(image)
     if isinstance(image, str):
-        if image.startswith(("http://", "https://", "data:image/")):
-            return load_image(image, timeout=timeout)
-        if not os.path.lexists(image):
-            try:  # transformers' pipelines also take base64-encoded images as strings
-                return load_image(image, timeout=timeout)
-            except Exception:
-                raise ValueError("no such file (nor a URL or base64-encoded image)") from None
-        try:  # the processor's reader: EXIF, transparency, pixel limit, errors naming the cause
-            return load_image_file(image)
-        except ValueError as error:  # the caller names the input; the reader's message starts with the path
-            raise ValueError(str(error).removeprefix(f"{Path(image)}: ")) from None
+        if image.startswith(("http://", "https://")):
+            from huggingface_hub import get_session
+
+            response = get_session().get(image, timeout=timeout)
+            response.raise_for_status()
+            return _open_named(response.content, image)
+        if os.path.lexists(image):
+            return _open_named(image, image)
+        text = image.split(",", 1)[1] if image.startswith("data:") else image
+        try:  # transformers' pipelines also take base64-encoded images as strings
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("no such file (nor a URL or base64-encoded image)") from None
+        return _open_named(data, None)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return _open_named(image, None)
     if isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):
         return image
-    raise TypeError(f"unsupported input type {type(image).__name__}; give a path, URL, PIL image or array")
+    raise TypeError(f"unsupported input type {type(image).__name__}; give a path, URL, bytes, PIL image or array")
+
+
+def _open_named(source: Any, name: str | None) -> Image.Image:
+    # The caller names the input; the reader's message starts with the path (or the byte count).
+    try:
+        return decode_file(source)  # the image processor makes it viewable (orientation, profile, ...)
+    except ValueError as error:
+        prefix = f"{Path(name)}: " if name is not None else f"<{len(source)} bytes>: "
+        raise ValueError(str(error).removeprefix(prefix)) from None
 
 
 def _describe(image: Any) -> str:
     """How an input is named in error messages: the path or URL, or what the object is."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return f"({len(image)} bytes)"
     if isinstance(image, (str, Path)):
         text = str(image)
         return repr(text if len(text) <= 200 else text[:100] + "...")
