@@ -140,10 +140,11 @@ def explain_image(
         if not isinstance(image, Image.Image):
             image = Image.fromarray(np.asarray(image))
         pixels = torch.from_numpy(np.array(to_viewable_rgb(image))).permute(2, 0, 1)
+    # The processor downscales (the one resize of every entry point, in floating point), so the score is the one
+    # every other way in gives; the returned image is that downscaled picture rounded to 8 bits for display.
+    pixel_values = processor(images=[pixels], return_tensors="pt", max_size=max_size)["pixel_values"]
     if max_size is not None:
-        # Downscaled here rather than by the processor, so that the returned image is exactly what the model saw.
-        pixels = limit_longest_side(pixels[None].float(), max_size)[0].round_().clamp_(0, 255).to(torch.uint8)
-    pixel_values = processor(images=[pixels], return_tensors="pt")["pixel_values"]
+        pixels = limit_longest_side(pixels[None].float() / 255, max_size)[0].mul_(255).round_().to(torch.uint8)
     heatmaps, scores = grad_cam(model, pixel_values, target_layer)
     image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
     return QualityExplanation(score=float(scores[0]), heatmap=heatmaps[0].numpy(), image=image)

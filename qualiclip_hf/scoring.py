@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -14,11 +15,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .image_processing_qualiclip import DEFAULT_MAX_PIXELS, IMAGE_FILE_SUFFIXES, load_image
+from .image_reader import DEFAULT_MAX_PIXELS, find_image_files, open_image
 from .modeling_qualiclip import QualiCLIPModel
 from .processing_qualiclip import QualiCLIPProcessor
 
-IMAGE_EXTENSIONS = IMAGE_FILE_SUFFIXES
+logger = logging.getLogger(__name__)
 DECODE_PLACES = ("workers", "device")
 
 
@@ -34,30 +35,35 @@ class ScoreResult:
 def collect_image_paths(inputs: Iterable[str | Path], recursive: bool = False) -> list[Path]:
     """
     Expands the command-line inputs: a file is taken as given (an unreadable one gets an error later, not
-    silently dropped); a directory contributes its files with an image extension, sorted, descending into
-    subdirectories only when `recursive`. A path that does not exist is kept, so it is reported as an error.
+    silently dropped); a directory contributes its files whose extension an installed reader opens
+    (`image_reader.image_file_extensions`: Pillow's registered extensions, any case), sorted, descending into
+    subdirectories only when `recursive`; the number of its other files, skipped, is logged as a warning. A path
+    that does not exist is kept, so it is reported as an error.
     """
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            pattern = "**/*" if recursive else "*"
-            found = (p for p in item.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
-            paths.extend(sorted(found))
+            images, skipped = find_image_files(item, recursive)
+            if skipped:
+                examples = ", ".join(path.name for path in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+                logger.warning("%s: skipped %d file(s) that are not images (%s)", item, len(skipped), examples)
+            paths.extend(images)
         else:
             paths.append(item)
     return paths
 
 
-def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS, convert_icc: bool = True) -> torch.Tensor:
     """
-    Decodes an image file to a `(3, height, width)` uint8 RGB tensor as `load_image` reads it: EXIF orientation
-    applied, first frame of animations, transparency composited onto white, 16-bit scaled to 8 bits; files of more
-    than `max_pixels` pixels refused before decoding.
+    Decodes an image file to a `(3, height, width)` uint8 RGB tensor as `image_reader.open_image` reads it (bit
+    depth from the header, EXIF orientation, ICC profile to sRGB unless `convert_icc=False`, first shown frame,
+    transparency composited onto white, truncation refused); files of more than `max_pixels` pixels refused before
+    decoding.
 
     Raises:
         ValueError: naming the file and the cause (missing, a directory, empty, not an image, truncated, too large).
     """
-    array = np.asarray(load_image(path, max_pixels=max_pixels))
+    array = np.asarray(open_image(path, max_pixels=max_pixels, convert_icc=convert_icc))
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
@@ -78,11 +84,16 @@ class _ImageFiles(Dataset):
     """
 
     def __init__(
-        self, paths: list[Path], max_pixels: int | None = DEFAULT_MAX_PIXELS, jpeg_as_bytes: bool = False
+        self,
+        paths: list[Path],
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        jpeg_as_bytes: bool = False,
+        convert_icc: bool = True,
     ) -> None:
         self.paths = paths
         self.max_pixels = max_pixels
         self.jpeg_as_bytes = jpeg_as_bytes
+        self.convert_icc = convert_icc
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -90,17 +101,20 @@ class _ImageFiles(Dataset):
     def __getitem__(self, index: int) -> _FileItem:
         path = self.paths[index]
         try:
-            if self.jpeg_as_bytes and _is_plain_jpeg(path, self.max_pixels):
-                return _FileItem(index, jpeg=torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8))
-            return _FileItem(index, image=read_image(path, self.max_pixels))
+            if self.jpeg_as_bytes and _is_plain_jpeg(path, self.max_pixels, self.convert_icc):
+                data = path.read_bytes()
+                if data.endswith(b"\xff\xd9"):  # a file without its end marker goes to the reader's rule
+                    return _FileItem(index, jpeg=torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            return _FileItem(index, image=read_image(path, self.max_pixels, self.convert_icc))
         except (ValueError, OSError) as error:
             return _FileItem(index, error=str(error) if isinstance(error, ValueError) else f"{path}: {error}")
 
 
-def _is_plain_jpeg(path: Path, max_pixels: int | None) -> bool:
+def _is_plain_jpeg(path: Path, max_pixels: int | None, convert_icc: bool = True) -> bool:
     """
-    Whether TorchCodec's decoder reads the file as Pillow does. Anything else (CMYK, other formats, too many pixels,
-    unreadable) goes to `read_image`, whose errors name the cause. Reads the header only.
+    Whether TorchCodec's decoder reads the file as the image reader does. Anything else (CMYK, an ICC profile to
+    convert, other formats, too many pixels, unreadable) goes to `read_image`, whose errors name the cause. Reads
+    the header only.
     """
     try:
         with warnings.catch_warnings(), Image.open(path) as image:
@@ -110,6 +124,7 @@ def _is_plain_jpeg(path: Path, max_pixels: int | None) -> bool:
                 image.format == "JPEG"
                 and image.mode in ("RGB", "L")
                 and (max_pixels is None or width * height <= max_pixels)
+                and not (convert_icc and image.info.get("icc_profile"))
             )
     except Exception:  # Pillow raises many kinds; `read_image` names the cause
         return False
@@ -124,12 +139,13 @@ def score_files(
     max_size: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     decode_on: str = "workers",
+    convert_icc: bool = True,
 ) -> Iterator[ScoreResult]:
     """
     Scores image files, yielding one [`ScoreResult`] per path in order. Decoding runs in `num_workers` background
     processes (default: up to 4, one per spare core) while the model works. A file that cannot be read or scored
     gets its `error` and the others go on. `max_size` downscales large images before scoring; `max_pixels` refuses
-    files of more pixels before decoding them (see `read_image`).
+    files of more pixels before decoding them, and `convert_icc=False` ignores colour profiles (see `read_image`).
 
     Args:
         decode_on: `"workers"` (Pillow, in the worker processes) or `"device"`: the workers only read JPEG files
@@ -143,7 +159,7 @@ def score_files(
     if num_workers is None:
         num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
     loader = DataLoader(
-        _ImageFiles(paths, max_pixels, jpeg_as_bytes=decode_on == "device"),
+        _ImageFiles(paths, max_pixels, jpeg_as_bytes=decode_on == "device", convert_icc=convert_icc),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=list,
@@ -158,7 +174,7 @@ def score_files(
                 decoded.append((index, outcome))
             else:
                 results[index].error = outcome
-        for index, error in _too_small(decoded, model.min_image_size, max_size, paths):
+        for index, error in _too_small(decoded, processor, max_size, paths):
             results[index].error = error
         decoded = [(index, image) for index, image in decoded if results[index].error is None]
         for index, outcome in _score_decoded(decoded, model, processor, max_size, paths):
@@ -211,19 +227,14 @@ def _decode_jpegs(
 
 
 def _too_small(
-    decoded: list[tuple[int, torch.Tensor]], min_size: int, max_size: int | None, paths: list[Path]
+    decoded: list[tuple[int, torch.Tensor]], processor: QualiCLIPProcessor, max_size: int | None, paths: list[Path]
 ) -> Iterator[tuple[int, str]]:
+    # The image processor owns the rule; checked per file here so that one small image does not fail its batch.
     for index, image in decoded:
-        height, width = image.shape[-2:]
-        scale = 1.0 if max_size is None else min(1.0, max_size / max(height, width))
-        if min(height, width) * scale < min_size:
-            yield (
-                index,
-                (
-                    f"{paths[index]}: {width}x{height} pixels is below the model's {min_size}x{min_size} minimum"
-                    + (f" after --max-size {max_size}" if scale < 1 else "")
-                ),
-            )
+        try:
+            processor.image_processor.check_size(*image.shape[-2:], max_size=max_size)
+        except ValueError as error:
+            yield index, f"{paths[index]}: {error}"
 
 
 @torch.inference_mode()
@@ -259,6 +270,8 @@ def _failure_message(path: Path, image: torch.Tensor, error: Exception) -> str:
             f"{path}: not enough memory to score {width}x{height} pixels at full resolution; downscale large images "
             "with --max-size (for example --max-size 2048; `max_size=2048` in Python)"
         )
+    if isinstance(error, ValueError):  # the processor's checks say what is wrong with the image
+        return f"{path}: {text}"
     return f"{path}: scoring failed: {text}"
 
 
