@@ -1,8 +1,15 @@
 """QualiCLIP and QualiCLIP+ from `qualiclip_hf` as a pyiqa arch.
 
 pyiqa hands an arch `(batch_size, 3, height, width)` RGB tensors in [0, 1] (already checked by its
-`InferenceModel`) and expects one score per image, `(batch_size, 1)`. This arch normalises the images the CLIP way
-and runs `QualiCLIPModel` on them at their full resolution, as pyiqa's built-in QualiCLIP does.
+`InferenceModel`) and expects one score per image, `(batch_size, 1)`. This arch applies the image processor's
+per-image rules to them (`QualiCLIPImageProcessor.prepare_pixels`: minimum size, the one resize, CLIP's
+normalisation), so a tensor scores exactly as through the processor, and runs `QualiCLIPModel` at full resolution
+unless `max_size` is given, as pyiqa's built-in QualiCLIP does.
+
+Files: `pyiqa.create_metric(...)(path)` reads a file with pyiqa's own reader (`pyiqa.utils.imread2tensor`: PIL,
+converted to RGB), not `qualiclip_hf`'s image reader, so pyiqa's conventions hold there: no colour management,
+transparency dropped, 16-bit files as Pillow converts them. For `qualiclip_hf`'s reading rules, read the file with
+`qualiclip_hf.image_reader.open_image` and pass the tensor.
 """
 
 from __future__ import annotations
@@ -12,11 +19,8 @@ from typing import Any
 import torch
 from pyiqa.utils import get_root_logger
 from torch import nn
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from qualiclip_hf import QualiCLIPModel
-from qualiclip_hf.image_processing_qualiclip import limit_longest_side
-from qualiclip_hf.modeling_qualiclip import VISION_STRIDE
+from qualiclip_hf import QualiCLIPImageProcessor, QualiCLIPModel
 from qualiclip_hf.pretrained import resolve_pretrained
 
 # pyiqa's QualiCLIP metrics, each with the dataset its QualiCLIP+ context was learned on (None: plain QualiCLIP).
@@ -72,22 +76,21 @@ class QualiCLIPHF(nn.Module):
             raise ValueError(f"unknown model_type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
         if not pretrained:
             raise ValueError("QualiCLIPHF always loads weights; choose them with pretrained_model_name_or_path")
-        if max_size is not None and max_size < VISION_STRIDE:
-            raise ValueError(f"max_size must be at least the image tower's minimum of {VISION_STRIDE}, got {max_size}")
 
         source = self._weights_location(model_type, pretrained_model_name_or_path)
+        self.image_processor = QualiCLIPImageProcessor.from_pretrained(source)
+        self.image_processor.check_max_size(max_size)
         self.model = QualiCLIPModel.from_pretrained(source).eval()
         # A metric, also when used as a loss: gradients flow to the images, never into the weights.
         self.model.requires_grad_(False)
         self.max_size = max_size
-        self.logit_scale = self._resolve_logit_scale(logit_scale)
-        self.register_buffer("image_mean", torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("image_std", torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        # The score formula is part of the loaded model's configuration, so `forward` runs the model as configured.
+        self.model.config.logit_scale = self._resolve_logit_scale(logit_scale)
         get_root_logger().info(
             "QualiCLIPHF: %s weights from %s, logit scale %.4g",
             model_type,
             pretrained_model_name_or_path,
-            self.logit_scale,
+            self.model.config.logit_scale,
         )
 
     @staticmethod
@@ -98,6 +101,11 @@ class QualiCLIPHF(nn.Module):
 
             return str(official_plus_model_dir(dataset))
         return resolve_pretrained(name)
+
+    @property
+    def logit_scale(self) -> float:
+        """The multiplier of the cosine similarities, as set on the model's configuration."""
+        return self.model.config.logit_scale
 
     def _resolve_logit_scale(self, logit_scale: str | float) -> float:
         config = self.model.config
@@ -129,12 +137,8 @@ class QualiCLIPHF(nn.Module):
         _check_images(x)
         if x.shape[1] == 1:  # pyiqa accepts grey images; CLIP sees them as RGB with equal channels
             x = x.expand(-1, 3, -1, -1)
-        x = x.float()
-        if self.max_size is not None:
-            # Clamped: bicubic overshoots at edges, and the processor's rounding to uint8 clamps the same way.
-            x = limit_longest_side(x, self.max_size).clamp(0, 1)
-        pixel_values = (x - self.image_mean) / self.image_std
-        return self.model(pixel_values, logit_scale=self.logit_scale).quality_score[:, None]
+        pixel_values = self.image_processor.prepare_pixels(x.float(), self.max_size)
+        return self.model(pixel_values).quality_score[:, None]
 
 
 def _check_images(x: Any) -> None:
