@@ -1,22 +1,27 @@
 """
-Custom handler for Hugging Face Inference Endpoints: QualiCLIP quality scores as an image-classification answer.
+Custom handler for Hugging Face Inference Endpoints: the `image-quality-assessment` pipeline behind an Endpoint.
 
 The Hub's hosted widget and the default Endpoint container do not run custom model code; this file, at the root of
-the model repository, makes an Endpoint serve the model. The request body is either an image file (the container
-decodes it to a PIL image) or JSON:
+the model repository, makes an Endpoint serve the model. It is a thin layer over the pipeline
+(`ImageQualityAssessmentPipeline`), which owns reading the images, the per-image rules and the labels. The request
+body is either an image file (the container decodes it to a PIL image) or JSON:
 
     {"inputs": "<base64 image>" | ["<base64>", ...], "parameters": {"max_size": 1024}}
 
-The answer has the shape of an image-classification pipeline's, two labels sorted by score:
+`parameters` are the pipeline's image options (`max_size`, `convert_icc`). The answer is the pipeline's in the
+image-classification schema, two labels sorted by score:
 
     [{"label": "good", "score": 0.83}, {"label": "bad", "score": 0.17}]
 
 where the "good" score is the QualiCLIP quality score in [0, 1] (higher is better) and "bad" is its complement.
-A list of inputs gives a list of such answers; an input that cannot be decoded or scored gets
-`[{"error": "<reason>"}]` in its place and the others are still scored. A single input that fails raises
-`ValueError` with the reason (the Endpoint answers it as a client error).
+A list of inputs gives a list of such answers, scored in one batch; when the batch fails, each input is scored on
+its own, so one that cannot be decoded or scored gets `[{"error": "input N: <reason>"}]` in its place and the others
+are still scored. A single input that fails raises `ValueError` with the reason (the Endpoint answers it as a
+client error).
 
-With the `qualiclip_hf` package installed its classes are used; otherwise the model is loaded with
+Strings are base64 only: an Endpoint never reads a path of its own disk or fetches a URL for a client.
+
+With the `qualiclip_hf` package installed its classes are used; otherwise the model and pipeline are loaded with
 `trust_remote_code=True` from the code files saved in the repository.
 """
 
@@ -24,15 +29,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
-from transformers import AutoModel, AutoProcessor
+from PIL import Image
+from transformers import pipeline
 
-LABELS = ("good", "bad")
+# The pipeline's task (`IMAGE_QUALITY_TASK`; saved folders declare it in `custom_pipelines`, for remote code).
+TASK = "image-quality-assessment"
+# The pipeline's image options a request may set; anything else is refused.
+PARAMETERS = ("max_size", "convert_icc")
 
 
 class EndpointHandler:
@@ -43,105 +50,81 @@ class EndpointHandler:
         """
         path = path or str(Path(__file__).resolve().parent)
         try:
-            import qualiclip_hf  # noqa: F401  (registers QualiCLIP with the Auto classes)
+            import qualiclip_hf  # noqa: F401  (registers QualiCLIP and its pipeline task)
 
             remote_code = False
         except ImportError:
             remote_code = True
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModel.from_pretrained(path, trust_remote_code=remote_code).to(self.device).eval()
-        self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=remote_code)
+        device = 0 if torch.cuda.is_available() else -1
+        self.pipeline = pipeline(TASK, model=path, trust_remote_code=remote_code, device=device)
+        self.model = self.pipeline.model
 
     def __call__(self, data: dict[str, Any]) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         """
         Args:
-            data: `{"inputs": image or list of images, "parameters": {"max_size": int}}`, where an image is a PIL
-                image, the bytes of an image file, or those bytes base64-encoded (a `data:` URL is accepted).
+            data: `{"inputs": image or list of images, "parameters": {...}}`, where an image is a PIL image, the bytes
+                of an image file, or those bytes base64-encoded (a `data:` URL is accepted).
 
         Returns:
-            For one image, `[{"label": "good", "score": q}, {"label": "bad", "score": 1 - q}]` sorted by score; for
-            a list, one such list per image (or `[{"error": ...}]`).
+            For one image, `[{"label": ..., "score": ...}, {...}]` sorted by score; for a list, one such list per
+            image (or `[{"error": ...}]`).
+
+        Raises:
+            ValueError: a malformed request, or a single input that cannot be scored, with the reason.
         """
         if not isinstance(data, dict):
             raise ValueError(f'expected a dict {{"inputs": ..., "parameters": ...}}, got {type(data).__name__}')
         inputs = data.get("inputs", data)
-        parameters = data.get("parameters") or {}
-        max_size = parameters.get("max_size")
-        if max_size is not None and (not isinstance(max_size, int) or max_size < 1):
-            raise ValueError(f"parameters.max_size must be a positive integer, got {max_size!r}")
-
-        if isinstance(inputs, (list, tuple)):
-            if not inputs:
-                raise ValueError("inputs is an empty list")
-            return self._score_many(list(inputs), max_size)
-        answer = self._score_many([inputs], max_size)[0]
-        if "error" in answer[0]:
-            raise ValueError(answer[0]["error"])
-        return answer
-
-    def _score_many(self, items: list[Any], max_size: int | None) -> list[list[dict[str, Any]]]:
-        answers: list[list[dict[str, Any]] | None] = [None] * len(items)
-        images: dict[int, Image.Image] = {}
+        options = data.get("parameters") or {}
+        unknown = [key for key in options if key not in PARAMETERS]
+        if unknown:
+            raise ValueError(f"unknown parameters {', '.join(map(repr, unknown))}; accepted: {', '.join(PARAMETERS)}")
+        if not isinstance(inputs, (list, tuple)):
+            return self._score(_as_image(inputs), options)
+        if not inputs:
+            raise ValueError("inputs is an empty list")
+        items: list[Any] = []
+        for index, item in enumerate(inputs):
+            try:
+                items.append(_as_image(item))
+            except ValueError as error:
+                items.append(ValueError(f"input {index}: {error}"))
+        valid = [item for item in items if not isinstance(item, ValueError)]
+        try:
+            scored = iter(self.pipeline(valid, batch_size=len(valid), top_k=2, **options)) if valid else iter(())
+            return [[{"error": str(item)}] if isinstance(item, ValueError) else next(scored) for item in items]
+        except (RuntimeError, ValueError):
+            pass  # the batch failed as a whole (a bad input, out of memory): each input on its own, below
+        answers = []
         for index, item in enumerate(items):
             try:
-                images[index] = self._check_size(decode_image(item), max_size)
+                if isinstance(item, ValueError):
+                    raise item
+                answers.append(self._score(item, options))
             except ValueError as error:
-                answers[index] = [{"error": f"input {index}: {error}"}]
-        if images:
-            try:
-                scores = self._run(list(images.values()), max_size)
-            except (RuntimeError, ValueError):
-                # A batch failing as a whole (out of memory, say): each image on its own gets its own outcome.
-                scores = []
-                for index, image in images.items():
-                    try:
-                        scores.extend(self._run([image], max_size))
-                    except (RuntimeError, ValueError) as error:
-                        scores.append(f"input {index}: scoring failed: {error}")
-            for index, score in zip(images, scores, strict=True):
-                answers[index] = [{"error": score}] if isinstance(score, str) else _labels(score)
+                message = str(error)
+                answers.append([{"error": message if message.startswith("input ") else f"input {index}: {message}"}])
         return answers
 
-    def _check_size(self, image: Image.Image, max_size: int | None) -> Image.Image:
-        width, height = image.size
-        scale = 1.0 if max_size is None else min(1.0, max_size / max(width, height))
-        minimum = self.model.min_image_size
-        if min(width, height) * scale < minimum:
-            raise ValueError(f"{width}x{height} pixels is below the model's {minimum}x{minimum} minimum")
-        return image
-
-    @torch.inference_mode()
-    def _run(self, images: list[Image.Image], max_size: int | None) -> list[float]:
-        inputs = self.processor(images=images, return_tensors="pt", max_size=max_size).to(self.device)
-        return self.model(**inputs).quality_score.float().cpu().tolist()
-
-
-def _labels(score: float) -> list[dict[str, Any]]:
-    answer = [{"label": LABELS[0], "score": score}, {"label": LABELS[1], "score": 1.0 - score}]
-    return sorted(answer, key=lambda entry: entry["score"], reverse=True)
-
-
-def decode_image(item: Any) -> Image.Image:
-    """
-    A PIL image, image-file bytes, or base64 text (optionally a `data:` URL) -> a decoded PIL image. Its mode and
-    EXIF orientation are left to the processor, which handles them as `qualiclip score` does.
-    """
-    if isinstance(item, Image.Image):
-        image = item
-    else:
-        if isinstance(item, str):
-            text = item.split(",", 1)[1] if item.startswith("data:") else item
-            try:
-                item = base64.b64decode(text, validate=True)
-            except (binascii.Error, ValueError):
-                raise ValueError("a string input must be a base64-encoded image file") from None
-        if not isinstance(item, (bytes, bytearray, memoryview)):
-            raise ValueError(f"expected an image, image-file bytes or base64 text, got {type(item).__name__}")
+    def _score(self, image: Image.Image | bytes, options: dict[str, Any]) -> list[dict[str, Any]]:
         try:
-            image = Image.open(io.BytesIO(bytes(item)))
-            image.load()
-        except UnidentifiedImageError:
-            raise ValueError(f"{len(item)} bytes that are not an image file of a supported format") from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            raise ValueError(f"cannot decode the image: {error}") from None
-    return image
+            return self.pipeline(image, top_k=2, **options)
+        except TypeError as error:  # the pipeline's refusal of an option
+            raise ValueError(str(error)) from None
+        except RuntimeError as error:
+            raise ValueError(f"scoring failed: {error}") from None
+
+
+def _as_image(item: Any) -> Image.Image | bytes:
+    """A PIL image or image-file bytes as they are; base64 text (optionally a `data:` URL) decoded to bytes."""
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, str):
+        text = item.split(",", 1)[1] if item.startswith("data:") else item
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("a string input must be a base64-encoded image file") from None
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)
+    raise ValueError(f"expected an image, image-file bytes or base64 text, got {type(item).__name__}")
