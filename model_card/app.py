@@ -54,7 +54,7 @@ def analyse(
     for path in paths or []:
         name = Path(path).name
         try:
-            image = read_image(path)
+            image = read_image(path)  # the reader of every entry point (bit depth, ICC, orientation, frames, ...)
             explanation = explain_image(image, model, processor, max_size=max_size)
         except (RuntimeError, ValueError) as error:
             # The uploaded copy's temporary path means nothing to the user; the file name has its own column.
@@ -75,8 +75,10 @@ def build_app(model_name: str | None = None, max_size: int | None = None, device
 
     def run(paths: list[str] | None, limit: float | None) -> tuple[list[list[str]], list[tuple]]:
         limit = int(limit) if limit else None
-        if limit is not None and limit < model.min_image_size:
-            raise gr.Error(f"the size limit must be at least {model.min_image_size} pixels (0: full resolution)")
+        try:  # the image processor owns the rule
+            processor.image_processor.check_max_size(limit)
+        except ValueError as error:
+            raise gr.Error(f"the size limit: {error} (0: full resolution)") from None
         return analyse(paths, model, processor, max_size=limit)
 
     with gr.Blocks(title="QualiCLIP image quality") as app:

@@ -344,8 +344,10 @@ def to_viewable_rgb(image: Image.Image, convert_icc: bool = True) -> Image.Image
     except Exception as error:  # Pillow's plugins raise many kinds of errors on corrupt files
         origin = f" (from {image.filename})" if getattr(image, "filename", "") else ""
         raise ValueError(f"cannot decode the PIL image{origin}: {error}") from None
+    # The range of wide samples is read from the format before `exif_transpose`, whose copy forgets the format.
+    peak = _sample_peak(image) if image.mode.startswith("I;16") or image.mode == "I" else None
     image = ImageOps.exif_transpose(image)
-    image = _to_eight_bits(image)
+    image = _to_eight_bits(image, peak)
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     elif image.mode == "PA":
@@ -375,9 +377,8 @@ def _sample_peak(image: Image.Image) -> float:
     return _SIXTEEN_BIT_PEAK
 
 
-def _to_eight_bits(image: Image.Image) -> Image.Image:
-    if image.mode.startswith("I;16") or image.mode == "I":
-        peak = _sample_peak(image)
+def _to_eight_bits(image: Image.Image, peak: float | None) -> Image.Image:
+    if peak is not None:
         samples = np.asarray(image, dtype=np.float64)
         eight = np.rint(np.clip(samples, 0, peak) * (255.0 / peak)).astype(np.uint8)
     elif image.mode == "F":

@@ -26,7 +26,7 @@ from PIL import Image, features
 
 from qualiclip_hf import QualiCLIPImageProcessor, QualiCLIPModel, QualiCLIPProcessor
 from qualiclip_hf.cli import main
-from qualiclip_hf.image_processing_qualiclip import load_image
+from qualiclip_hf.image_reader import open_image as load_image
 from qualiclip_hf.scoring import _ImageFiles, collect_image_paths, read_image, score_files
 
 from .conftest import photo
