@@ -141,6 +141,8 @@ def open_image(
             truncated or corrupt, too many pixels, floating-point values outside [0, 1].
     """
     image = decode_file(source, max_pixels)
+    if image.filename:  # `to_viewable_rgb` names the file in its errors
+        return to_viewable_rgb(image, convert_icc=convert_icc)
     try:
         return to_viewable_rgb(image, convert_icc=convert_icc)
     except ValueError as error:
@@ -159,9 +161,9 @@ def decode_file(
     _register_optional_readers()
     try:
         try:
-            return _decode(data, max_pixels)
+            image = _decode(data, max_pixels)
         except _Truncated:
-            return _decode_jpeg_without_end_marker(name, data, max_pixels)
+            image = _decode_jpeg_without_end_marker(name, data, max_pixels)
     except _ImageRefused as error:
         raise ValueError(f"{name}: {error}") from None
     except UnidentifiedImageError:
@@ -177,6 +179,9 @@ def decode_file(
         raise ValueError(f"{name}: not enough memory to decode it; lower max_pixels to refuse such files") from None
     except Exception as error:  # Pillow's plugins raise many kinds of errors on corrupt files; each is this file's
         raise ValueError(f"{name}: cannot decode image: {error}") from None
+    if isinstance(source, (str, os.PathLike)):
+        image.filename = name  # decoded from memory; errors found later name the file
+    return image
 
 
 def _source_name(source: Any) -> str:
@@ -339,11 +344,19 @@ def to_viewable_rgb(image: Image.Image, convert_icc: bool = True) -> Image.Image
         ValueError: the image cannot be decoded (naming the file it came from, if any); a mode `I` image with no file
             format to declare its bit depth; a mode `F` image with NaN or infinite values or values outside [0, 1].
     """
+    filename = getattr(image, "filename", "")
     try:
         image.load()
     except Exception as error:  # Pillow's plugins raise many kinds of errors on corrupt files
-        origin = f" (from {image.filename})" if getattr(image, "filename", "") else ""
+        origin = f" (from {filename})" if filename else ""
         raise ValueError(f"cannot decode the PIL image{origin}: {error}") from None
+    try:
+        return _viewable(image, convert_icc)
+    except ValueError as error:
+        raise ValueError(f"{filename}: {error}" if filename else str(error)) from None
+
+
+def _viewable(image: Image.Image, convert_icc: bool) -> Image.Image:
     # The range of wide samples is read from the format before `exif_transpose`, whose copy forgets the format.
     peak = _sample_peak(image) if image.mode.startswith("I;16") or image.mode == "I" else None
     image = ImageOps.exif_transpose(image)
@@ -425,7 +438,7 @@ def _with_alpha(image: Image.Image, alpha: Image.Image) -> Image.Image:
 def _check_float_range(values: np.ndarray | torch.Tensor, what: str) -> None:
     low, high = float(values.min()), float(values.max())
     if not (np.isfinite(low) and np.isfinite(high)):
-        raise ValueError(f"{what} has NaN or infinite values")
+        raise ValueError(f"{what} has NaN or infinite pixel values")
     if low < -FLOAT_TOLERANCE or high > 1 + FLOAT_TOLERANCE:
         raise ValueError(
             f"{what} holds floating-point values from {low:g} to {high:g}; floating-point images hold values in "

@@ -92,6 +92,8 @@ class ImageQualityAssessmentPipeline(Pipeline):
             inputs = self.image_processor(images=loaded, return_tensors="pt", **(image_processor_kwargs or {}))
         except (OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError) as error:
             cause = str(error).removeprefix(f"{name}: ")
+            if isinstance(image, (str, Path)):  # errors found after decoding name the file too
+                cause = cause.removeprefix(f"{Path(image)}: ")
             raise ValueError(f"cannot read image {name}: {cause}") from None
         return {"pixel_values": inputs["pixel_values"].to(self.dtype), "image_sizes": inputs["image_sizes"]}
 

@@ -88,7 +88,7 @@ def test_bad_inputs_get_an_error_naming_the_input(judge, tmp_path, images):
         str(tmp_path / "missing.jpg"): "no such file",
         str(notes): "not an image file",
         str(tmp_path): "is a directory",
-        str(small): "16x20 pixels, smaller than the model's 32x32 minimum",
+        str(small): "20x16 pixels is below the model's 32x32 minimum",
     }
     for path, cause in cases.items():
         with pytest.raises(ValueError, match=cause) as raised:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from qualiclip_hf import QualiCLIPImageProcessor
+from qualiclip_hf.image_processing_qualiclip import MIN_IMAGE_SIZE
 
 # Derandomised: CI runs the same examples every time; modest counts keep it to seconds.
 PROPERTY = settings(
@@ -24,6 +25,8 @@ STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 LOW, HIGH = (-0.02 - MEAN) / STD, (1.02 - MEAN) / STD
 
 sizes = st.integers(min_value=1, max_value=600)
+# `max_size` below the model's minimum is refused when the processor is made (see `test_max_size_below_the_minimum`).
+max_sizes = st.none() | st.integers(MIN_IMAGE_SIZE, 600)
 
 
 def check_output(out, expected_sizes: list[tuple[int, int]]) -> None:
@@ -47,6 +50,10 @@ def capped(size: tuple[int, int], max_size: int | None) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def below_minimum(size: tuple[int, int]) -> bool:
+    return min(size) < MIN_IMAGE_SIZE
+
+
 def pil_image(mode: str, height: int, width: int, seed: int, special: float | None) -> Image.Image:
     rng = np.random.default_rng(seed)
     if mode == "I;16":
@@ -54,7 +61,7 @@ def pil_image(mode: str, height: int, width: int, seed: int, special: float | No
     if mode == "I":
         return Image.fromarray(rng.integers(-100, 70000, (height, width)).astype(np.int32))
     if mode == "F":
-        array = rng.uniform(-10, 300, (height, width)).astype(np.float32)
+        array = rng.uniform(0, 1, (height, width)).astype(np.float32)  # floating point: [0, 1]
         if special is not None:
             array[rng.integers(height), rng.integers(width)] = special
         return Image.fromarray(array, mode="F")
@@ -69,7 +76,7 @@ def pil_image(mode: str, height: int, width: int, seed: int, special: float | No
     width=sizes,
     seed=st.integers(0, 2**32 - 1),
     special=st.sampled_from([None, None, float("nan"), float("inf")]),
-    max_size=st.none() | st.integers(1, 600),
+    max_size=max_sizes,
 )
 def test_processor_on_pil_images_of_any_mode_and_size(mode, height, width, seed, special, max_size):
     image = pil_image(mode, height, width, seed, special)
@@ -78,7 +85,16 @@ def test_processor_on_pil_images_of_any_mode_and_size(mode, height, width, seed,
         with pytest.raises(ValueError, match="NaN or infinite pixel values"):
             processor(image, return_tensors="pt")
         return
-    check_output(processor(image, return_tensors="pt"), [capped((height, width), max_size)])
+    if mode == "I":  # 32-bit integers with no file format to say their range: refused, never guessed
+        with pytest.raises(ValueError, match=r"mode I .* does not say the range"):
+            processor(image, return_tensors="pt")
+        return
+    expected = capped((height, width), max_size)
+    if below_minimum(expected):
+        with pytest.raises(ValueError, match=r"below the model's 32x32 minimum"):
+            processor(image, return_tensors="pt")
+        return
+    check_output(processor(image, return_tensors="pt"), [expected])
 
 
 @st.composite
@@ -92,7 +108,7 @@ def arrays(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     shape = (height, width) if layout == "2d" else (height, width, channels)
     if dtype == "float32":
-        array = rng.uniform(0, 255, shape).astype(np.float32)
+        array = rng.uniform(0, 1, shape).astype(np.float32)  # floating point: [0, 1]
     elif dtype == "bool":
         array = rng.integers(0, 2, shape).astype(bool)
     else:
@@ -116,7 +132,7 @@ def arrays(draw):
 
 
 @PROPERTY
-@given(case=arrays(), max_size=st.none() | st.integers(1, 600))
+@given(case=arrays(), max_size=max_sizes)
 def test_processor_on_arrays_and_tensors(case, max_size):
     image, layout, size, valid = case
     processor = QualiCLIPImageProcessor(max_size=max_size)
@@ -125,12 +141,27 @@ def test_processor_on_arrays_and_tensors(case, max_size):
         with pytest.raises((ValueError, TypeError), match=r"image"):
             processor(image, input_data_format=data_format, return_tensors="pt")
         return
+    if below_minimum(capped(size, max_size)):
+        with pytest.raises(ValueError, match=r"below the model's 32x32 minimum"):
+            processor(image, input_data_format=data_format, return_tensors="pt")
+        return
     check_output(processor(image, input_data_format=data_format, return_tensors="pt"), [capped(size, max_size)])
+
+
+@PROPERTY
+@given(max_size=st.integers(-5, MIN_IMAGE_SIZE - 1))
+def test_max_size_below_the_minimum(max_size):
+    with pytest.raises(ValueError, match="max_size must be an integer of at least 32"):
+        QualiCLIPImageProcessor(max_size=max_size)
+    with pytest.raises(ValueError, match="max_size must be an integer of at least 32"):
+        QualiCLIPImageProcessor()(np.zeros((64, 64, 3), np.uint8), max_size=max_size)
 
 
 @settings(PROPERTY, max_examples=20)
 @given(
-    shapes=st.lists(st.tuples(sizes, sizes), min_size=1, max_size=4),
+    shapes=st.lists(
+        st.tuples(st.integers(MIN_IMAGE_SIZE, 600), st.integers(MIN_IMAGE_SIZE, 600)), min_size=1, max_size=4
+    ),
     seed=st.integers(0, 2**32 - 1),
     return_tensors=st.sampled_from(["pt", None]),
 )
