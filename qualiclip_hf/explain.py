@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .image_processing_qualiclip import limit_longest_side, to_viewable_rgb
+from .image_processing_qualiclip import limit_longest_side
+from .image_reader import to_viewable_rgb
 
 __all__ = ["QualityExplanation", "colorize_heatmap", "explain_image", "grad_cam", "overlay_heatmap"]
 

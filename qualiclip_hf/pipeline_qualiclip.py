@@ -144,7 +144,8 @@ def _load(image: Any, timeout: float | None) -> Image.Image | np.ndarray | torch
         if image.startswith(("http://", "https://")):
             from huggingface_hub import get_session
 
-            response = get_session().get(image, timeout=timeout)
+            options = {} if timeout is None else {"timeout": timeout}
+            response = get_session().get(image, follow_redirects=True, **options)
             response.raise_for_status()
             return _open_named(response.content, image)
         if os.path.lexists(image):

@@ -117,15 +117,17 @@ def _is_plain_jpeg(path: Path, max_pixels: int | None, convert_icc: bool = True)
     the header only.
     """
     try:
-        with warnings.catch_warnings(), Image.open(path) as image:
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            width, height = image.size
-            return (
-                image.format == "JPEG"
-                and image.mode in ("RGB", "L")
-                and (max_pixels is None or width * height <= max_pixels)
-                and not (convert_icc and image.info.get("icc_profile"))
-            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is checked below
+            with Image.open(path) as image:
+                width, height = image.size
+                image_format, mode, profile = image.format, image.mode, image.info.get("icc_profile")
+        return (
+            image_format == "JPEG"
+            and mode in ("RGB", "L")
+            and (max_pixels is None or width * height <= max_pixels)
+            and not (convert_icc and profile)
+        )
     except Exception:  # Pillow raises many kinds; `read_image` names the cause
         return False
 

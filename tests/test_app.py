@@ -68,7 +68,7 @@ def test_analyse_scores_each_file_and_reports_bad_ones(app_module, demo, noisy_p
     for row, path in ((rows[0], noisy_photo), (rows[3], clean)):
         assert row[1] == f"{_direct_score(demo, path):.4f}" and row[2] == ""
     assert rows[1][1] == "" and rows[1][2].startswith("not an image file")
-    assert rows[2][1] == "" and "smaller than the 32x32 minimum" in rows[2][2]
+    assert rows[2][1] == "" and "below the model's 32x32 minimum" in rows[2][2]
     assert str(tmp_path) not in rows[1][2]  # the uploaded copy's path is not shown
     assert [caption for _, caption in gallery] == [f"noisy_coffee.png: {rows[0][1]}", f"clean.png: {rows[3][1]}"]
     assert gallery[0][0].size == (288, 192) and gallery[1][0].size == (96, 64)

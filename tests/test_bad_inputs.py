@@ -26,7 +26,7 @@ from PIL import Image, features
 
 from qualiclip_hf import QualiCLIPImageProcessor, QualiCLIPModel, QualiCLIPProcessor
 from qualiclip_hf.cli import main
-from qualiclip_hf.image_reader import open_image as load_image
+from qualiclip_hf.image_reader import open_image
 from qualiclip_hf.scoring import _ImageFiles, collect_image_paths, read_image, score_files
 
 from .conftest import photo
@@ -360,9 +360,9 @@ def test_a_stricter_limit_set_on_pillow_holds_and_a_larger_one_asked_for_lifts_i
     path = folder / "png_named.jpg"  # 5,120 pixels
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow itself now refuses more than 2,000 pixels
     with pytest.raises(ValueError, match=names_the_file_and_cause(path, "refused by Pillow's guard against decompr")):
-        load_image(path)
-    assert load_image(path, max_pixels=100_000_000).size == (80, 64)
-    assert load_image(path, max_pixels=None).size == (80, 64)
+        open_image(path)
+    assert open_image(path, max_pixels=100_000_000).size == (80, 64)
+    assert open_image(path, max_pixels=None).size == (80, 64)
     assert Image.MAX_IMAGE_PIXELS == 1000, "Pillow's global limit is restored"
 
 

@@ -30,6 +30,7 @@ CODE_FILES = {
     "image_processing_qualiclip.py",
     "processing_qualiclip.py",
     "pipeline_qualiclip.py",
+    "image_reader.py",  # imported by the image processor and the pipeline
 }
 REPO_FILES = CODE_FILES | {
     "README.md",
