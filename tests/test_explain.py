@@ -51,10 +51,14 @@ def test_max_size_downscales_the_image_and_its_map(tiny_model, tiny_processor):
     image = photo(80, 160, seed=3)
     explanation = explain_image(image, tiny_model, tiny_processor, max_size=100)
     assert explanation.image.size == (100, 50) and explanation.heatmap.shape == (50, 100)
-    # The score is that of the image the model saw, which is the image returned.
+    # The score is the one every entry point gives with max_size (the processor's resize, in floating point); the
+    # image returned is that picture rounded to 8 bits for display.
     with torch.no_grad():
-        expected = tiny_model(pixel_values=_pixels(explanation.image, tiny_processor)).quality_score.item()
+        seen = tiny_processor(images=image, return_tensors="pt", max_size=100)["pixel_values"]
+        expected = tiny_model(pixel_values=seen).quality_score.item()
     assert explanation.score == pytest.approx(expected, abs=1e-6)
+    shown = _pixels(explanation.image, tiny_processor)
+    assert (shown - seen).abs().max() <= 0.51 / 255 / 0.26  # half an 8-bit level, in CLIP-normalised units
 
 
 def test_the_model_is_left_unchanged(tiny_model, tiny_processor):
