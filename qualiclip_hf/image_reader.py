@@ -61,6 +61,7 @@ _JPEG_EXTENSIONS_PILLOW_LEAVES_OUT = {".jif": "JPEG", ".jfi": "JPEG"}
 # Formats that Pillow's plugins widen to mode `I` from 16-bit samples (PNG, PGM/PPM, whose maxval Pillow rescales to
 # 65535, SGI, ...). TIFF says its own sample width; see `_sample_peak`.
 _SIXTEEN_BIT_PEAK = 65535.0
+TRUNCATED = "truncated: the file ends before its image data do (an interrupted download or copy?)"
 # Floating-point values this far outside [0, 1] are rounding noise (a resize, a colour conversion) and are clipped;
 # further out, the image is not on the [0, 1] scale.
 FLOAT_TOLERANCE = 1e-3
@@ -269,7 +270,7 @@ def _decode_jpeg_without_end_marker(name: str, data: bytes, max_pixels: int | No
     filler after complete scans is skipped as junk, filler inside a cut scan is decoded as image data and changes
     pixels.
     """
-    truncated = _ImageRefused("truncated: the file ends before its image data do (an interrupted download or copy?)")
+    truncated = _ImageRefused(TRUNCATED)
     if not data.startswith(b"\xff\xd8") or data.endswith(_JPEG_END_OF_IMAGE):
         raise truncated
     try:
@@ -348,8 +349,10 @@ def to_viewable_rgb(image: Image.Image, convert_icc: bool = True) -> Image.Image
     try:
         image.load()
     except Exception as error:  # Pillow's plugins raise many kinds of errors on corrupt files
-        origin = f" (from {filename})" if filename else ""
-        raise ValueError(f"cannot decode the PIL image{origin}: {error}") from None
+        # The message a path gets, naming the file the image was opened from.
+        name = filename or f"the PIL image ({image.width}x{image.height} {image.mode})"
+        cause = TRUNCATED if "truncated" in str(error) else f"cannot decode image: {error}"
+        raise ValueError(f"{name}: {cause}") from None
     try:
         return _viewable(image, convert_icc)
     except ValueError as error:

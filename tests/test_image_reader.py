@@ -79,9 +79,7 @@ def outcomes_for_file(path: Path, demo, judge, handler, max_size: int | None = N
     outcomes["processor"] = _attempt(lambda: _processor_score(demo, str(path), options))
     outcomes["pipeline"] = _attempt(lambda: judge(str(path), **options)[0]["score"])
     outcomes["app"] = _attempt(lambda: explain_image(read_image(path), model, processor, max_size=max_size).score)
-    outcomes["handler"] = _attempt(
-        lambda: _good(handler({"inputs": path.read_bytes(), "parameters": options}))
-    )
+    outcomes["handler"] = _attempt(lambda: _good(handler({"inputs": path.read_bytes(), "parameters": options})))
     return outcomes
 
 
@@ -411,4 +409,8 @@ def test_a_broken_pil_image_gets_a_clear_message(demo, judge, handler, tmp_path)
         "app": _attempt(lambda: explain_image(opened(), model, processor).score),
         "handler": _attempt(lambda: _good(handler({"inputs": opened()}))),
     }
-    assert_all_refuse(outcomes, "cannot decode", str(path))
+    assert_all_refuse(outcomes, f"{path}: truncated: the file ends before its image data do")
+    # The same message as for the path itself.
+    assert_all_refuse(
+        outcomes_for_file(path, demo, judge, handler), "truncated: the file ends before its image data do"
+    )
