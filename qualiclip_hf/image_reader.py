@@ -336,7 +336,7 @@ def _register_optional_readers() -> None:
 
 def to_viewable_rgb(image: Image.Image, convert_icc: bool = True) -> Image.Image:
     """
-    The 8-bit `RGB` image a viewer shows, which is what QualiCLIP judges (see the module's table): the image decoded
+    The 8-bit `RGB` image a viewer shows, which is what QualiCLIP judges (see the module's list): the image decoded
     (a PIL image opened lazily is decoded here; Pillow's own settings apply to images you opened), EXIF orientation
     applied, samples scaled by their declared range, the ICC profile converted to sRGB (unless `convert_icc=False`),
     transparency composited onto white. An animated image gives the frame it is positioned on.
@@ -403,8 +403,16 @@ def _to_eight_bits(image: Image.Image, peak: float | None) -> Image.Image:
         eight = np.rint(np.clip(samples, 0, 1) * 255.0).astype(np.uint8)
     else:
         return image
-    converted = Image.fromarray(eight)
-    converted.info = dict(image.info)  # the ICC profile and transparency still apply
+    info = dict(image.info)  # the ICC profile still applies
+    key = info.pop("transparency", None)
+    if isinstance(key, (int, float)):
+        # A colour key marks the samples of that exact value transparent: an alpha channel from the wide samples,
+        # as several of them may round to the key's 8-bit value.
+        alpha = np.where(samples == key, 0, 255).astype(np.uint8)
+        converted = Image.fromarray(np.dstack([eight, alpha]), "LA")
+    else:
+        converted = Image.fromarray(eight)
+    converted.info = info
     return converted
 
 

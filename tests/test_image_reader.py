@@ -414,3 +414,13 @@ def test_a_broken_pil_image_gets_a_clear_message(demo, judge, handler, tmp_path)
     assert_all_refuse(
         outcomes_for_file(path, demo, judge, handler), "truncated: the file ends before its image data do"
     )
+
+
+def test_a_16_bit_colour_key_makes_only_its_exact_samples_transparent(tmp_path):
+    # Samples 0, 16, 32, ... all round to 8-bit level 0; only those equal to the key (0) are transparent (white).
+    samples = (np.arange(HEIGHT * WIDTH).reshape(HEIGHT, WIDTH) % 4096).astype(np.uint16) * 16
+    path = tmp_path / "keyed16.png"
+    Image.fromarray(samples).save(path, transparency=0)
+    pixels = read_image(path)
+    assert pixels[:, samples == 0].eq(255).all()
+    assert pixels[:, (samples > 0) & (samples < 128)].eq(0).all()
