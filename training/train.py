@@ -173,6 +173,17 @@ def parse_arguments(argv: Sequence[str] | None = None) -> tuple[TrainConfig, Run
 
 
 def build_model(config: TrainConfig) -> QualiCLIPModel:
+    """
+    The model a run starts from.
+
+    Args:
+        config ([`TrainConfig`]): `init_from` (a folder or Hub id to fine-tune) or, without it, the `vision` and
+            `text` sizes of a model built from scratch.
+
+    Returns:
+        [`QualiCLIPModel`]: loaded strictly, or built with random weights and the prompt embeddings of its random,
+        frozen text tower.
+    """
     if config.init_from:
         return QualiCLIPModel.from_pretrained(config.init_from)
     model = QualiCLIPModel(QualiCLIPConfig(vision_config=config.vision, text_config=config.text))
@@ -183,12 +194,17 @@ def build_model(config: TrainConfig) -> QualiCLIPModel:
 
 def prompt_similarities(model: torch.nn.Module, prompt_embeds: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
     """
+    The cosine similarities of degraded crops to the prompts, through the model's forward.
+
     Args:
-        prompt_embeds (`torch.Tensor` of shape `(2 * num_pairs, dim)`): the fixed, normalised prompt embeddings.
+        model (`torch.nn.Module`): The (possibly DDP-wrapped) [`QualiCLIPModel`].
+        prompt_embeds (`torch.Tensor` of shape `(2 * num_pairs, projection_dim)`): the fixed, normalised prompt
+            embeddings.
         crops (`torch.Tensor` of shape `(batch, levels, 2, 3, size, size)`): degraded crops in [0, 1].
 
     Returns:
-        `(batch, levels, 2, num_pairs, 2)` cosine similarities to the (positive, negative) prompts.
+        `torch.Tensor` of shape `(batch, levels, 2, num_pairs, 2)`: cosine similarities to the (positive, negative)
+        prompts, in float32.
     """
     batch, levels, two = crops.shape[:3]
     mean = crops.new_tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
@@ -204,6 +220,12 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     """
     The complete checkpoint of the highest step: a `step_<N>` folder with its trainer state. The `.tmp` folder of a
     save cut short by a crash, or anything else put there, is never picked.
+
+    Args:
+        output_dir (`Path`): The run's folder.
+
+    Returns:
+        `Path` or `None`: `output_dir/checkpoints/step_<N>`, or `None` when there is no complete checkpoint.
     """
     complete = []
     for path in (output_dir / "checkpoints").glob("step_*"):
@@ -216,7 +238,12 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 def truncate_loss_log(path: Path, step: int) -> None:
     """
     Keeps the rows of `losses.jsonl` up to `step`, where a resumed run starts: the rows after it, logged before an
-    interruption, are computed again (to the same values), and a row cut short by a crash is dropped.
+    interruption, are computed again (to the same values), and a row cut short by a crash is dropped. The file is
+    replaced atomically.
+
+    Args:
+        path (`Path`): The log; nothing happens when it does not exist.
+        step (`int`): The last step to keep.
     """
     if not path.is_file():
         return
@@ -234,6 +261,16 @@ def truncate_loss_log(path: Path, step: int) -> None:
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state: dict) -> None:
+    """
+    Saves Accelerate's state and `trainer_state.json` into `output_dir/checkpoints/step_<step>`, through a `.tmp`
+    folder renamed at the end, so that an interrupted save never looks complete. Every process must call it.
+
+    Args:
+        accelerator (`Accelerator`): The run's accelerator.
+        output_dir (`Path`): The run's folder.
+        step (`int`): The completed optimizer steps.
+        state (`dict`): The trainer state: `step`, the data `cursor` and `skipped_images`.
+    """
     final = output_dir / "checkpoints" / f"step_{step}"
     staging = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
