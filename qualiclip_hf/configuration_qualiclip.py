@@ -21,89 +21,132 @@ QUALICLIP_PROMPT_PAIRS: tuple[tuple[str, str], ...] = (
 )
 
 
+def _rename_legacy_keys(kwargs: dict[str, Any], attribute_map: dict[str, str]) -> dict[str, Any]:
+    """
+    Pops the keys that folders saved before the standard names (OpenAI's names: `layers`, `width`, `heads`,
+    `output_dim`, ...) carry and returns them under their current names, so that those folders still load.
+    """
+    return {attribute_map[key]: kwargs.pop(key) for key in list(kwargs) if key in attribute_map}
+
+
 class QualiCLIPVisionConfig(PreTrainedConfig):
     r"""
     Configuration of the image tower: OpenAI CLIP's `ModifiedResNet` (3-convolution stem, anti-aliased strided
-    bottlenecks, attention pooling). The defaults are CLIP RN50.
+    bottlenecks, attention pooling). The defaults are CLIP RN50. The names are transformers' (`ResNetConfig`,
+    `CLIPVisionConfig`); OpenAI's names (in brackets) are accepted when loading and as attribute aliases.
 
     Args:
-        layers (`list[int]`, defaults to `[3, 4, 6, 3]`):
-            Number of bottleneck blocks in each of the four stages.
-        width (`int`, defaults to 64):
-            Channels of the first stage; the final feature map has `width * 32` channels.
-        heads (`int`, defaults to 32):
-            Attention heads of the attention pool.
-        output_dim (`int`, defaults to 1024):
-            Dimension of the image embedding, shared with the text embedding.
+        depths (`list[int]`, defaults to `[3, 4, 6, 3]`):
+            Number of bottleneck blocks in each of the four stages (`layers`).
+        embedding_size (`int`, defaults to 64):
+            Channels of the stem, and of the first stage's bottleneck width; the final feature map has
+            `embedding_size * 32` channels (`width`).
+        num_attention_heads (`int`, defaults to 32):
+            Attention heads of the attention pool (`heads`).
+        projection_dim (`int`, defaults to 1024):
+            Dimension of the image embedding, shared with the text embedding (`output_dim`).
         use_pos_embedding (`bool`, defaults to `False`):
             Whether the attention pool adds CLIP's learned positional embedding. QualiCLIP scores images at their
             native resolution and therefore skips it; with it off, the tower accepts any input size.
-        image_resolution (`int`, defaults to 224):
-            Resolution the positional embedding was learned at (a `(image_resolution // 32) ** 2 + 1` token table).
-            Only used when `use_pos_embedding` is on.
+        image_size (`int`, defaults to 224):
+            Resolution the positional embedding was learned at (a `(image_size // 32) ** 2 + 1` token table;
+            `image_resolution`). Only used when `use_pos_embedding` is on.
     """
 
     model_type = "qualiclip_vision_model"
     base_config_key = "vision_config"
+    attribute_map = {
+        "layers": "depths",
+        "width": "embedding_size",
+        "heads": "num_attention_heads",
+        "output_dim": "projection_dim",
+        "image_resolution": "image_size",
+    }
 
     def __init__(
         self,
-        layers: list[int] | tuple[int, ...] = (3, 4, 6, 3),
-        width: int = 64,
-        heads: int = 32,
-        output_dim: int = 1024,
+        depths: list[int] | tuple[int, ...] = (3, 4, 6, 3),
+        embedding_size: int = 64,
+        num_attention_heads: int = 32,
+        projection_dim: int = 1024,
         use_pos_embedding: bool = False,
-        image_resolution: int = 224,
+        image_size: int = 224,
         **kwargs: Any,
     ) -> None:
+        legacy = _rename_legacy_keys(kwargs, self.attribute_map)
+        depths = legacy.get("depths", depths)
+        embedding_size = legacy.get("embedding_size", embedding_size)
+        num_attention_heads = legacy.get("num_attention_heads", num_attention_heads)
+        projection_dim = legacy.get("projection_dim", projection_dim)
+        image_size = legacy.get("image_size", image_size)
         super().__init__(**kwargs)
-        if len(layers) != 4:
-            raise ValueError(f"`layers` must list the blocks of 4 stages, got {list(layers)}")
-        if (width * 32) % heads != 0:
-            raise ValueError(f"the pooled width {width * 32} is not divisible by heads={heads}")
-        self.layers = list(layers)
-        self.width = width
-        self.heads = heads
-        self.output_dim = output_dim
+        if len(depths) != 4:
+            raise ValueError(f"`depths` must list the blocks of 4 stages, got {list(depths)}")
+        if (embedding_size * 32) % num_attention_heads != 0:
+            raise ValueError(
+                f"the pooled width {embedding_size * 32} is not divisible by num_attention_heads={num_attention_heads}"
+            )
+        self.depths = list(depths)
+        self.embedding_size = embedding_size
+        self.num_attention_heads = num_attention_heads
+        self.projection_dim = projection_dim
         self.use_pos_embedding = use_pos_embedding
-        self.image_resolution = image_resolution
+        self.image_size = image_size
 
 
 class QualiCLIPTextConfig(PreTrainedConfig):
     r"""
     Configuration of the (frozen) text tower: OpenAI CLIP's causal text transformer. The defaults are CLIP RN50's.
+    The names are transformers' (`CLIPTextConfig`); OpenAI's names (in brackets) are accepted when loading and as
+    attribute aliases.
 
     Args:
-        context_length (`int`, defaults to 77): Maximum number of tokens of a prompt.
+        max_position_embeddings (`int`, defaults to 77): Maximum number of tokens of a prompt (`context_length`).
         vocab_size (`int`, defaults to 49408): Size of CLIP's byte-level BPE vocabulary.
-        width (`int`, defaults to 512): Hidden size of the transformer.
-        heads (`int`, defaults to 8): Attention heads.
-        layers (`int`, defaults to 12): Transformer blocks.
-        output_dim (`int`, defaults to 1024): Dimension of the text embedding, shared with the image embedding.
+        hidden_size (`int`, defaults to 512): Width of the transformer (`width`).
+        num_attention_heads (`int`, defaults to 8): Attention heads (`heads`).
+        num_hidden_layers (`int`, defaults to 12): Transformer blocks (`layers`).
+        projection_dim (`int`, defaults to 1024):
+            Dimension of the text embedding, shared with the image embedding (`output_dim`).
     """
 
     model_type = "qualiclip_text_model"
     base_config_key = "text_config"
+    attribute_map = {
+        "context_length": "max_position_embeddings",
+        "width": "hidden_size",
+        "heads": "num_attention_heads",
+        "layers": "num_hidden_layers",
+        "output_dim": "projection_dim",
+    }
 
     def __init__(
         self,
-        context_length: int = 77,
+        max_position_embeddings: int = 77,
         vocab_size: int = 49408,
-        width: int = 512,
-        heads: int = 8,
-        layers: int = 12,
-        output_dim: int = 1024,
+        hidden_size: int = 512,
+        num_attention_heads: int = 8,
+        num_hidden_layers: int = 12,
+        projection_dim: int = 1024,
         **kwargs: Any,
     ) -> None:
+        legacy = _rename_legacy_keys(kwargs, self.attribute_map)
+        max_position_embeddings = legacy.get("max_position_embeddings", max_position_embeddings)
+        hidden_size = legacy.get("hidden_size", hidden_size)
+        num_attention_heads = legacy.get("num_attention_heads", num_attention_heads)
+        num_hidden_layers = legacy.get("num_hidden_layers", num_hidden_layers)
+        projection_dim = legacy.get("projection_dim", projection_dim)
         super().__init__(**kwargs)
-        if width % heads != 0:
-            raise ValueError(f"text width {width} is not divisible by heads={heads}")
-        self.context_length = context_length
+        if hidden_size % num_attention_heads != 0:
+            raise ValueError(
+                f"text hidden_size {hidden_size} is not divisible by num_attention_heads={num_attention_heads}"
+            )
+        self.max_position_embeddings = max_position_embeddings
         self.vocab_size = vocab_size
-        self.width = width
-        self.heads = heads
-        self.layers = layers
-        self.output_dim = output_dim
+        self.hidden_size = hidden_size
+        self.num_attention_heads = num_attention_heads
+        self.num_hidden_layers = num_hidden_layers
+        self.projection_dim = projection_dim
 
 
 class QualiCLIPConfig(PreTrainedConfig):
@@ -156,13 +199,13 @@ class QualiCLIPConfig(PreTrainedConfig):
         elif isinstance(vision_config, dict):
             vision_config = QualiCLIPVisionConfig(**vision_config)
         if text_config is None:
-            text_config = QualiCLIPTextConfig(output_dim=vision_config.output_dim)
+            text_config = QualiCLIPTextConfig(projection_dim=vision_config.projection_dim)
         elif isinstance(text_config, dict):
             text_config = QualiCLIPTextConfig(**text_config)
-        if text_config.output_dim != vision_config.output_dim:
+        if text_config.projection_dim != vision_config.projection_dim:
             raise ValueError(
-                f"the towers must share an embedding size: vision output_dim={vision_config.output_dim}, "
-                f"text output_dim={text_config.output_dim}"
+                f"the towers must share an embedding size: vision projection_dim={vision_config.projection_dim}, "
+                f"text projection_dim={text_config.projection_dim}"
             )
         self.prompt_pairs = validate_prompt_pairs(QUALICLIP_PROMPT_PAIRS if prompt_pairs is None else prompt_pairs)
         self.vision_config = vision_config

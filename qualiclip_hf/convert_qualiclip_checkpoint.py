@@ -14,9 +14,7 @@ text around it. The towers are those of `QualiCLIP.pth`.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import importlib.util
 import re
 import shutil
 import zipfile
@@ -26,10 +24,9 @@ from typing import Any
 
 import torch
 from transformers import CLIPTokenizer
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from .build_processor import make_processor
 from .configuration_qualiclip import QualiCLIPConfig
-from .image_processing_qualiclip import QualiCLIPImageProcessor
 from .modeling_qualiclip import QualiCLIPModel
 from .processing_qualiclip import QualiCLIPProcessor
 
@@ -127,20 +124,22 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor], **overrides: Any
     pos_tokens = state_dict["visual.attnpool.positional_embedding"].shape[0]
     text_width = state_dict["ln_final.weight"].shape[0]
     vision_config = {
-        "layers": layers,
-        "width": width,
+        "depths": layers,
+        "embedding_size": width,
         # OpenAI's rule: 64 channels per attention head in the pool.
-        "heads": width * 32 // 64,
-        "output_dim": output_dim,
-        "image_resolution": round((pos_tokens - 1) ** 0.5) * 32,
+        "num_attention_heads": width * 32 // 64,
+        "projection_dim": output_dim,
+        "image_size": round((pos_tokens - 1) ** 0.5) * 32,
     }
     text_config = {
-        "context_length": state_dict["positional_embedding"].shape[0],
+        "max_position_embeddings": state_dict["positional_embedding"].shape[0],
         "vocab_size": state_dict["token_embedding.weight"].shape[0],
-        "width": text_width,
-        "heads": text_width // 64,
-        "layers": len({key.split(".")[2] for key in state_dict if key.startswith("transformer.resblocks.")}),
-        "output_dim": output_dim,
+        "hidden_size": text_width,
+        "num_attention_heads": text_width // 64,
+        "num_hidden_layers": len(
+            {key.split(".")[2] for key in state_dict if key.startswith("transformer.resblocks.")}
+        ),
+        "projection_dim": output_dim,
     }
     vision_config.update(overrides.pop("vision_config", {}))
     clip_logit_scale = float(state_dict["logit_scale"].exp()) if "logit_scale" in state_dict else None
@@ -187,10 +186,11 @@ def convert_state_dict(
     config = config_from_state_dict(clip_state, **config_overrides)
     state_dict = checkpoint_filter_fn(clip_state, config)
     prompts = checkpoint[_PROMPTS_KEY].float()
-    if prompts.shape != (2 * config.num_prompt_pairs, config.vision_config.output_dim):
+    expected = (2 * config.num_prompt_pairs, config.vision_config.projection_dim)
+    if prompts.shape != expected:
         raise CheckpointError(
-            f"'{_PROMPTS_KEY}' has shape {tuple(prompts.shape)}, expected "
-            f"({2 * config.num_prompt_pairs}, {config.vision_config.output_dim}) for {config.num_prompt_pairs} pairs"
+            f"'{_PROMPTS_KEY}' has shape {tuple(prompts.shape)}, expected {expected} for {config.num_prompt_pairs} "
+            "pairs"
         )
     state_dict["prompt_embeds"] = torch.nn.functional.normalize(prompts, dim=-1)
     return config, {key: tensor.float() for key, tensor in state_dict.items()}
@@ -221,7 +221,7 @@ def convert_qualiclip_plus(
         prompt_context_length=context.shape[-2],
         **config_overrides,
     )
-    num_prompts, width = 2 * config.num_prompt_pairs, config.text_config.width
+    num_prompts, width = 2 * config.num_prompt_pairs, config.text_config.hidden_size
     if context.ndim == 2:  # one context shared by every prompt (pyiqa's prompt_specific_ctx=False)
         context = context.expand(num_prompts, -1, -1)
     if context.shape != (num_prompts, config.prompt_context_length, width):
@@ -230,16 +230,41 @@ def convert_qualiclip_plus(
             f"expected ({num_prompts}, n_ctx, {width}) for {num_prompts} prompts of the base checkpoint"
         )
     state_dict["prompt_context"] = context.contiguous()
+    model = _build_checked_model(config, state_dict, base_checkpoint)
+    processor = make_processor()
+    _check_plus_token_embeddings(model, processor.tokenizer, params, plus_checkpoint)
+    model.set_prompts(config.prompt_pairs, processor.tokenizer)
+    return _save_folder(model, processor, output_dir)
+
+
+def _build_checked_model(
+    config: QualiCLIPConfig,
+    state_dict: dict[str, torch.Tensor],
+    source: Path,
+    recomputed: frozenset[str] = frozenset(),
+) -> QualiCLIPModel:
+    """
+    `QualiCLIPModel(config)` with `state_dict` loaded, refusing any missing or unexpected tensor.
+
+    Args:
+        recomputed: Tensors the caller computes after loading (the prompt embeddings of a CLIP checkpoint), which
+            may therefore be missing.
+
+    Raises:
+        CheckpointError: naming `source` and the tensors.
+    """
     model = QualiCLIPModel(config)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{base_checkpoint}: missing tensors {missing}, unexpected tensors {unexpected}")
-    tokenizer = build_clip_tokenizer()
-    _check_plus_token_embeddings(model, tokenizer, params, plus_checkpoint)
-    model.set_prompts(config.prompt_pairs, tokenizer)
+    if set(missing) - recomputed or unexpected:
+        raise CheckpointError(f"{source}: missing tensors {missing}, unexpected tensors {unexpected}")
+    return model
+
+
+def _save_folder(model: QualiCLIPModel, processor: QualiCLIPProcessor, output_dir: str | Path) -> Path:
+    """Saves a complete folder: config, safetensors weights, processor and tokenizer files, remote code."""
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
-    make_processor(tokenizer).save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
     return output_dir
 
 
@@ -251,7 +276,7 @@ def _check_plus_token_embeddings(
     # instead of storing them; they must agree, or the scores would silently differ from pyiqa's.
     texts = [text for pair in model.config.prompt_pairs for text in pair]
     tokens = tokenizer(
-        texts, padding="max_length", max_length=model.config.text_config.context_length, return_tensors="pt"
+        texts, padding="max_length", max_length=model.config.text_config.max_position_embeddings, return_tensors="pt"
     )
     with torch.no_grad():
         embeds = model.text_model.token_embedding(tokens["input_ids"])
@@ -273,40 +298,6 @@ def _check_plus_token_embeddings(
             )
 
 
-def build_clip_tokenizer() -> CLIPTokenizer:
-    """
-    CLIP's tokenizer built offline from the BPE merges that ship inside the `openai-clip` package
-    (`clip/bpe_simple_vocab_16e6.txt.gz`), with the vocabulary laid out exactly as OpenAI's `SimpleTokenizer`
-    builds it, so token ids match `clip.tokenize`.
-    """
-    merges = _read_clip_bpe_merges()
-    byte_symbols = list(bytes_to_unicode().values())
-    tokens = byte_symbols + [symbol + "</w>" for symbol in byte_symbols]
-    tokens += ["".join(merge) for merge in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={token: index for index, token in enumerate(tokens)}, merges=merges)
-
-
-def _read_clip_bpe_merges() -> list[tuple[str, str]]:
-    spec = importlib.util.find_spec("clip")  # locate the data file without importing the package
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    candidates = [Path(location) / "bpe_simple_vocab_16e6.txt.gz" for location in locations]
-    bpe_path = next((path for path in candidates if path.is_file()), None)
-    if bpe_path is None:
-        raise FileNotFoundError(
-            "CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) was not found: install the 'openai-clip' package"
-        )
-    with gzip.open(bpe_path, "rt", encoding="utf-8") as file:
-        lines = file.read().split("\n")
-    # The first line is a version header; OpenAI uses the next 49152 - 256 - 2 merges so that the vocabulary
-    # (256 bytes x 2 + merges + 2 special tokens) has 49408 entries.
-    return [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-
-
-def make_processor(tokenizer: CLIPTokenizer | None = None) -> QualiCLIPProcessor:
-    """The default processor: full-resolution image processing and CLIP's tokenizer."""
-    return QualiCLIPProcessor(image_processor=QualiCLIPImageProcessor(), tokenizer=tokenizer or build_clip_tokenizer())
-
-
 def convert_checkpoint(checkpoint_path: str | Path, output_dir: str | Path, **config_overrides: Any) -> Path:
     """
     Converts an official-layout QualiCLIP checkpoint into a complete Hugging Face folder: config, safetensors
@@ -320,14 +311,8 @@ def convert_checkpoint(checkpoint_path: str | Path, output_dir: str | Path, **co
     config, state_dict = convert_state_dict(
         checkpoint, source_checkpoint_sha256=sha256_of(checkpoint_path), **config_overrides
     )
-    model = QualiCLIPModel(config)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{checkpoint_path}: missing tensors {missing}, unexpected tensors {unexpected}")
-    output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
-    make_processor().save_pretrained(output_dir)
-    return output_dir
+    model = _build_checked_model(config, state_dict, checkpoint_path)
+    return _save_folder(model, make_processor(), output_dir)
 
 
 def convert_clip_checkpoint(clip_path: str | Path, output_dir: str | Path, **config_overrides: Any) -> Path:
@@ -353,17 +338,11 @@ def convert_clip_checkpoint(clip_path: str | Path, output_dir: str | Path, **con
     if not isinstance(state_dict, dict) or "visual.layer1.0.conv1.weight" not in state_dict:
         raise CheckpointError(f"{clip_path}: not a CLIP ResNet checkpoint")
     config = config_from_state_dict(state_dict, source_checkpoint_sha256=sha256_of(clip_path), **config_overrides)
-    model = QualiCLIPModel(config)
     weights = {key: tensor.float() for key, tensor in checkpoint_filter_fn(state_dict, config).items()}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if set(missing) - {"prompt_embeds"} or unexpected:
-        raise CheckpointError(f"{clip_path}: missing tensors {missing}, unexpected tensors {unexpected}")
+    model = _build_checked_model(config, weights, clip_path, recomputed=frozenset({"prompt_embeds"}))
     processor = make_processor()
     model.set_prompts(config.prompt_pairs, processor.tokenizer)
-    output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    return output_dir
+    return _save_folder(model, processor, output_dir)
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -38,9 +38,6 @@ logger = logging.get_logger(__name__)
 
 # Total stride of ModifiedResNet: a stride-2 stem convolution, a 2x2 average pool, and three stride-2 stages.
 VISION_STRIDE = 32
-# Eval-mode batches on a CPU run through the image tower in chunks of at most this many pixels, so that activations
-# stay in the caches; measured on the 2-core machine with RN50 (`QualiCLIPModel._embed_images`).
-CPU_CHUNK_PIXELS = 512 * 384
 
 
 @dataclass
@@ -54,7 +51,7 @@ class QualiCLIPOutput(ModelOutput):
             positive prompt.
         logits_per_prompt (`torch.FloatTensor` of shape `(batch_size, num_prompt_pairs, 2)`):
             `logit_scale * cos(image, prompt)` for the (positive, negative) prompt of each pair.
-        image_embeds (`torch.FloatTensor` of shape `(batch_size, output_dim)`):
+        image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
             L2-normalised image embeddings, in float32 (as the other outputs) whatever the model's dtype.
     """
 
@@ -65,53 +62,6 @@ class QualiCLIPOutput(ModelOutput):
 
 class ResidualOutputBatchNorm2d(nn.BatchNorm2d):
     """The BatchNorm that ends a residual branch; its own type lets it be zero-initialised (see `_init_weights`)."""
-
-
-def conv_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d, hidden_states: torch.Tensor) -> torch.Tensor:
-    """
-    `norm(conv(hidden_states))`. In eval mode the normalisation is folded into the convolution's weight and bias,
-    which saves a full pass over the activations (about a tenth of the image tower's time on a CPU).
-
-    The folded weights are cached on `norm` and recomputed whenever any tensor they come from changes (an in-place
-    update such as an optimizer step or `load_state_dict`, or a move to another device or dtype). When gradients
-    must reach those tensors (fine-tuning in eval mode), the fold is recomputed inside the autograd graph instead.
-    """
-    if norm.training or norm.running_mean is None or norm.running_var is None:
-        return norm(conv(hidden_states))
-    sources = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
-    present = [tensor for tensor in sources if tensor is not None]
-    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in present):
-        weight, bias = _fold_batch_norm(conv, norm)
-    elif any(torch.is_inference(tensor) for tensor in present):
-        # Tensors created under `torch.inference_mode` keep no version counter, so a cache could go stale.
-        weight, bias = _fold_batch_norm(conv, norm)
-    else:
-        key = tuple((tensor.data_ptr(), tensor.device, tensor.dtype, tensor._version) for tensor in present)
-        cached = getattr(norm, "_folded_conv", None)
-        if cached is None or cached[0] != key:
-            # Outside inference mode, so that the cached tensors can also serve a later forward that needs
-            # gradients with respect to the input (Grad-CAM, a metric used as a loss).
-            with torch.inference_mode(False), torch.no_grad():
-                cached = (key, *_fold_batch_norm(conv, norm))
-            norm._folded_conv = cached
-        weight, bias = cached[1:]
-    return F.conv2d(hidden_states, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
-def _fold_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    # In at least float32, so that folding adds no rounding of its own to half-precision weights.
-    dtype = torch.promote_types(conv.weight.dtype, torch.float32)
-    scale = norm.running_var.to(dtype).add(norm.eps).rsqrt()
-    if norm.weight is not None:
-        scale = scale * norm.weight.to(dtype)
-    mean = norm.running_mean.to(dtype)
-    bias = (-mean if conv.bias is None else conv.bias.to(dtype) - mean) * scale
-    if norm.bias is not None:
-        bias = bias + norm.bias.to(dtype)
-    weight = conv.weight.to(dtype) * scale.view(-1, *([1] * (conv.weight.ndim - 1)))
-    # In the activations' layout (see `QualiCLIPVisionTower.forward`), which spares a reordering at every call.
-    weight = weight.to(conv.weight.dtype).contiguous(memory_format=torch.channels_last)
-    return weight, bias.to(conv.weight.dtype)
 
 
 class Bottleneck(nn.Module):
@@ -143,10 +93,10 @@ class Bottleneck(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         identity = hidden_states
         if self.downsample is not None:
-            identity = conv_batch_norm(self.downsample.conv, self.downsample.bn, self.downsample.pool(hidden_states))
-        out = self.relu(conv_batch_norm(self.conv1, self.bn1, hidden_states))
-        out = self.relu(conv_batch_norm(self.conv2, self.bn2, out))
-        out = conv_batch_norm(self.conv3, self.bn3, self.avgpool(out))
+            identity = self.downsample(hidden_states)
+        out = self.relu(self.bn1(self.conv1(hidden_states)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(self.avgpool(out)))
         out += identity  # in place: on a CPU, allocating the sum costs as much as computing it
         return self.relu(out)
 
@@ -180,7 +130,7 @@ class AttentionPool2d(nn.Module):
             features (`torch.Tensor` of shape `(batch_size, embed_dim, height, width)`): the last stage's output.
 
         Returns:
-            `torch.Tensor` of shape `(batch_size, output_dim)`.
+            `torch.Tensor` of shape `(batch_size, projection_dim)`.
         """
         batch_size, channels, height, width = features.shape
         # (B, HW, C); a view, not a copy, when the features are channels_last (as the image tower makes them).
@@ -220,7 +170,7 @@ class QualiCLIPVisionTower(nn.Module):
 
     def __init__(self, config: QualiCLIPVisionConfig) -> None:
         super().__init__()
-        width = config.width
+        width = config.embedding_size
         self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width // 2)
         self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
@@ -232,7 +182,7 @@ class QualiCLIPVisionTower(nn.Module):
 
         inplanes = width
         stages = []
-        for index, num_blocks in enumerate(config.layers):
+        for index, num_blocks in enumerate(config.depths):
             planes = width * 2**index
             blocks = [Bottleneck(inplanes, planes, stride=1 if index == 0 else 2)]
             inplanes = planes * Bottleneck.expansion
@@ -240,8 +190,8 @@ class QualiCLIPVisionTower(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
 
-        num_pos_tokens = (config.image_resolution // VISION_STRIDE) ** 2 + 1 if config.use_pos_embedding else None
-        self.attnpool = AttentionPool2d(width * 32, config.heads, config.output_dim, num_pos_tokens)
+        num_pos_tokens = (config.image_size // VISION_STRIDE) ** 2 + 1 if config.use_pos_embedding else None
+        self.attnpool = AttentionPool2d(width * 32, config.num_attention_heads, config.projection_dim, num_pos_tokens)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """
@@ -249,13 +199,13 @@ class QualiCLIPVisionTower(nn.Module):
             pixel_values (`torch.Tensor` of shape `(batch_size, 3, height, width)`): CLIP-normalised RGB.
 
         Returns:
-            `torch.Tensor` of shape `(batch_size, output_dim)`: unnormalised image embeddings.
+            `torch.Tensor` of shape `(batch_size, projection_dim)`: unnormalised image embeddings.
         """
         # channels_last: oneDNN and cuDNN run these convolutions faster on NHWC activations; the results match.
         hidden = pixel_values.contiguous(memory_format=torch.channels_last)
-        hidden = self.relu(conv_batch_norm(self.conv1, self.bn1, hidden))
-        hidden = self.relu(conv_batch_norm(self.conv2, self.bn2, hidden))
-        hidden = self.relu(conv_batch_norm(self.conv3, self.bn3, hidden))
+        hidden = self.relu(self.bn1(self.conv1(hidden)))
+        hidden = self.relu(self.bn2(self.conv2(hidden)))
+        hidden = self.relu(self.bn3(self.conv3(hidden)))
         hidden = self.avgpool(hidden)
         hidden = self.layer4(self.layer3(self.layer2(self.layer1(hidden))))
         return self.attnpool(hidden)
@@ -289,24 +239,27 @@ class QualiCLIPTextTower(nn.Module):
 
     def __init__(self, config: QualiCLIPTextConfig) -> None:
         super().__init__()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
-        self.positional_embedding = nn.Parameter(torch.zeros(config.context_length, config.width))
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.positional_embedding = nn.Parameter(torch.zeros(config.max_position_embeddings, config.hidden_size))
         self.resblocks = nn.ModuleList(
-            [ResidualAttentionBlock(config.width, config.heads) for _ in range(config.layers)]
+            [
+                ResidualAttentionBlock(config.hidden_size, config.num_attention_heads)
+                for _ in range(config.num_hidden_layers)
+            ]
         )
-        self.ln_final = nn.LayerNorm(config.width)
-        self.text_projection = nn.Parameter(torch.zeros(config.width, config.output_dim))
+        self.ln_final = nn.LayerNorm(config.hidden_size)
+        self.text_projection = nn.Parameter(torch.zeros(config.hidden_size, config.projection_dim))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            input_ids (`torch.LongTensor` of shape `(num_prompts, context_length)`): CLIP BPE tokens padded to the
-                context length, `<|startoftext|> ... <|endoftext|>`.
-            attention_mask (`torch.LongTensor` of shape `(num_prompts, context_length)`): 1 up to and including
-                the end-of-text token.
+            input_ids (`torch.LongTensor` of shape `(num_prompts, max_position_embeddings)`):
+                CLIP BPE tokens padded to the context length, `<|startoftext|> ... <|endoftext|>`.
+            attention_mask (`torch.LongTensor` of shape `(num_prompts, max_position_embeddings)`):
+                1 up to and including the end-of-text token.
 
         Returns:
-            `torch.Tensor` of shape `(num_prompts, output_dim)`: unnormalised text embeddings.
+            `torch.Tensor` of shape `(num_prompts, projection_dim)`: unnormalised text embeddings.
         """
         return self.encode_embeddings(self.token_embedding(input_ids), attention_mask.sum(dim=-1) - 1)
 
@@ -315,7 +268,7 @@ class QualiCLIPTextTower(nn.Module):
         Runs the transformer on token embeddings (learned prompt contexts enter here).
 
         Args:
-            token_embeds (`torch.Tensor` of shape `(num_prompts, context_length, width)`).
+            token_embeds (`torch.Tensor` of shape `(num_prompts, max_position_embeddings, hidden_size)`).
             eot_index (`torch.LongTensor` of shape `(num_prompts,)`): position of each end-of-text token.
         """
         length = token_embeds.shape[1]
@@ -405,16 +358,21 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
         self.text_model.requires_grad_(False)
         # Normalised text embeddings of the prompts, in (positive, negative) order per pair. Saved with the weights
         # so that scoring never runs the text tower.
-        self.register_buffer("prompt_embeds", torch.zeros(2 * config.num_prompt_pairs, config.vision_config.output_dim))
+        self.register_buffer(
+            "prompt_embeds", torch.zeros(2 * config.num_prompt_pairs, config.vision_config.projection_dim)
+        )
         # QualiCLIP+: learned context token embeddings of each prompt, in the order of `prompt_embeds`. They enter
         # the score only through `prompt_embeds`, which `set_prompts` recomputes from them.
         self.prompt_context = (
             nn.Parameter(
-                torch.zeros(2 * config.num_prompt_pairs, config.prompt_context_length, config.text_config.width)
+                torch.zeros(2 * config.num_prompt_pairs, config.prompt_context_length, config.text_config.hidden_size)
             )
             if config.prompt_context_length is not None
             else None
         )
+        # Speed settings of `qualiclip_hf.fusion.fuse_for_inference`; a plain model has none.
+        self.cpu_chunk_pixels: int | None = None
+        self.is_fused = False
         self.post_init()
 
     @classmethod
@@ -468,6 +426,22 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
             )
         return (model, info) if output_loading_info else model
 
+    def train(self, mode: bool = True) -> QualiCLIPModel:
+        if mode and getattr(self, "is_fused", False):
+            raise RuntimeError(
+                "this model was fused for inference (qualiclip_hf.fusion.fuse_for_inference): its BatchNorm layers "
+                "are gone, so it cannot train; load it again"
+            )
+        return super().train(mode)
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
+        if getattr(self, "is_fused", False):
+            raise RuntimeError(
+                "this model was fused for inference (qualiclip_hf.fusion.fuse_for_inference) and no longer has the "
+                "weights of the checkpoint layout; save the model as loaded"
+            )
+        super().save_pretrained(save_directory, *args, **kwargs)
+
     @property
     def min_image_size(self) -> int:
         """Smallest height and width the image tower accepts."""
@@ -494,7 +468,7 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
 
         Returns:
             [`QualiCLIPOutput`] with `quality_score` `(batch_size,)`, `logits_per_prompt`
-            `(batch_size, num_prompt_pairs, 2)` and `image_embeds` `(batch_size, output_dim)`.
+            `(batch_size, num_prompt_pairs, 2)` and `image_embeds` `(batch_size, projection_dim)`.
         """
         _check_pixel_values(pixel_values, image_sizes)
         # The head runs in float32 whatever the tower's dtype: a logit scale of 100 turns the rounding of a half
@@ -513,7 +487,7 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
 
     def get_image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """
-        Unnormalised image embeddings, `(batch_size, output_dim)`. With `image_sizes`, each image is cropped to its
+        Unnormalised image embeddings, `(batch_size, projection_dim)`. With `image_sizes`, each image is cropped to its
         true size and images of equal size are embedded together.
         """
         pixel_values = pixel_values.to(self.vision_model.conv1.weight.dtype)
@@ -546,15 +520,16 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
 
     def _embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """
-        The image tower on `(batch_size, 3, height, width)` images of one size. In eval mode on a CPU, the batch runs
-        in chunks of at most `CPU_CHUNK_PIXELS` pixels (one 512x384 photo, or three 224x224 crops): with RN50 on the
-        project's 2-core CPU this gave 1.21x the images/s of a whole batch of 8 at 512x384, 1.11x at 1024x768 and
-        1.07x for 224x224 crops, with the same scores. In training mode the batch stays whole, since BatchNorm's
-        statistics depend on it; on a GPU, whole batches are what keeps it busy.
+        The image tower on `(batch_size, 3, height, width)` images of one size. With `cpu_chunk_pixels` set (by
+        `qualiclip_hf.fusion.fuse_for_inference`), an eval-mode batch on a CPU runs in chunks of at most that many
+        pixels, so that activations stay in the caches; the scores are the same.
         """
         batch_size, _, height, width = pixel_values.shape
-        chunk = max(1, CPU_CHUNK_PIXELS // (height * width))
-        if self.training or pixel_values.device.type != "cpu" or chunk >= batch_size:
+        chunk_pixels = self.cpu_chunk_pixels
+        if chunk_pixels is None or self.training or pixel_values.device.type != "cpu":
+            return self.vision_model(pixel_values)
+        chunk = max(1, chunk_pixels // (height * width))
+        if chunk >= batch_size:
             return self.vision_model(pixel_values)
         return torch.cat([self.vision_model(images) for images in pixel_values.split(chunk)])
 
@@ -582,7 +557,7 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
         tokens = tokenizer(
             texts,
             padding="max_length",
-            max_length=self.config.text_config.context_length,
+            max_length=self.config.text_config.max_position_embeddings,
             truncation=True,
             return_tensors="pt",
         ).to(self.prompt_embeds.device)
@@ -597,11 +572,11 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
         result is differentiable with respect to `prompt_context`, so the context can be trained.
 
         Args:
-            input_ids (`torch.LongTensor` of shape `(num_prompts, context_length)`): the prompts alone, padded.
-            attention_mask (`torch.LongTensor` of shape `(num_prompts, context_length)`).
+            input_ids (`torch.LongTensor` of shape `(num_prompts, max_position_embeddings)`): the prompts alone, padded.
+            attention_mask (`torch.LongTensor` of shape `(num_prompts, max_position_embeddings)`).
 
         Returns:
-            `torch.Tensor` of shape `(num_prompts, output_dim)`: unnormalised text embeddings.
+            `torch.Tensor` of shape `(num_prompts, projection_dim)`: unnormalised text embeddings.
         """
         if self.prompt_context is None:
             return self.text_model(input_ids, attention_mask)
@@ -631,6 +606,10 @@ def _check_pixel_values(pixel_values: Any, image_sizes: Any) -> None:
     Refuses inputs that would give a meaningless score or a cryptic error deeper down. The values themselves have no
     hard bound once normalised (resampling overshoots, contrast changes), so only non-finite values are refused, and
     values that look like unnormalised 8-bit pixels are warned about.
+
+    The value check runs only on CPU tensors: on an accelerator, reading a value back forces a device-to-host
+    synchronisation at every forward. Inputs are checked where they enter instead (`QualiCLIPImageProcessor` refuses
+    NaN, infinite and out-of-range pixels); shape and dtype are checked everywhere, at no cost.
     """
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
@@ -648,7 +627,7 @@ def _check_pixel_values(pixel_values: Any, image_sizes: Any) -> None:
             f"image_sizes must have shape ({pixel_values.shape[0]}, 2), one (height, width) per image, got "
             f"{tuple(torch.as_tensor(image_sizes).shape)}"
         )
-    if pixel_values.numel() == 0 or torch.compiler.is_compiling():
+    if pixel_values.numel() == 0 or pixel_values.device.type != "cpu" or torch.compiler.is_compiling():
         return
     peak = pixel_values.detach().abs().amax().item()  # NaN and infinity both propagate to the peak
     if not math.isfinite(peak):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from qualiclip_hf import QUALICLIP_PROMPT_PAIRS, QualiCLIPConfig, QualiCLIPModel
-from qualiclip_hf.convert_qualiclip_checkpoint import build_clip_tokenizer, make_processor
+from qualiclip_hf.build_processor import build_clip_tokenizer, make_processor
 
 TINY_VISION = {"layers": [1, 1, 1, 1], "width": 8, "heads": 2, "output_dim": 32}
 TINY_TEXT = {"width": 32, "heads": 2, "layers": 1, "output_dim": 32}

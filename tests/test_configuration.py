@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from qualiclip_hf import QUALICLIP_PROMPT_PAIRS, QualiCLIPConfig
@@ -18,11 +20,13 @@ def test_default_prompts_are_the_seven_official_pairs_without_the_merged_string(
 
 def test_defaults_are_clip_rn50_with_the_positional_embedding_off():
     config = QualiCLIPConfig()
-    assert config.vision_config.layers == [3, 4, 6, 3]
-    assert (config.vision_config.width, config.vision_config.heads, config.vision_config.output_dim) == (64, 32, 1024)
-    assert config.vision_config.use_pos_embedding is False
+    vision = config.vision_config
+    assert vision.depths == [3, 4, 6, 3]
+    assert (vision.embedding_size, vision.num_attention_heads, vision.projection_dim) == (64, 32, 1024)
+    assert vision.use_pos_embedding is False
     text = config.text_config
-    assert (text.context_length, text.vocab_size, text.width, text.heads, text.layers) == (77, 49408, 512, 8, 12)
+    sizes = (text.max_position_embeddings, text.vocab_size, text.hidden_size, text.num_attention_heads)
+    assert (*sizes, text.num_hidden_layers) == (77, 49408, 512, 8, 12)
     assert config.logit_scale == 100.0
 
 
@@ -47,8 +51,56 @@ def test_malformed_prompt_pairs_are_refused(pairs):
 
 def test_towers_must_share_the_embedding_size():
     with pytest.raises(ValueError, match="embedding size"):
+        QualiCLIPConfig(vision_config={"projection_dim": 64}, text_config={"projection_dim": 32})
+    with pytest.raises(ValueError, match="embedding size"):  # the names of folders saved before
         QualiCLIPConfig(vision_config={"output_dim": 64}, text_config={"output_dim": 32})
 
 
 def test_official_pairs_constant_is_positive_first():
     assert all(pair[0].startswith(("Good", "Sharp", "High", "Noise-free")) for pair in QUALICLIP_PROMPT_PAIRS)
+
+
+# OpenAI's names, which config.json files written before the standard names carry (the demo folder among them).
+LEGACY_VISION = {"layers": [2, 1, 1, 2], "width": 16, "heads": 4, "output_dim": 48, "image_resolution": 96}
+LEGACY_TEXT = {"context_length": 20, "width": 32, "heads": 2, "layers": 3, "output_dim": 48}
+
+
+def test_folders_saved_with_openai_names_load_under_the_standard_names(tmp_path):
+    folder = tmp_path / "old"
+    tiny_config().save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    saved["vision_config"] = {"model_type": "qualiclip_vision_model", **LEGACY_VISION}
+    saved["text_config"] = {"model_type": "qualiclip_text_model", **LEGACY_TEXT}
+    (folder / "config.json").write_text(json.dumps(saved))
+
+    config = QualiCLIPConfig.from_pretrained(folder)
+    vision, text = config.vision_config, config.text_config
+    assert (vision.depths, vision.embedding_size, vision.num_attention_heads) == ([2, 1, 1, 2], 16, 4)
+    assert (vision.projection_dim, vision.image_size) == (48, 96)
+    assert (text.max_position_embeddings, text.hidden_size, text.num_attention_heads) == (20, 32, 2)
+    assert (text.num_hidden_layers, text.projection_dim) == (3, 48)
+    # The old names still read (and write) the same values, as aliases.
+    assert (vision.layers, vision.width, vision.heads, vision.output_dim) == ([2, 1, 1, 2], 16, 4, 48)
+    assert (text.context_length, text.width, text.layers) == (20, 32, 3)
+    # Saved again, the folder has the standard names only, and loads to the same config.
+    config.save_pretrained(tmp_path / "new")
+    resaved = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert not set(LEGACY_VISION) & set(resaved["vision_config"])
+    assert not set(LEGACY_TEXT) & set(resaved["text_config"])
+    again = QualiCLIPConfig.from_pretrained(tmp_path / "new")
+    assert again.vision_config.to_dict() == vision.to_dict() and again.text_config.to_dict() == text.to_dict()
+
+
+def test_the_embedded_demo_folder_written_with_openai_names_loads_with_its_weights():
+    from qualiclip_hf import QualiCLIPModel
+    from qualiclip_hf.pretrained import DEMO_MODEL_DIR
+
+    written = json.loads((DEMO_MODEL_DIR / "config.json").read_text())
+    model = QualiCLIPModel.from_pretrained(DEMO_MODEL_DIR)  # strict: any tensor of another shape would raise
+    vision, text = model.config.vision_config, model.config.text_config
+    old_vision, old_text = written["vision_config"], written["text_config"]
+    assert vision.depths == old_vision.get("layers", old_vision.get("depths"))
+    assert vision.embedding_size == old_vision.get("width", old_vision.get("embedding_size"))
+    assert text.hidden_size == old_text.get("width", old_text.get("hidden_size"))
+    assert text.num_hidden_layers == old_text.get("layers", old_text.get("num_hidden_layers"))
+    assert model.vision_model.layer1[0].conv1.out_channels == vision.embedding_size

@@ -98,7 +98,7 @@ def test_cli_convert_writes_a_loadable_folder(official_checkpoint, tmp_path):
     from qualiclip_hf.cli import main
 
     assert main(["convert", "--checkpoint", str(official_checkpoint), "--output", str(tmp_path / "out")]) == 0
-    assert QualiCLIPModel.from_pretrained(tmp_path / "out").config.vision_config.layers == [3, 4, 6, 3]
+    assert QualiCLIPModel.from_pretrained(tmp_path / "out").config.vision_config.depths == [3, 4, 6, 3]
 
 
 def test_truncated_checkpoint_fails_clearly(official_checkpoint, tmp_path):
@@ -209,3 +209,26 @@ def test_openai_clip_torchscript_becomes_a_training_starting_point(reference_cli
         assert (model(images).quality_score - expected).abs().max() <= 1e-5
     (tmp_path / "text.pt").write_bytes(b"PK\x03\x04 not a zip")
     assert main(["convert", "--clip", str(tmp_path / "text.pt"), "--output", str(tmp_path / "x")]) == 1
+
+
+def test_shipped_tokenizer_is_the_one_built_from_clips_vocabulary():
+    # Conversion and training use the shipped files (no openai-clip needed); they must be what the BPE merges give.
+    from qualiclip_hf.build_processor import CLIP_VOCAB_SIZE, build_clip_tokenizer, load_clip_tokenizer
+
+    shipped, built = load_clip_tokenizer(), build_clip_tokenizer()
+    assert len(shipped) == len(built) == CLIP_VOCAB_SIZE
+    assert shipped.get_vocab() == built.get_vocab()
+    texts = ["Good photo.", "High-resolution image.", "naïve café – déjà vu 123", "  spaces\tand\nlines  "]
+    assert shipped(texts)["input_ids"] == built(texts)["input_ids"]
+
+
+def test_a_model_with_a_missing_tensor_is_refused(official_checkpoint, tmp_path):
+    from qualiclip_hf.convert_qualiclip_checkpoint import convert_checkpoint
+
+    checkpoint = load_official_checkpoint(official_checkpoint)
+    del checkpoint["clip_model.visual.layer2.0.bn2.weight"]
+    broken = tmp_path / "broken.pth"
+    torch.save(checkpoint, broken)
+    with pytest.raises(CheckpointError, match=r"broken\.pth: missing tensors .*layer2\.0\.bn2\.weight"):
+        convert_checkpoint(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

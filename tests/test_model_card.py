@@ -1,6 +1,5 @@
 """The model card generator: Hub metadata that huggingface_hub parses, and numbers that come only from result files."""
 
-import importlib.util
 import json
 import re
 import shutil
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 from huggingface_hub import ModelCard, metadata_load
 
-from qualiclip_hf.model_card import ModelCardError, make_model_card, read_results, write_model_card
+from qualiclip_hf.hub.card import ModelCardError, make_model_card, read_results, write_model_card
 from qualiclip_hf.pretrained import DEMO_MODEL_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,15 +148,14 @@ def test_bad_result_files_are_refused_naming_the_file(tmp_path):
         assert str(path) in str(raised.value)
 
 
-def test_generate_script_writes_the_card(tiny_model_dir, result_files, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("generate_card", ROOT / "model_card" / "generate.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+def test_card_command_writes_the_card(tiny_model_dir, result_files, tmp_path, capsys):
+    from qualiclip_hf.cli import main
+
     output = tmp_path / "card.md"
-    argv = ["--model-dir", str(tiny_model_dir), "--weights", "random", "--repo-id", "me/tiny", "--output", str(output)]
-    assert script.main([*argv, "--results", *map(str, result_files)]) == 0
+    argv = ["card", "--model-dir", str(tiny_model_dir), "--weights", "random", "--repo-id", "me/tiny"]
+    assert main([*argv, "--output", str(output), "--results", *map(str, result_files)]) == 0
     card = ModelCard.load(output)
     assert card.data.model_name == "me/tiny"
     assert 'AutoModel.from_pretrained("me/tiny", trust_remote_code=True)' in card.text
-    assert script.main(["--model-dir", str(tiny_model_dir), "--output", str(output)]) == 2
+    assert main(["card", "--model-dir", str(tiny_model_dir), "--output", str(output)]) == 2
     assert "say what these weights are" in capsys.readouterr().err

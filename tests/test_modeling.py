@@ -4,8 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qualiclip_hf import QUALICLIP_PROMPT_PAIRS, QualiCLIPModel, QualiCLIPOutput, modeling_qualiclip
-from qualiclip_hf.modeling_qualiclip import Bottleneck, conv_batch_norm
+from qualiclip_hf import QUALICLIP_PROMPT_PAIRS, QualiCLIPModel, QualiCLIPOutput
+from qualiclip_hf.fusion import fuse_conv_batch_norm, fuse_for_inference
+from qualiclip_hf.modeling_qualiclip import Bottleneck
 
 from .conftest import tiny_config
 
@@ -162,52 +163,56 @@ def _conv_and_norm(seed: int = 0) -> tuple[torch.nn.Conv2d, torch.nn.BatchNorm2d
 
 
 @torch.no_grad()
-def test_folded_batch_norm_follows_every_change_of_its_tensors():
+def test_fused_convolution_equals_convolution_then_batch_norm():
     conv, norm = _conv_and_norm()
     conv.eval(), norm.eval()
     x = torch.randn(2, 4, 9, 7)
-    torch.testing.assert_close(conv_batch_norm(conv, norm, x), norm(conv(x)))
-    with torch.inference_mode():  # a cache made here must serve later calls too
-        conv_batch_norm(conv, norm, x)
-    norm.running_var.mul_(3.0)  # an in-place update, as an optimizer or load_state_dict makes
-    torch.testing.assert_close(conv_batch_norm(conv, norm, x), norm(conv(x)))
-    conv.load_state_dict(_conv_and_norm(seed=1)[0].state_dict())
-    torch.testing.assert_close(conv_batch_norm(conv, norm, x), norm(conv(x)))
+    torch.testing.assert_close(fuse_conv_batch_norm(conv, norm)(x), norm(conv(x)))
     conv.double(), norm.double()
-    result = conv_batch_norm(conv, norm, x.double())
-    assert result.dtype == torch.float64
-    torch.testing.assert_close(result, norm(conv(x.double())))
+    fused = fuse_conv_batch_norm(conv, norm)
+    assert fused.weight.dtype == torch.float64
+    torch.testing.assert_close(fused(x.double()), norm(conv(x.double())))
+    # Half-precision weights are folded in float32: the fused weight is the float32 fold, rounded once.
+    conv_half, norm_half = _conv_and_norm()
+    conv_half.half(), norm_half.half()
+    expected = fuse_conv_batch_norm(copy.deepcopy(conv_half).float(), copy.deepcopy(norm_half).float())
+    assert torch.equal(fuse_conv_batch_norm(conv_half, norm_half).weight, expected.weight.half())
 
 
-def test_folded_batch_norm_in_eval_mode_keeps_gradients_for_weights_and_inputs():
+def test_fused_model_keeps_gradients_for_the_input():
     conv, norm = _conv_and_norm()
     conv.eval(), norm.eval()
     x = torch.randn(2, 4, 9, 7, requires_grad=True)
-    with torch.inference_mode():
-        conv_batch_norm(conv, norm, x)
-    folded = torch.autograd.grad(conv_batch_norm(conv, norm, x).square().sum(), [x, conv.weight, norm.weight])
-    reference = torch.autograd.grad(norm(conv(x)).square().sum(), [x, conv.weight, norm.weight])
-    for got, expected in zip(folded, reference, strict=True):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-
-
-def test_training_mode_normalises_with_batch_statistics_and_updates_them():
-    conv, norm = _conv_and_norm()
-    reference_norm = copy.deepcopy(norm)
-    x = torch.randn(2, 4, 9, 7)
-    torch.testing.assert_close(conv_batch_norm(conv, norm, x), reference_norm(conv(x)))
-    torch.testing.assert_close(norm.running_mean, reference_norm.running_mean)
-    assert not torch.equal(norm.running_mean, _conv_and_norm()[1].running_mean)
+    (fused_grad,) = torch.autograd.grad(fuse_conv_batch_norm(conv, norm)(x).square().sum(), [x])
+    (reference_grad,) = torch.autograd.grad(norm(conv(x)).square().sum(), [x])
+    torch.testing.assert_close(fused_grad, reference_grad, rtol=1e-4, atol=1e-4)
 
 
 @torch.no_grad()
-def test_eval_scores_equal_the_unfolded_image_tower(tiny_model, monkeypatch):
+def test_fused_scores_equal_the_unfused_model_and_the_fused_model_is_for_inference_only(tiny_model, tmp_path):
     x = torch.randn(3, 3, 70, 90)
-    folded = tiny_model(x)
-    monkeypatch.setattr(modeling_qualiclip, "conv_batch_norm", lambda conv, norm, hidden: norm(conv(hidden)))
-    unfolded = tiny_model(x.contiguous())
-    torch.testing.assert_close(folded.image_embeds, unfolded.image_embeds, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(folded.quality_score, unfolded.quality_score, atol=1e-6, rtol=0)
+    unfused = tiny_model(x)
+    model = fuse_for_inference(copy.deepcopy(tiny_model))
+    assert model.is_fused and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    fused = model(x.contiguous())
+    torch.testing.assert_close(fused.image_embeds, unfused.image_embeds, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused.quality_score, unfused.quality_score, atol=1e-6, rtol=0)
+    assert fuse_for_inference(model) is model  # a second call changes nothing
+    torch.testing.assert_close(model(x).quality_score, fused.quality_score, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="fused for inference"):
+        model.train()
+    with pytest.raises(RuntimeError, match="fused for inference"):
+        model.save_pretrained(tmp_path / "fused")
+    assert not (tmp_path / "fused").exists()
+    model.eval()  # eval mode stays allowed (Grad-CAM restores the mode it found)
+
+
+def test_training_mode_normalises_with_batch_statistics_and_updates_them(tiny_model):
+    model = copy.deepcopy(tiny_model).train()
+    norm = model.vision_model.bn1
+    before = norm.running_mean.clone()
+    model(torch.randn(2, 3, 64, 64))
+    assert not torch.equal(norm.running_mean, before)
 
 
 @torch.no_grad()
@@ -230,11 +235,15 @@ def test_cpu_chunks_in_eval_mode_give_the_whole_batch_scores_and_training_keeps_
         "forward",
         lambda self, images: calls.append(len(images)) or tower_forward(self, images),
     )
-    monkeypatch.setattr(modeling_qualiclip, "CPU_CHUNK_PIXELS", 2 * 64 * 96)
-    torch.testing.assert_close(tiny_model(x).quality_score, whole, atol=1e-6, rtol=0)
+    tiny_model(x)
+    assert calls == [5], "a plain model keeps the batch whole"
+    calls.clear()
+    model = fuse_for_inference(copy.deepcopy(tiny_model), cpu_chunk_pixels=2 * 64 * 96)
+    torch.testing.assert_close(model(x).quality_score, whole, atol=1e-6, rtol=0)
     assert calls == [2, 2, 1]
 
     calls.clear()
-    model = copy.deepcopy(tiny_model).train()  # BatchNorm's batch statistics: the batch must stay whole
-    model(x)
+    model = copy.deepcopy(tiny_model)
+    model.cpu_chunk_pixels = 2 * 64 * 96
+    model.train()(x)  # BatchNorm's batch statistics: the batch must stay whole
     assert calls == [5]

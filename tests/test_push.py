@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from qualiclip_hf import QualiCLIPModel, QualiCLIPProcessor
 from qualiclip_hf.cli import main
-from qualiclip_hf.hub import PushError, stage_model_folder
-from qualiclip_hf.model_card import write_model_card
+from qualiclip_hf.hub.card import write_model_card
+from qualiclip_hf.hub.push import PushError, stage_model_folder
 
 from .conftest import photo
 

@@ -146,14 +146,19 @@ def write_config(tmp_path: Path, pristine_folder: Path, **overrides) -> Path:
 
 
 # One thread per process: on a small, busy machine, torch's default thread pool makes these tiny steps 10x slower.
-_SINGLE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+# The training script runs as a module of the repository (`python -m training.train`), from any folder.
+_SINGLE_THREAD = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+}
 
 
 def launch(config_path: Path, *args: str, processes: int = 1) -> None:
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(REPO / "training" / "train.py"), "--config", str(config_path), *args,
+        "--module", "training.train", "--config", str(config_path), *args,
     ]  # fmt: skip
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=600, cwd=config_path.parent, env=_SINGLE_THREAD
@@ -269,7 +274,7 @@ def test_an_unknown_degradation_place_is_refused_before_anything_starts(tmp_path
 
 
 def _train_command(config_path: Path, *args: str) -> list[str]:
-    return [sys.executable, str(REPO / "training" / "train.py"), "--config", str(config_path), *args]
+    return [sys.executable, "-m", "training.train", "--config", str(config_path), *args]
 
 
 def _losses_by_step(run: Path) -> list[tuple[int, tuple[float, ...]]]:
@@ -335,7 +340,8 @@ def test_sigkill_mid_run_then_resume_gives_the_losses_of_an_uninterrupted_run(pr
     assert [step for step, _ in got] == [step for step, _ in expected] == list(range(1, steps + 1))
     for (step, values), (_, reference_values) in zip(got, expected, strict=True):
         assert values == pytest.approx(reference_values, abs=1e-6), step
-    assert QualiCLIPModel.from_pretrained(killed_run / "final").config.vision_config.width == TINY_VISION["width"]
+    final_config = QualiCLIPModel.from_pretrained(killed_run / "final").config
+    assert final_config.vision_config.embedding_size == TINY_VISION["width"]
 
 
 def test_only_complete_checkpoints_are_resumed_from(tmp_path):
@@ -373,3 +379,69 @@ def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused(pristine_folder, 
     (Path(config.output_dir) / "checkpoints" / "step_2" / "trainer_state.json").write_text("{}")
     with pytest.raises(ValueError, match=r"already holds checkpoints \(step_2\): pass --resume"):
         train(config)
+
+
+def test_every_setting_of_the_configuration_file_can_be_overridden_on_the_command_line(pristine_folder, tmp_path):
+    from dataclasses import fields
+
+    from training.train import TrainConfig, parse_arguments
+
+    config_path = write_config(tmp_path, pristine_folder, time_limit_minutes=5.0, init_from="some/model")
+    from_file = parse_arguments(["--config", str(config_path)])[0]
+    assert from_file.max_steps == 3 and from_file.vision == TINY_VISION
+    overrides = {
+        "vision": ('{"depths": [2, 1, 1, 1]}', {"depths": [2, 1, 1, 1]}),
+        "text": ('{"num_hidden_layers": 2}', {"num_hidden_layers": 2}),
+        "loss": ('{"margin_ranking": 0.1}', {"margin_ranking": 0.1}),
+        "degrade_on": ("workers", "workers"),
+        "lr_scheduler_type": ("cosine", "cosine"),
+        "mixed_precision": ("bf16", "bf16"),
+    }
+    for item in fields(TrainConfig):
+        current = getattr(from_file, item.name)
+        if item.name in overrides:
+            text, expected = overrides[item.name]
+        elif isinstance(current, float):
+            text, expected = str(current * 2), current * 2
+        elif isinstance(current, int):
+            text, expected = str(current + 5), current + 5
+        else:
+            text, expected = f"{current}-other", f"{current}-other"
+        assert current != expected, item.name
+        for option in (f"--{item.name}", f"--{item.name.replace('_', '-')}"):
+            config = parse_arguments(["--config", str(config_path), option, text])[0]
+            assert getattr(config, item.name) == expected, option
+            others = {f.name for f in fields(TrainConfig)} - {item.name}
+            assert all(getattr(config, name) == getattr(from_file, name) for name in others), option
+
+
+def test_bad_settings_are_refused_with_the_setting_named(pristine_folder, tmp_path, capsys):
+    from training.train import parse_arguments
+
+    config_path = write_config(tmp_path, pristine_folder)
+    for argv, message in (
+        (["--degrade_on", "gpu"], "invalid choice: 'gpu'"),
+        (["--learning_rate", "-1"], "learning_rate must be positive"),
+        (["--max_steps", "many"], "invalid int value: 'many'"),
+        (["--vision", "{not json"], "--vision"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_arguments(["--config", str(config_path), *argv])
+        assert message in capsys.readouterr().err
+    (tmp_path / "typo.yaml").write_text("max_step: 3\n")
+    with pytest.raises(SystemExit):
+        parse_arguments(["--config", str(tmp_path / "typo.yaml")])
+    assert "typo.yaml: unknown settings ['max_step']" in capsys.readouterr().err
+
+
+def test_the_time_limit_stops_the_run_without_rewriting_its_configuration(pristine_folder, tmp_path):
+    from training.train import load_config, train
+
+    config = load_config(write_config(tmp_path, pristine_folder, max_steps=50, time_limit_minutes=0.0))
+    final = train(config)
+    assert config.max_steps == 50
+    summary = json.loads((final / "training_summary.json").read_text())
+    # The limit is checked after each step: a limit of zero stops after the first.
+    assert (summary["steps"], summary["planned_steps"], summary["stopped_by_time_limit"]) == (1, 50, True)
+    assert summary["config"]["max_steps"] == 50
+    assert [path.name for path in (Path(config.output_dir) / "checkpoints").iterdir()] == ["step_1"]

@@ -31,7 +31,7 @@ def tensor_offset(path, key: str) -> int:
 
 
 def test_the_intact_copy_loads(model_copy):
-    assert QualiCLIPModel.from_pretrained(model_copy).config.vision_config.width == 8
+    assert QualiCLIPModel.from_pretrained(model_copy).config.vision_config.embedding_size == 8
 
 
 def test_truncated_weights_are_refused(model_copy):
@@ -98,7 +98,7 @@ def test_a_pickled_weight_file_carrying_code_is_refused(model_copy, capsys):
     state = load_file(model_copy / "model.safetensors")
     (model_copy / "model.safetensors").unlink()
     torch.save(state, model_copy / "pytorch_model.bin")
-    assert QualiCLIPModel.from_pretrained(model_copy).config.vision_config.width == 8  # plain tensors: fine
+    assert QualiCLIPModel.from_pretrained(model_copy).config.vision_config.embedding_size == 8  # plain tensors: fine
     with open(model_copy / "pytorch_model.bin", "wb") as file:
         pickle.dump({"vision_model.conv1.weight": _Payload()}, file, protocol=2)
     with pytest.raises(OSError, match=rf"{model_copy}: refused the pickled weight file: it holds more than tensors"):

@@ -36,9 +36,18 @@ from .degradations import (
 
 def load_pristine_stream(source: str, split: str = "train", image_column: str = "image") -> datasets.IterableDataset:
     """
-    A stream of pristine images: a local folder (read as an `imagefolder`, with `split` as its subfolder when it has
-    one), a local parquet/webdataset path, or a Hub dataset id. Images stay undecoded, so that a corrupt one can be
-    skipped and counted instead of failing the stream.
+    A stream of pristine images. Images stay undecoded, so that a corrupt one can be skipped and counted instead of
+    failing the stream.
+
+    Args:
+        source (`str`):
+            A local folder (read as an `imagefolder`, with `split` as its subfolder when it has one), a local
+            parquet/webdataset path, or a Hub dataset id.
+        split (`str`, defaults to `"train"`): The split (or subfolder) to read.
+        image_column (`str`, defaults to `"image"`): The column holding the images; renamed to `image`.
+
+    Returns:
+        `datasets.IterableDataset`: examples with a single `image` column of undecoded images (`bytes`/`path`).
     """
     path = Path(source)
     if path.is_dir():
@@ -52,7 +61,17 @@ def load_pristine_stream(source: str, split: str = "train", image_column: str = 
 
 
 def shard_for_process(stream: datasets.IterableDataset, rank: int, world_size: int) -> datasets.IterableDataset:
-    """This process's part of the stream: every sample goes to exactly one process."""
+    """
+    This process's part of the stream: every sample goes to exactly one process.
+
+    Args:
+        stream (`datasets.IterableDataset`): The whole stream.
+        rank (`int`): This process's index, in `[0, world_size)`.
+        world_size (`int`): The number of processes.
+
+    Returns:
+        `datasets.IterableDataset`: the stream itself for one process, else its shard.
+    """
     return split_dataset_by_node(stream, rank=rank, world_size=world_size) if world_size > 1 else stream
 
 
@@ -72,6 +91,18 @@ class DegradedBatches:
     the CPU) and this process applies the rest of it to the batch on `degrade_device`, carrying each level's random
     generator on from where the worker left it. The samples are the same as the workers' own (bit for bit on CPU;
     on a GPU up to floating-point differences of its kernels), and still a function of the cursor only.
+
+    Args:
+        stream (`datasets.IterableDataset`): This process's part of the pristine stream (`shard_for_process`).
+        batch_size (`int`): Pristine images per batch.
+        crop_size (`int`, defaults to 224): Side of the square crops, in pixels.
+        num_levels (`int`, defaults to 5): Degradation levels per composition.
+        max_groups (`int`, defaults to 7): Distortion groups per composition, at most.
+        seed (`int`, defaults to 0): Seed of every random draw, with the epoch, rank and position.
+        rank (`int`, defaults to 0): This process's index, which enters the per-sample seeds.
+        num_workers (`int`, defaults to 0): Worker processes; 0 decodes and degrades in this process.
+        degrade_device (`torch.device` or `str`, *optional*):
+            Where the part of each composition after its last codec step runs; `None`: in the workers.
     """
 
     def __init__(
@@ -104,10 +135,21 @@ class DegradedBatches:
 
     def iterate(self, cursor: tuple[int, int] = (0, 0)) -> Iterator[tuple[torch.Tensor | None, int, tuple[int, int]]]:
         """
-        Yields `(batch, skipped, cursor)` endlessly, epoch after epoch. `batch` is None when no image of it was
-        readable; `skipped` counts its unreadable images; `cursor` is `(epoch, position)` of the next example to read,
-        to pass back here to resume. Batches may span an epoch boundary, so a small dataset keeps the pool busy.
-        `batch` is on `degrade_device` when that is set, else on the CPU.
+        The batches, endlessly, epoch after epoch. Batches may span an epoch boundary, so a small dataset keeps the
+        pool busy.
+
+        Args:
+            cursor (`tuple[int, int]`, defaults to `(0, 0)`):
+                `(epoch, position)` of the first example to read: a cursor this method yielded, to resume.
+
+        Yields:
+            `tuple`: `(batch, skipped, cursor)`. `batch` is a `(batch_size - skipped, levels, 2, 3, crop, crop)`
+            float tensor in [0, 1], on `degrade_device` when that is set, else on the CPU, or `None` when no image of
+            it was readable; `skipped` counts its unreadable images; `cursor` is `(epoch, position)` of the next
+            example to read.
+
+        Raises:
+            ValueError: when the stream is empty.
         """
         jobs = self._jobs(*cursor)
         if self.num_workers == 0:
@@ -133,11 +175,15 @@ class DegradedBatches:
 
 @dataclass
 class PendingDegradation:
-    """A sample whose CPU part is done: the rest of its composition, to apply where the model is.
+    """
+    A sample whose CPU part is done: the rest of its composition, to apply where the model is.
 
-    `partial` is `(levels, 2, 3, crop, crop)` after the composition's head (up to its last codec step), or the
-    `(2, 3, crop, crop)` crops themselves when the composition has no codec; `steps` is the tail still to apply and
-    `generator_states` the state of each level's CPU generator where the head left it.
+    Attributes:
+        partial (`torch.Tensor` of shape `(levels, 2, 3, crop, crop)` or `(2, 3, crop, crop)`):
+            The crops after the composition's head (up to its last codec step), or the crops themselves when the
+            composition has no codec step; values in [0, 1].
+        steps (`list[CompositionStep]`): The tail of the composition, still to apply.
+        generator_states (`list[torch.Tensor]`): The state of each level's CPU generator where the head left it.
     """
 
     partial: torch.Tensor
@@ -145,7 +191,15 @@ class PendingDegradation:
     generator_states: list[torch.Tensor]
 
     def finish(self, device: torch.device) -> torch.Tensor:
-        """The `(levels, 2, 3, crop, crop)` degraded crops, computed on `device`."""
+        """
+        Applies the rest of the composition.
+
+        Args:
+            device (`torch.device`): Where to compute.
+
+        Returns:
+            `torch.Tensor` of shape `(levels, 2, 3, crop, crop)`: the degraded crops in [0, 1], on `device`.
+        """
         partial = self.partial.to(device, non_blocking=True)
         return apply_composition_levels_from(partial, self.steps, self.generator_states)
 
@@ -203,18 +257,32 @@ def _make_sample(
 
 
 def collate_degraded(samples: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, int]:
-    """Stacks the readable samples to `(batch, levels, 2, 3, crop, crop)`; returns it with the count skipped."""
+    """
+    Stacks the readable samples.
+
+    Args:
+        samples (`list`): `(levels, 2, 3, crop, crop)` tensors, `None` for an unreadable image.
+
+    Returns:
+        `tuple`: the `(batch, levels, 2, 3, crop, crop)` stack of the readable samples (`None` when there is none)
+        and the number of unreadable ones.
+    """
     good = [sample for sample in samples if sample is not None]
     return (torch.stack(good) if good else None), len(samples) - len(good)
 
 
 def overlapping_crops(image: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
     """
-    Two random `size` x `size` crops of a `(3, H, W)` float image that overlap by at least half their side in each
-    direction (the second is the first shifted by at most `size // 2`). Images smaller than the crop are upscaled.
+    Two random `size` x `size` crops that overlap by at least half their side in each direction (the second is the
+    first shifted by at most `size // 2`). Images smaller than the crop are upscaled (bicubic, antialiased).
+
+    Args:
+        image (`torch.Tensor` of shape `(3, height, width)`): A float image in [0, 1].
+        size (`int`): Side of the crops, in pixels.
+        generator (`torch.Generator`): The source of the random positions.
 
     Returns:
-        `(2, 3, size, size)`.
+        `torch.Tensor` of shape `(2, 3, size, size)`: the two crops, in [0, 1].
     """
     height, width = image.shape[-2:]
     if min(height, width) < size:

@@ -1,8 +1,10 @@
 """Evaluation of a QualiCLIP model, with and without opinion scores.
 
-    python training/evaluate.py mos --model DIR --dataset koniq10k --csv scores.csv --images DIR --output r.json
-    python training/evaluate.py mos --model DIR --hub-dataset ORG/NAME --split test --output r.json
-    python training/evaluate.py synthetic --model DIR --images data/demo_pristine/heldout --output r.json
+    python -m training.evaluate mos --model DIR --dataset koniq10k --csv scores.csv --images DIR --output r.json
+    python -m training.evaluate mos --model DIR --hub-dataset ORG/NAME --split test --output r.json
+    python -m training.evaluate synthetic --model DIR --images data/demo_pristine/heldout --output r.json
+
+Run it from the repository's root, as a module.
 
 `mos`: SRCC, KRCC, PLCC after the usual 4-parameter logistic mapping, and raw PLCC (scipy), between the scores
 and the mean opinion scores of an IQA dataset given as a `datasets` dataset (Hub id) or a local CSV and folder.
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +29,6 @@ import torch
 from scipy.optimize import curve_fit
 from scipy.stats import kendalltau, pearsonr, spearmanr
 from tqdm.auto import tqdm
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qualiclip_hf.cli import load_model_and_processor
 from qualiclip_hf.image_processing_qualiclip import limit_longest_side
@@ -103,8 +102,23 @@ _GENERIC = MosPreset((MosLayout("image", "mos", "generic"),))
 def resolve_columns(
     preset: MosPreset, columns: list[str], image_column: str | None = None, mos_column: str | None = None, where=""
 ) -> tuple[str, str]:
-    """The (image, opinion) columns to read: the first preset layout, with the explicit columns put in its place,
-    whose two columns are both among `columns`."""
+    """
+    The (image, opinion) columns to read: the first layout of `preset`, with the explicit columns put in its place,
+    whose two columns are both among `columns`.
+
+    Args:
+        preset ([`MosPreset`]): The dataset's known layouts.
+        columns (`list[str]`): The columns the file or dataset has.
+        image_column (`str`, *optional*): The image column, instead of the layouts'.
+        mos_column (`str`, *optional*): The opinion column, instead of the layouts'.
+        where (`str`): The file or dataset, for the error message.
+
+    Returns:
+        `tuple[str, str]`: the image column and the opinion column.
+
+    Raises:
+        ValueError: naming `where`, the columns expected and those found, when no layout matches.
+    """
     candidates = [(image_column or lay.image_column, mos_column or lay.mos_column) for lay in preset.layouts]
     for candidate in candidates:
         if candidate[0] in columns and candidate[1] in columns:
@@ -115,12 +129,36 @@ def resolve_columns(
 
 
 def logistic_4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
-    """The monotonic logistic of VQEG's recommendation, mapping objective scores to the opinion scale."""
+    """
+    The monotonic 4-parameter logistic of VQEG's recommendation (VQEG, *Final report on the validation of objective
+    models of video quality assessment*, 2000), mapping objective scores to the opinion scale:
+    `(b1 - b2) / (1 + exp(-(x - b3) / |b4|)) + b2`.
+
+    Args:
+        x (`np.ndarray`): Objective scores.
+        b1, b2, b3, b4 (`float`): The upper and lower asymptotes, the centre and the slope's scale.
+
+    Returns:
+        `np.ndarray` of the shape of `x`: the mapped scores, between `b2` and `b1`.
+    """
     return (b1 - b2) / (1 + np.exp(-(x - b3) / (np.abs(b4) + 1e-12))) + b2
 
 
 def correlation_metrics(scores: np.ndarray, opinions: np.ndarray) -> dict[str, float]:
-    """SRCC, KRCC, raw PLCC, and PLCC after fitting `logistic_4` from the scores to the opinions."""
+    """
+    The correlations of IQA between scores and opinions (`scipy.stats`).
+
+    Args:
+        scores (`np.ndarray` of shape `(num_images,)`): The model's scores.
+        opinions (`np.ndarray` of shape `(num_images,)`): The opinion scores, higher is better.
+
+    Returns:
+        `dict[str, float]`: `srcc`, `krcc`, `plcc` (after fitting `logistic_4` from the scores to the opinions; the
+        raw PLCC when the fit does not converge) and `plcc_raw`, each in [-1, 1].
+
+    Raises:
+        ValueError: for fewer than 3 images.
+    """
     scores, opinions = np.asarray(scores, dtype=np.float64), np.asarray(opinions, dtype=np.float64)
     if len(scores) < 3:
         raise ValueError(f"need at least 3 scored images, got {len(scores)}")
@@ -178,8 +216,22 @@ def read_mos_csv(
     image_column: str | None = None,
     mos_column: str | None = None,
 ) -> tuple[list[Path], list[float]]:
-    """Image paths (relative to `image_dir`) and opinion scores from a CSV with a header row; the preset's excluded
-    images are left out."""
+    """
+    Image paths and opinion scores from a CSV with a header row; the preset's excluded images are left out.
+
+    Args:
+        csv_path (`str` or `Path`): The score file.
+        image_dir (`str` or `Path`): The folder the image names are relative to.
+        preset ([`MosPreset`], *optional*): The dataset's layouts; by default the columns `image` and `mos`.
+        image_column (`str`, *optional*): The image column, instead of the preset's.
+        mos_column (`str`, *optional*): The opinion column, instead of the preset's.
+
+    Returns:
+        `tuple[list[Path], list[float]]`: the image paths and their opinion scores, in the file's order.
+
+    Raises:
+        ValueError: naming the file (and row) when the columns are missing or an opinion is not a number.
+    """
     import csv
 
     with open(csv_path, newline="", encoding="utf-8-sig") as file:
@@ -204,7 +256,24 @@ def read_mos_hub(
     image_column: str | None = None,
     mos_column: str | None = None,
 ) -> tuple[list[Path], list[float]]:
-    """A Hub (or local) `datasets` dataset with an image column and an opinion column, written out as files."""
+    """
+    A Hub (or local) `datasets` dataset with an image column and an opinion column, its images written out as files
+    (or used in place when the dataset points to local files).
+
+    Args:
+        dataset_id (`str`): A Hub dataset id or a local dataset path.
+        split (`str`): The split to read.
+        cache_dir (`Path`): Where to write the images.
+        preset ([`MosPreset`], *optional*): The dataset's layouts; by default the columns `image` and `mos`.
+        image_column (`str`, *optional*): The image column, instead of the preset's.
+        mos_column (`str`, *optional*): The opinion column, instead of the preset's.
+
+    Returns:
+        `tuple[list[Path], list[float]]`: the image paths and their opinion scores.
+
+    Raises:
+        ValueError: naming the dataset, when its columns do not match.
+    """
     import datasets
 
     data = datasets.load_dataset(dataset_id, split=split)

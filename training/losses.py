@@ -25,6 +25,17 @@ import torch
 
 @dataclass(frozen=True)
 class QualiCLIPLossWeights:
+    """
+    Margins and weights of the three terms (see the module's docstring); the defaults are our choice.
+
+    Attributes:
+        margin_consistency (`float`, defaults to 0.025): Cosine-similarity gap tolerated between the two crops.
+        margin_ranking (`float`, defaults to 0.05): Cosine-similarity gap demanded between two levels.
+        weight_consistency (`float`, defaults to 1.0): Weight of the consistency term in the total loss.
+        weight_positive (`float`, defaults to 1.0): Weight of the positive ranking term.
+        weight_negative (`float`, defaults to 1.0): Weight of the negative ranking term.
+    """
+
     margin_consistency: float = 0.025
     margin_ranking: float = 0.05
     weight_consistency: float = 1.0
@@ -34,13 +45,20 @@ class QualiCLIPLossWeights:
 
 def qualiclip_losses(similarities: torch.Tensor, weights: QualiCLIPLossWeights) -> dict[str, torch.Tensor]:
     """
+    The consistency and the two ranking losses of QualiCLIP, and their weighted sum.
+
     Args:
         similarities (`torch.Tensor` of shape `(batch, levels, 2, num_pairs, 2)`): cosine similarity of each crop
             (third axis: the two crops) at each degradation level (increasing) to the (positive, negative) prompt of
-            each pair.
+            each pair, in [-1, 1].
+        weights ([`QualiCLIPLossWeights`]): The margins and the weights of the terms.
 
     Returns:
-        `{"loss", "consistency", "positive", "negative"}`, scalars; `loss` is the weighted sum.
+        `dict[str, torch.Tensor]`: the scalars `loss` (the weighted sum), `consistency`, `positive` and `negative`,
+        each >= 0.
+
+    Raises:
+        ValueError: when `similarities` does not have that shape.
     """
     if similarities.ndim != 5 or similarities.shape[2] != 2 or similarities.shape[-1] != 2:
         raise ValueError(f"expected (batch, levels, 2, num_pairs, 2) similarities, got {tuple(similarities.shape)}")

@@ -5,7 +5,7 @@ Sources: scikit-image's bundled data photos (public domain / CC0) and the photog
 `dpkg -x`; nothing is installed). Each photo is downscaled to at most `--max-side` pixels and stored as a
 high-quality JPEG. Nothing here is committed; run it before training:
 
-    python training/prepare_demo_data.py --output data/demo_pristine
+    python -m training.prepare_demo_data --output data/demo_pristine
 """
 
 from __future__ import annotations
@@ -26,7 +26,19 @@ DEBIAN_PACKAGES = ("mate-backgrounds", "plasma-workspace-wallpapers")
 
 
 def debian_photos(workdir: Path) -> dict[str, Path]:
-    """The largest image of each wallpaper (plasma ships several sizes) and the MATE nature photos."""
+    """
+    Downloads and unpacks `DEBIAN_PACKAGES` (`apt-get download`, `dpkg -x`; nothing is installed).
+
+    Args:
+        workdir (`Path`): An empty folder to unpack into.
+
+    Returns:
+        `dict[str, Path]`: by photo name, the largest image of each wallpaper (plasma ships several sizes) and the
+        MATE nature photos.
+
+    Raises:
+        subprocess.CalledProcessError: when `apt-get` or `dpkg` fails (no package index, no network).
+    """
     subprocess.run(["apt-get", "download", *DEBIAN_PACKAGES], cwd=workdir, check=True, capture_output=True)
     root = workdir / "root"
     for deb in workdir.glob("*.deb"):
@@ -40,12 +52,21 @@ def debian_photos(workdir: Path) -> dict[str, Path]:
 
 
 def save(image: Image.Image, path: Path, max_side: int) -> None:
+    """
+    Writes `image` as an RGB JPEG of quality 95, downscaled (Lanczos) so that its longest side is at most `max_side`.
+
+    Args:
+        image (`PIL.Image.Image`): The photo.
+        path (`Path`): The file to write.
+        max_side (`int`): The longest side, in pixels.
+    """
     image = image.convert("RGB")
     image.thumbnail((max_side, max_side), Image.LANCZOS)
     image.save(path, quality=95)
 
 
 def main() -> None:
+    """The command line: see the module's docstring."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=Path("data/demo_pristine"))
     parser.add_argument("--max-side", type=int, default=768)

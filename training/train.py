@@ -1,10 +1,13 @@
 """Train QualiCLIP's image tower with the self-supervised QualiCLIP recipe.
 
-    accelerate launch training/train.py --config training/configs/demo.yaml [--resume] [--push-to-hub ORG/NAME]
+    accelerate launch -m training.train --config training/configs/demo.yaml [--resume] [--push-to-hub ORG/NAME]
+    python -m training.train --config training/configs/demo.yaml --max_steps 200 --vision '{"depths": [1, 1, 1, 1]}'
 
-Accelerate is the distributed engine (CPU, one GPU, DDP/FSDP/DeepSpeed through `accelerate config`). Only the image
-tower trains; the text tower is frozen and the prompt embeddings are fixed. Checkpoints (`save_state`) are written
-to a temporary folder and renamed, so an interrupted save never leaves an unloadable checkpoint.
+Run it from the repository's root, as a module. Every key of the YAML file is also a command-line option, which
+overrides it (`--max_steps 200` or `--max-steps 200`; mappings as JSON). Accelerate is the distributed engine (CPU,
+one GPU, DDP/FSDP/DeepSpeed through `accelerate config`). Only the image tower trains; the text tower is frozen and
+the prompt embeddings are fixed. Checkpoints (`save_state`) are written to a temporary folder and renamed, so an
+interrupted save never leaves an unloadable checkpoint.
 """
 
 from __future__ import annotations
@@ -15,74 +18,172 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
+from transformers import HfArgumentParser, get_scheduler
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repository
-
 from qualiclip_hf import QualiCLIPConfig, QualiCLIPModel
-from qualiclip_hf.convert_qualiclip_checkpoint import make_processor
+from qualiclip_hf.build_processor import make_processor
 from training.data import DegradedBatches, load_pristine_stream, shard_for_process
 from training.losses import QualiCLIPLossWeights, qualiclip_losses
 
+DEGRADE_PLACES = ("auto", "workers", "accelerator")
 
-@dataclass
+
+class JsonDict(dict):
+    """A mapping setting of `TrainConfig`: a YAML mapping in the file, a JSON object on the command line."""
+
+    def __init__(self, value: str | dict[str, Any] | None = None) -> None:
+        super().__init__(json.loads(value) if isinstance(value, str) else (value or {}))
+
+
+def _option(help: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": help}, **kwargs)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    """Every knob of a run; see `training/configs/*.yaml` for the values used and where they come from."""
+    """
+    Every setting of a run. `training/configs/*.yaml` hold the values used and say where they come from; each key
+    is also a command-line option of `python -m training.train`. The configuration is never changed during a run.
+    """
 
-    output_dir: str = "runs/qualiclip"
-    # Model: fine-tune a pretrained QualiCLIP/CLIP folder or Hub id, or build one from `vision`/`text` sizes.
-    init_from: str | None = None
-    vision: dict = field(default_factory=dict)
-    text: dict = field(default_factory=dict)
+    output_dir: str = _option("folder of the run: checkpoints, losses.jsonl, logs, final/", default="runs/qualiclip")
+    # Model
+    init_from: str | None = _option(
+        "QualiCLIP/CLIP folder or Hub id to fine-tune; none: build from vision/text", default=None
+    )
+    vision: JsonDict = field(
+        default_factory=JsonDict, metadata={"help": "QualiCLIPVisionConfig settings of a model built from scratch"}
+    )
+    text: JsonDict = field(
+        default_factory=JsonDict, metadata={"help": "QualiCLIPTextConfig settings of a model built from scratch"}
+    )
     # Data
-    data_source: str = "data/pristine"
-    data_split: str = "train"
-    image_column: str = "image"
-    shuffle_buffer: int = 1000
-    crop_size: int = 224
-    num_levels: int = 5
-    max_groups: int = 4
-    num_workers: int = 4
-    # Where the degradations after a composition's last codec step run: "workers" (the CPU worker processes, with
-    # everything else), "accelerator" (the training process, on accelerator.device), or "auto": the accelerator when
-    # it is not the CPU. The samples are the same either way (see training/data.py).
-    degrade_on: str = "auto"
+    data_source: str = _option("a folder of pristine images, or a Hub dataset id", default="data/pristine")
+    data_split: str = _option("the split of a Hub dataset", default="train")
+    image_column: str = _option("the image column of a Hub dataset", default="image")
+    shuffle_buffer: int = _option("size of the streaming shuffle buffer (<= 1: no shuffling)", default=1000)
+    crop_size: int = _option("side of the square crops, pixels", default=224)
+    num_levels: int = _option("degradation levels L per composition", default=5)
+    max_groups: int = _option("distortion groups per composition, at most", default=4)
+    num_workers: int = _option("CPU worker processes that decode and degrade", default=4)
+    degrade_on: Literal["auto", "workers", "accelerator"] = _option(
+        "where the degradations after a composition's last codec step run: the CPU workers, the training process "
+        "(on accelerator.device), or auto: the accelerator when it is not the CPU. Same samples either way",
+        default="auto",
+    )
     # Optimisation
-    batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    max_steps: int = 1000
-    # Stop early (with a checkpoint and the final folder) once this much wall time has passed; None: no limit.
-    time_limit_minutes: float | None = None
-    learning_rate: float = 1e-4
-    weight_decay: float = 1e-2
-    warmup_steps: int = 0
-    loss: dict = field(default_factory=dict)
+    batch_size: int = _option("pristine images per step and process", default=16)
+    gradient_accumulation_steps: int = _option("micro-batches per optimizer step", default=1)
+    max_steps: int = _option("optimizer steps to train for (the planned steps)", default=1000)
+    time_limit_minutes: float | None = _option(
+        "stop early, with a checkpoint and the final folder, once this much wall time has passed; none: no limit",
+        default=None,
+    )
+    learning_rate: float = _option("AdamW learning rate (peak, after the warm-up)", default=1e-4)
+    weight_decay: float = _option("AdamW weight decay", default=1e-2)
+    lr_scheduler_type: str = _option(
+        "a schedule of transformers.get_scheduler (constant_with_warmup, linear, cosine, ...)",
+        default="constant_with_warmup",
+    )
+    warmup_steps: int = _option("steps of linear warm-up of the learning rate", default=0)
+    loss: JsonDict = field(
+        default_factory=JsonDict, metadata={"help": "QualiCLIPLossWeights settings (margins, weights)"}
+    )
     # Run
-    seed: int = 0
-    mixed_precision: str = "no"
-    checkpoint_every: int = 200
-    log_every: int = 10
+    seed: int = _option("seed of the model, the data order and the degradations", default=0)
+    mixed_precision: str = _option("Accelerate's mixed precision: no, fp16 or bf16", default="no")
+    checkpoint_every: int = _option("steps between checkpoints", default=200)
+    log_every: int = _option("steps between logged losses", default=10)
+
+    def __post_init__(self) -> None:
+        if self.degrade_on not in DEGRADE_PLACES:
+            raise ValueError(f"degrade_on must be 'auto', 'workers' or 'accelerator', got {self.degrade_on!r}")
+        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a launch does with the configuration; not part of it."""
+
+    config: str | None = _option("YAML file of TrainConfig settings; the other options override its keys", default=None)
+    resume: bool = _option("continue from the latest checkpoint in output_dir", default=False)
+    push_to_hub: str | None = _option("upload the final model to this Hub repository (ORG/NAME)", default=None)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """
+    The settings of a YAML configuration file.
+
+    Raises:
+        ValueError: naming the file, when it is not a mapping or has a key `TrainConfig` does not know.
+    """
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of TrainConfig settings, got {type(values).__name__}")
+    unknown = set(values) - {item.name for item in fields(TrainConfig)}
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+    return values
 
 
 def load_config(path: str | Path) -> TrainConfig:
-    values = yaml.safe_load(Path(path).read_text()) or {}
-    unknown = set(values) - set(TrainConfig.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
-    return TrainConfig(**values)
+    """The `TrainConfig` of a YAML file (see `read_config_file`), without command-line overrides."""
+    return TrainConfig(**read_config_file(path))
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> tuple[TrainConfig, RunOptions]:
+    """
+    `--config FILE` sets the defaults, and every other option overrides one key (timm's `train.py` layout, parsed
+    by transformers' `HfArgumentParser`).
+
+    Raises:
+        SystemExit: with argparse's message, for an unknown option or a value of the wrong type.
+    """
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("--config")
+    config_file = config_parser.parse_known_args(argv)[0].config
+    parser = HfArgumentParser(
+        (TrainConfig, RunOptions), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    if config_file is not None:
+        try:
+            parser.set_defaults(**read_config_file(config_file))
+        except (OSError, ValueError, yaml.YAMLError) as error:
+            parser.error(str(error))
+    try:
+        config, options = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+    except ValueError as error:  # TrainConfig.__post_init__
+        parser.error(str(error))
+    return config, options
 
 
 def build_model(config: TrainConfig) -> QualiCLIPModel:
+    """
+    The model a run starts from.
+
+    Args:
+        config ([`TrainConfig`]): `init_from` (a folder or Hub id to fine-tune) or, without it, the `vision` and
+            `text` sizes of a model built from scratch.
+
+    Returns:
+        [`QualiCLIPModel`]: loaded strictly, or built with random weights and the prompt embeddings of its random,
+        frozen text tower.
+    """
     if config.init_from:
         return QualiCLIPModel.from_pretrained(config.init_from)
     model = QualiCLIPModel(QualiCLIPConfig(vision_config=config.vision, text_config=config.text))
@@ -93,12 +194,17 @@ def build_model(config: TrainConfig) -> QualiCLIPModel:
 
 def prompt_similarities(model: torch.nn.Module, prompt_embeds: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
     """
+    The cosine similarities of degraded crops to the prompts, through the model's forward.
+
     Args:
-        prompt_embeds (`torch.Tensor` of shape `(2 * num_pairs, dim)`): the fixed, normalised prompt embeddings.
+        model (`torch.nn.Module`): The (possibly DDP-wrapped) [`QualiCLIPModel`].
+        prompt_embeds (`torch.Tensor` of shape `(2 * num_pairs, projection_dim)`): the fixed, normalised prompt
+            embeddings.
         crops (`torch.Tensor` of shape `(batch, levels, 2, 3, size, size)`): degraded crops in [0, 1].
 
     Returns:
-        `(batch, levels, 2, num_pairs, 2)` cosine similarities to the (positive, negative) prompts.
+        `torch.Tensor` of shape `(batch, levels, 2, num_pairs, 2)`: cosine similarities to the (positive, negative)
+        prompts, in float32.
     """
     batch, levels, two = crops.shape[:3]
     mean = crops.new_tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
@@ -114,6 +220,12 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     """
     The complete checkpoint of the highest step: a `step_<N>` folder with its trainer state. The `.tmp` folder of a
     save cut short by a crash, or anything else put there, is never picked.
+
+    Args:
+        output_dir (`Path`): The run's folder.
+
+    Returns:
+        `Path` or `None`: `output_dir/checkpoints/step_<N>`, or `None` when there is no complete checkpoint.
     """
     complete = []
     for path in (output_dir / "checkpoints").glob("step_*"):
@@ -126,7 +238,12 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 def truncate_loss_log(path: Path, step: int) -> None:
     """
     Keeps the rows of `losses.jsonl` up to `step`, where a resumed run starts: the rows after it, logged before an
-    interruption, are computed again (to the same values), and a row cut short by a crash is dropped.
+    interruption, are computed again (to the same values), and a row cut short by a crash is dropped. The file is
+    replaced atomically.
+
+    Args:
+        path (`Path`): The log; nothing happens when it does not exist.
+        step (`int`): The last step to keep.
     """
     if not path.is_file():
         return
@@ -144,6 +261,16 @@ def truncate_loss_log(path: Path, step: int) -> None:
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state: dict) -> None:
+    """
+    Saves Accelerate's state and `trainer_state.json` into `output_dir/checkpoints/step_<step>`, through a `.tmp`
+    folder renamed at the end, so that an interrupted save never looks complete. Every process must call it.
+
+    Args:
+        accelerator (`Accelerator`): The run's accelerator.
+        output_dir (`Path`): The run's folder.
+        step (`int`): The completed optimizer steps.
+        state (`dict`): The trainer state: `step`, the data `cursor` and `skipped_images`.
+    """
     final = output_dir / "checkpoints" / f"step_{step}"
     staging = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
@@ -157,8 +284,21 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state
 
 
 def train(config: TrainConfig, resume: bool = False, push_to_hub: str | None = None) -> Path:
-    if config.degrade_on not in ("auto", "workers", "accelerator"):
-        raise ValueError(f"degrade_on must be 'auto', 'workers' or 'accelerator', got {config.degrade_on!r}")
+    """
+    Runs (or, with `resume`, continues) a training run and saves the final model with its processor and
+    `training_summary.json` (planned and completed steps, skipped images, seconds, the configuration).
+
+    Args:
+        config: The run's settings; never modified.
+        resume: Continue from the latest complete checkpoint in `config.output_dir`.
+        push_to_hub: A Hub repository (ORG/NAME) to upload the final model to, as `qualiclip push` does.
+
+    Returns:
+        The folder of the final model, `output_dir/final`.
+
+    Raises:
+        ValueError: when `output_dir` already holds checkpoints and `resume` is off.
+    """
     output_dir = Path(config.output_dir)
     if not resume and (existing := latest_checkpoint(output_dir)) is not None:
         # A fresh run would log after the old one's losses and collide with its checkpoints.
@@ -180,14 +320,17 @@ def train(config: TrainConfig, resume: bool = False, push_to_hub: str | None = N
     optimizer = torch.optim.AdamW(
         model.vision_model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps))
+    scheduler = get_scheduler(
+        config.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=config.warmup_steps,
+        num_training_steps=config.max_steps,
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     loss_weights = QualiCLIPLossWeights(**config.loss)
     prompt_embeds = accelerator.unwrap_model(model).prompt_embeds
 
-    step, cursor, skipped_images = 0, (0, 0), 0
+    step, cursor, skipped_images, out_of_time = 0, (0, 0), 0, False
     if resume and (checkpoint := latest_checkpoint(output_dir)) is not None:
         accelerator.load_state(str(checkpoint))
         state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -248,13 +391,12 @@ def train(config: TrainConfig, resume: bool = False, push_to_hub: str | None = N
             out_of_time = (
                 config.time_limit_minutes is not None and time.perf_counter() - started > 60 * config.time_limit_minutes
             )
-            if out_of_time:
-                config.max_steps = step  # ends the loop after this step's checkpoint
-            if step % config.checkpoint_every == 0 or step == config.max_steps:
+            last_step = step >= config.max_steps or out_of_time
+            if step % config.checkpoint_every == 0 or last_step:
                 save_checkpoint(
                     accelerator, output_dir, step, {"step": step, "cursor": cursor, "skipped_images": skipped_images}
                 )
-            if step >= config.max_steps:
+            if last_step:
                 break
 
     progress.close()
@@ -267,7 +409,9 @@ def train(config: TrainConfig, resume: bool = False, push_to_hub: str | None = N
         (final_dir / "training_summary.json").write_text(
             json.dumps(
                 {
-                    "steps": step,
+                    "steps": step,  # completed
+                    "planned_steps": config.max_steps,
+                    "stopped_by_time_limit": out_of_time,
                     "skipped_images": skipped_images,
                     "seconds": round(time.perf_counter() - started, 1),
                     "config": asdict(config),
@@ -280,7 +424,7 @@ def train(config: TrainConfig, resume: bool = False, push_to_hub: str | None = N
             # (weights labelled as trained here, with this run's training summary).
             import tempfile
 
-            from qualiclip_hf.hub import push_model_folder, stage_model_folder
+            from qualiclip_hf.hub.push import push_model_folder, stage_model_folder
 
             with tempfile.TemporaryDirectory() as staging:
                 staged = stage_model_folder(final_dir, Path(staging) / "repo", repo_id=push_to_hub, weights="trained")
@@ -289,27 +433,10 @@ def train(config: TrainConfig, resume: bool = False, push_to_hub: str | None = N
     return final_dir
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file of TrainConfig settings")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the final model to this Hub repository")
-    parser.add_argument("--max-steps", type=int, help="override max_steps")
-    parser.add_argument("--output-dir", help="override output_dir")
-    parser.add_argument(
-        "--degrade-on", choices=("auto", "workers", "accelerator"), help="override degrade_on (compare the two)"
-    )
-    args = parser.parse_args(argv)
-    config = load_config(args.config)
-    if args.max_steps is not None:
-        config.max_steps = args.max_steps
-    if args.output_dir is not None:
-        config.output_dir = args.output_dir
-    if args.degrade_on is not None:
-        config.degrade_on = args.degrade_on
-    if not math.isfinite(config.learning_rate) or config.learning_rate <= 0:
-        raise ValueError("learning_rate must be positive")
-    train(config, resume=args.resume, push_to_hub=args.push_to_hub)
+def main(argv: Sequence[str] | None = None) -> None:
+    """The command line: see the module's docstring."""
+    config, options = parse_arguments(argv)
+    train(config, resume=options.resume, push_to_hub=options.push_to_hub)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def _check_correlations(path: Path, values: dict[str, Any]) -> None:
 
 def infer_weights_kind(model_dir: str | Path) -> str | None:
     """`demo` for the embedded demo model, `trained` for a folder `training/train.py` wrote; otherwise unknown."""
-    from .pretrained import DEMO_MODEL_DIR
+    from ..pretrained import DEMO_MODEL_DIR
 
     model_dir = Path(model_dir)
     if model_dir.resolve() == DEMO_MODEL_DIR.resolve():
@@ -251,7 +251,11 @@ def _weights_statement(weights: str, config: dict[str, Any], results: Results) -
 
 
 def _architecture_table(model_dir: Path, config: dict[str, Any]) -> str:
-    vision, text = config.get("vision_config", {}), config.get("text_config", {})
+    from ..configuration_qualiclip import QualiCLIPConfig
+
+    # Through the config class, which also reads the names of folders saved before the standard names.
+    parsed = QualiCLIPConfig.from_dict(config)
+    vision, text = parsed.vision_config, parsed.text_config
     counts = _parameter_counts(model_dir)
     pairs = config.get("prompt_pairs") or []
     prompts = "; ".join(f'"{positive}" / "{negative}"' for positive, negative in pairs)
@@ -263,12 +267,12 @@ def _architecture_table(model_dir: Path, config: dict[str, Any]) -> str:
     rows = [
         (
             "image tower",
-            f"CLIP ModifiedResNet: blocks per stage {tuple(vision.get('layers', ()))}, width {vision.get('width')}, "
-            f"{vision.get('output_dim')}-d embedding" + _count(counts.get("vision_model")),
+            f"CLIP ModifiedResNet: blocks per stage {tuple(vision.depths)}, width {vision.embedding_size}, "
+            f"{vision.projection_dim}-d embedding" + _count(counts.get("vision_model")),
         ),
         (
             "text tower (frozen)",
-            f"CLIP text transformer: layers {text.get('layers')}, width {text.get('width')}"
+            f"CLIP text transformer: layers {text.num_hidden_layers}, width {text.hidden_size}"
             + _count(counts.get("text_model"))
             + "; only needed to recompute the prompt embeddings, which are stored with the weights",
         ),
@@ -376,6 +380,9 @@ def _training_section(results: Results) -> str:
     init = config.get("init_from")
     rows = [
         ("steps", summary.get("steps")),
+        # Older summaries lack it; their `max_steps` may have been rewritten by the time limit, so it is not used.
+        ("steps planned", summary.get("planned_steps")),
+        ("stopped by the time limit", "yes" if summary.get("stopped_by_time_limit") else None),
         ("images per step", config.get("batch_size")),
         ("gradient accumulation steps", config.get("gradient_accumulation_steps")),
         ("crop size (pixels)", config.get("crop_size")),
@@ -383,6 +390,7 @@ def _training_section(results: Results) -> str:
         ("distortion groups per composition, at most", config.get("max_groups")),
         ("learning rate", config.get("learning_rate")),
         ("weight decay", config.get("weight_decay")),
+        ("learning-rate schedule", config.get("lr_scheduler_type")),
         ("warm-up steps", config.get("warmup_steps")),
         ("mixed precision", config.get("mixed_precision")),
         ("seed", config.get("seed")),

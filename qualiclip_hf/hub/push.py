@@ -57,9 +57,9 @@ def stage_model_folder(
         PushError: if the folder does not load as a QualiCLIP model with all its weights, its README's metadata
             does not parse, or the card cannot be generated.
     """
-    from .model_card import REPO_PLACEHOLDER, ModelCardError, make_model_card
-    from .modeling_qualiclip import QualiCLIPModel
-    from .processing_qualiclip import QualiCLIPProcessor
+    from ..modeling_qualiclip import QualiCLIPModel
+    from ..processing_qualiclip import QualiCLIPProcessor
+    from .card import REPO_PLACEHOLDER, ModelCardError, make_model_card
 
     model_dir, staging_dir = Path(model_dir), Path(staging_dir)
     if not (model_dir / "config.json").is_file():
