@@ -159,3 +159,23 @@ def test_card_command_writes_the_card(tiny_model_dir, result_files, tmp_path, ca
     assert 'AutoModel.from_pretrained("me/tiny", trust_remote_code=True)' in card.text
     assert main(["card", "--model-dir", str(tiny_model_dir), "--output", str(output)]) == 2
     assert "say what these weights are" in capsys.readouterr().err
+
+
+def test_the_card_quotes_the_planned_and_the_completed_steps(tiny_model_dir, tmp_path):
+    trained_dir = tmp_path / "trained"
+    shutil.copytree(tiny_model_dir, trained_dir)
+    summary = {
+        "steps": 1865,
+        "planned_steps": 3000,
+        "stopped_by_time_limit": True,
+        "config": {"max_steps": 3000, "lr_scheduler_type": "constant_with_warmup"},
+    }
+    (trained_dir / "training_summary.json").write_text(json.dumps(summary))
+    card = make_model_card(trained_dir).text
+    assert "| steps | 1865 |" in card and "| steps planned | 3000 |" in card
+    assert "| stopped by the time limit | yes |" in card
+    assert "| learning-rate schedule | constant_with_warmup |" in card
+    demo_card = (DEMO_MODEL_DIR / "README.md").read_text()
+    demo_summary = json.loads(DEMO_RESULTS[1].read_text())
+    assert f"| steps | {demo_summary['steps']} |" in demo_card
+    assert f"| steps planned | {demo_summary['planned_steps']} |" in demo_card
