@@ -16,8 +16,8 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from qualiclip_hf import QualiCLIPModel
 from qualiclip_hf.image_processing_qualiclip import limit_longest_side
+from qualiclip_hf.loading import official_plus_model_dir, resolve_pretrained
 from qualiclip_hf.modeling_qualiclip import VISION_STRIDE
-from qualiclip_hf.pretrained import resolve_pretrained
 
 # pyiqa's QualiCLIP metrics, each with the dataset its QualiCLIP+ context was learned on (None: plain QualiCLIP).
 MODEL_TYPES: dict[str, str | None] = {
@@ -94,8 +94,6 @@ class QualiCLIPHF(nn.Module):
     def _weights_location(model_type: str, name: str) -> str:
         dataset = MODEL_TYPES[model_type]
         if name == "official" and dataset is not None:
-            from qualiclip_hf.convert_qualiclip_checkpoint import official_plus_model_dir
-
             return str(official_plus_model_dir(dataset))
         return resolve_pretrained(name)
 

@@ -141,7 +141,7 @@ def score_files(
         raise ValueError(f"decode_on must be one of {', '.join(DECODE_PLACES)}, got {decode_on!r}")
     decode_jpeg = _device_jpeg_decoder() if decode_on == "device" else None
     if num_workers is None:
-        num_workers = min(4, max(0, (os.cpu_count() or 1) - 1))
+        num_workers = choose_thread_counts()[0]
     loader = DataLoader(
         _ImageFiles(paths, max_pixels, jpeg_as_bytes=decode_on == "device"),
         batch_size=batch_size,
@@ -267,3 +267,36 @@ def _run_model(
 ) -> list[float]:
     inputs = processor(images=images, return_tensors="pt", max_size=max_size).to(model.device)
     return model(**inputs).quality_score.float().cpu().tolist()
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, which containers and `taskset` narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def choose_thread_counts(cores: int | None = None, load: float | None = None) -> tuple[int, int]:
+    """
+    How many DataLoader workers decode files, and how many threads PyTorch uses for the model on a CPU.
+
+    - **Workers:** one per core beside the model's, at most 4. A worker decodes with one thread (PyTorch sets one
+      thread in its workers, and Pillow decodes in one), and one worker decodes about ten times as many photos per
+      second as the model scores on the same core (`benchmarks/RESULTS.md`), so more would only compete for cores.
+    - **Model threads:** the cores not already busy, at least 1: `cores - round(load)`, with `load` the 1-minute
+      load average. PyTorch's default, one thread per core, is right on an idle machine. With the cores busy, its
+      threads wait at every operator for a thread that the kernel has descheduled, and scoring collapses (15 to 1.6
+      images/s on 2 cores with one competing process, in the issue that asked for this; see
+      `benchmarks/folder_scoring.py`'s competing-load rows).
+
+    Args:
+        cores: Usable cores (default: `usable_cores()`).
+        load: Runnable processes besides this one (default: the 1-minute load average, `os.getloadavg()[0]`).
+
+    Returns:
+        `(num_workers, num_threads)`.
+    """
+    cores = usable_cores() if cores is None else cores
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    workers = min(4, max(0, cores - 1))
+    threads = max(1, min(cores, cores - round(load)))
+    return workers, threads

@@ -6,7 +6,7 @@ import torch
 from scipy.stats import spearmanr
 from skimage import data
 
-from qualiclip_hf.cli import load_model_and_processor
+from qualiclip_hf.loading import load_model_and_processor
 from training.degradations import apply_distortion
 
 # training/prepare_demo_data.py holds these out of the demo model's training set.
