@@ -37,9 +37,6 @@ class CommandError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries(args.verbose)
-    from . import register_auto_classes
-
-    register_auto_classes()
     try:
         return args.handler(args)
     except CommandError as error:
@@ -208,35 +205,45 @@ def _non_negative_int(text: str) -> int:
 
 
 def _quiet_libraries(verbose: bool) -> None:
-    """Without --verbose, transformers and huggingface_hub show no progress bars, and libraries no warnings."""
+    """
+    Without --verbose, transformers and huggingface_hub show no progress bars or warnings, and libraries no Python
+    warnings. The environment variables reach both libraries when they are imported later, as they are here.
+    """
     if verbose:
         return
     import warnings
 
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow huggingface_hub's switch
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    if "huggingface_hub" in sys.modules:  # already imported (a caller of `main` in Python): switch them off directly
+        from huggingface_hub.utils import disable_progress_bars
 
-    disable_progress_bars()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
 
 
 def _score_command(args: argparse.Namespace) -> int:
-    from .modeling_qualiclip import VISION_STRIDE
     from .results import ResultWriter
-    from .scoring import DECODE_PLACES, choose_thread_counts, collect_image_paths
 
-    if args.decode_on not in DECODE_PLACES:
-        raise CommandError(f"--decode-on must be one of {', '.join(DECODE_PLACES)}, got {args.decode_on!r}")
+    # The checks that need neither torch nor the model come first: on a busy machine importing torch takes seconds.
     if args.resume and args.output is None:
         raise CommandError("--resume continues an --output file; name it")
     if args.output is not None and args.output.suffix.lower() not in OUTPUT_FORMATS:
         raise CommandError(f"--output must end with one of {', '.join(OUTPUT_FORMATS)}: {args.output}")
+    resolved = _resolve_model(args.model)
+    print(f"model: {resolved.name} ({resolved.description})", file=sys.stderr)
+
+    from .modeling_qualiclip import VISION_STRIDE
+    from .scoring import DECODE_PLACES, choose_thread_counts, collect_image_paths
+
+    if args.decode_on not in DECODE_PLACES:
+        raise CommandError(f"--decode-on must be one of {', '.join(DECODE_PLACES)}, got {args.decode_on!r}")
     if args.max_size is not None and args.max_size < VISION_STRIDE:
         raise CommandError(
             f"--max-size {args.max_size} is below the model's minimum image size of {VISION_STRIDE} pixels: every "
@@ -244,9 +251,6 @@ def _score_command(args: argparse.Namespace) -> int:
         )
     paths = _image_paths(args.paths, args.recursive, collect_image_paths)
     device = _device(args.device)
-    resolved = _resolve_model(args.model)
-    print(f"model: {resolved.name} ({resolved.description})", file=sys.stderr)
-
     writer = None
     if args.output is not None:
         try:
@@ -355,8 +359,10 @@ def _resolve_model(name: str) -> Any:
 
 
 def _load(resolved: Any, device: Any, dtype: Any = None) -> tuple:
+    from . import register_auto_classes
     from .loading import load_model_and_processor
 
+    register_auto_classes()
     try:
         return load_model_and_processor(resolved, device, dtype)
     except (OSError, ValueError) as error:
@@ -381,6 +387,7 @@ def _print_table(results: list) -> None:
 
 
 def _convert_command(args: argparse.Namespace) -> int:
+    from . import register_auto_classes
     from .convert_qualiclip_checkpoint import (
         CheckpointError,
         convert_checkpoint,
@@ -388,6 +395,7 @@ def _convert_command(args: argparse.Namespace) -> int:
         convert_qualiclip_plus,
     )
 
+    register_auto_classes()  # saved folders carry `auto_map` and the remote-code files
     try:
         if args.clip is not None:
             output = convert_clip_checkpoint(args.clip, args.output)
@@ -404,9 +412,11 @@ def _convert_command(args: argparse.Namespace) -> int:
 def _push_command(args: argparse.Namespace) -> int:
     import tempfile
 
+    from . import register_auto_classes
     from .hub import PushError, push_model_folder, stage_model_folder
     from .loading import DEMO_MODEL_PATH, hub_unreachable_reason
 
+    register_auto_classes()  # the staged folder carries `auto_map` and the remote-code files
     model_dir = DEMO_MODEL_PATH if args.model_dir == "demo" else Path(args.model_dir)
     card_options = {"weights": args.weights, "results": args.results, "repo_id": args.repo_id}
     if (model_dir / "README.md").is_file() and (args.weights or args.results or args.license or args.base_model):

@@ -254,8 +254,6 @@ def download_official_checkpoint(expected_sha256: str | None = None, filename: s
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from .convert_qualiclip_checkpoint import CheckpointError, sha256_of
-
     offline = hub_unreachable_reason()
     try:
         path = Path(hf_hub_download(OFFICIAL_REPO_ID, filename, local_files_only=offline is not None))
@@ -266,6 +264,9 @@ def download_official_checkpoint(expected_sha256: str | None = None, filename: s
             f"{OFFICIAL_RELEASE_URL} where you can and convert it with `qualiclip convert --checkpoint qualiclip.pth "
             "--output FOLDER`, then pass --model FOLDER; --model demo runs the embedded demo model (not QualiCLIP)"
         ) from None
+    # Imported once the file is here: the conversion module imports torch, which a failed look-up does not need.
+    from .convert_qualiclip_checkpoint import CheckpointError, sha256_of
+
     published = path.resolve().name  # blobs/<sha256> for files stored with Git LFS / Xet
     expected = expected_sha256 or (published if re.fullmatch(r"[0-9a-f]{64}", published) else None)
     if expected is None:
@@ -286,9 +287,9 @@ def official_model_dir(expected_sha256: str | None = None) -> Path:
     """
     from huggingface_hub import constants
 
-    from .convert_qualiclip_checkpoint import convert_checkpoint
-
     checkpoint = download_official_checkpoint(expected_sha256)
+    from .convert_qualiclip_checkpoint import convert_checkpoint  # after the download, which fails without torch
+
     output_dir = Path(constants.HF_HOME) / "qualiclip_hf" / f"official-{checkpoint.resolve().name[:16]}"
     return _convert_once(output_dir, lambda staging: convert_checkpoint(checkpoint, staging))
 
@@ -300,12 +301,12 @@ def official_plus_model_dir(dataset: str = "koniq") -> Path:
     """
     from huggingface_hub import constants
 
-    from .convert_qualiclip_checkpoint import convert_qualiclip_plus
-
     if dataset not in PLUS_FILENAMES:
         raise ValueError(f"no QualiCLIP+ weights for {dataset!r}; choose one of {', '.join(PLUS_FILENAMES)}")
     base = download_official_checkpoint()
     plus = download_official_checkpoint(filename=PLUS_FILENAMES[dataset])
+    from .convert_qualiclip_checkpoint import convert_qualiclip_plus
+
     name = f"official-plus-{dataset}-{base.resolve().name[:8]}-{plus.resolve().name[:8]}"
     output_dir = Path(constants.HF_HOME) / "qualiclip_hf" / name
     return _convert_once(output_dir, lambda staging: convert_qualiclip_plus(base, plus, staging))
