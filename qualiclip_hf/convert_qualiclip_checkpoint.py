@@ -54,7 +54,23 @@ def _load_pickle_safely(path: Path) -> Any:
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from None
     except Exception as error:  # an unpickler refusal (a pickle that carries code) is not a plain error subclass
-        raise CheckpointError(f"{path}: refused to load (only tensors are allowed): {error}") from None
+        with open(path, "rb") as file:
+            is_pickle = file.read(1) == b"\x80"  # the PROTO opcode that starts every pickle since protocol 2
+        if not is_pickle and not zipfile.is_zipfile(path):
+            raise CheckpointError(
+                f"{path}: not a PyTorch checkpoint (neither a torch.save archive nor a pickle)"
+            ) from None
+        raise CheckpointError(
+            f"{path}: refused to load: it holds more than tensors and plain containers ({_unpickler_cause(error)}), "
+            "and such a file can run code when it is loaded"
+        ) from None
+
+
+def _unpickler_cause(error: Exception) -> str:
+    """The cause in torch's refusal, without its advice to retry with `weights_only=False`, which we never take."""
+    text = str(error)
+    detail = text.partition("WeightsUnpickler error:")[2].strip().splitlines()
+    return detail[0].strip() if detail else type(error).__name__
 
 
 def _check_zip_checksums(path: Path) -> None:

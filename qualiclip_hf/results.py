@@ -32,7 +32,7 @@ class ResultWriter:
     the model that scored it.
 
     With `resume=True`, the rows already in the file are kept and [`done`] holds their paths, so a run can skip them;
-    a last CSV or JSON line cut off by a crash is dropped (its file is scored again).
+    a last CSV row or JSON line cut off by a crash (no newline) is dropped, and its file is scored again.
 
     Args:
         path: The results file; its folder is created.
@@ -119,8 +119,10 @@ class ResultWriter:
                 rows = json.loads(text) if text.strip() else []
             else:
                 lines = text.splitlines(keepends=True)
-                if lines and not lines[-1].endswith("\n"):
-                    lines = lines[:-1]  # cut off mid-write: that file is scored again
+                if lines and not lines[-1].endswith("\n") and not _is_json_object(lines[-1]):
+                    # Rows are written with their newline: one without it was cut off mid-write (a complete JSON
+                    # object, written by hand, is kept). Its file is scored again.
+                    lines = lines[:-1]
                 if self.format == ".jsonl":
                     rows = [json.loads(line) for line in lines if line.strip()]
                 else:
@@ -141,3 +143,10 @@ class ResultWriter:
                 f"with --model {others[0]}, or write to another --output"
             )
         return rows
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
