@@ -426,6 +426,9 @@ def _push_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     card_options.update(license=args.license, base_model=args.base_model)
+    unreachable = None if args.dry_run else hub_unreachable_reason()
+    if unreachable is not None:
+        raise CommandError(f"cannot push to {args.repo_id}: {unreachable}; nothing was uploaded", status=1)
     with tempfile.TemporaryDirectory(prefix="qualiclip-push-") as staging:
         try:
             staged = stage_model_folder(model_dir, Path(staging) / "repo", include=args.include, **card_options)
@@ -438,9 +441,6 @@ def _push_command(args: argparse.Namespace) -> int:
             print(f"  {file.path_in_repo:<32} {_human_size(file.size):>10}")
         if args.dry_run:
             return 0
-        unreachable = hub_unreachable_reason()
-        if unreachable is not None:
-            raise CommandError(f"cannot push to {args.repo_id}: {unreachable}; nothing was uploaded", status=1)
         try:
             commit = push_model_folder(staged, args.repo_id, private=args.private, commit_message=args.commit_message)
         except Exception as error:  # huggingface_hub raises HTTP, connection and OS errors of several libraries

@@ -305,3 +305,49 @@ def test_ctrl_c_in_a_real_process_answers_in_one_line(good_folder, tiny_model_di
     interrupted = [line for line in err.splitlines() if "interrupted" in line]
     assert len(interrupted) == 1 and "--resume" in interrupted[0]
     assert 1 <= len(_rows(output)) < 6
+
+
+QUALICLIP_SCRIPT = Path(__import__("sys").executable).parent / "qualiclip"
+
+
+@pytest.mark.skipif(not QUALICLIP_SCRIPT.is_file(), reason="the qualiclip console script is not installed")
+@pytest.mark.parametrize("option", ["--help", "--version", "score --help"])
+def test_help_and_version_import_neither_torch_nor_transformers(option):
+    import subprocess
+
+    done = subprocess.run(
+        [str(QUALICLIP_SCRIPT), *option.split()],
+        capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPROFILEIMPORTTIME": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "qualiclip_hf.cli" in imported
+    assert not {name for name in imported if name.split(".")[0] in ("torch", "transformers", "numpy")}
+    assert ("qualiclip-hf 0.1.0" in done.stdout) == (option == "--version")
+
+
+@pytest.mark.skipif(not QUALICLIP_SCRIPT.is_file(), reason="the qualiclip console script is not installed")
+def test_library_progress_bars_only_with_verbose(tmp_path):
+    import subprocess
+
+    photo(48, 48).save(tmp_path / "a.png")
+    command = [str(QUALICLIP_SCRIPT), "score", str(tmp_path / "a.png"), "--model", "demo"]
+    quiet = subprocess.run(command, capture_output=True, text=True)
+    verbose = subprocess.run([*command, "--verbose"], capture_output=True, text=True)
+    assert quiet.returncode == verbose.returncode == 0
+    assert "Loading weights" in verbose.stderr
+    assert "Loading weights" not in quiet.stderr
+    assert quiet.stderr.splitlines()[0].startswith("model: demo (the embedded demo model")
+
+
+def test_push_without_network_is_one_line_and_exit_1(monkeypatch, capsys):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(["push", "--model-dir", "demo", "--repo-id", "someone/qualiclip-demo"]) == 1
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.count("\n") == 1 and captured.out == ""
+    assert err.startswith("qualiclip: cannot push to someone/qualiclip-demo: HF_HUB_OFFLINE is set; nothing was")
+
