@@ -426,6 +426,7 @@ def _push_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     card_options.update(license=args.license, base_model=args.base_model)
+    # huggingface_hub retries a failing connection for minutes: without network, stop at once, before staging.
     unreachable = None if args.dry_run else hub_unreachable_reason()
     if unreachable is not None:
         raise CommandError(f"cannot push to {args.repo_id}: {unreachable}; nothing was uploaded", status=1)

@@ -180,6 +180,13 @@ def select_device(choice: str = "auto") -> torch.device:
     return torch.device(choice)
 
 
+def hub_offline() -> bool:
+    """Whether `HF_HUB_OFFLINE` is set (read now, also when set after huggingface_hub was imported)."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
+
+
 def hub_unreachable_reason() -> str | None:
     """
     Why the Hub cannot be used now, or None: `HF_HUB_OFFLINE` is set, or a TCP connection to the Hub's endpoint
@@ -188,7 +195,7 @@ def hub_unreachable_reason() -> str | None:
     """
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE:
+    if hub_offline():
         return "HF_HUB_OFFLINE is set"
     if any(os.environ.get(key) for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return None
