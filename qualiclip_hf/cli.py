@@ -412,11 +412,8 @@ def _convert_command(args: argparse.Namespace) -> int:
 def _push_command(args: argparse.Namespace) -> int:
     import tempfile
 
-    from . import register_auto_classes
-    from .hub import PushError, push_model_folder, stage_model_folder
     from .loading import DEMO_MODEL_PATH, hub_unreachable_reason
 
-    register_auto_classes()  # the staged folder carries `auto_map` and the remote-code files
     model_dir = DEMO_MODEL_PATH if args.model_dir == "demo" else Path(args.model_dir)
     card_options = {"weights": args.weights, "results": args.results, "repo_id": args.repo_id}
     if (model_dir / "README.md").is_file() and (args.weights or args.results or args.license or args.base_model):
@@ -430,6 +427,10 @@ def _push_command(args: argparse.Namespace) -> int:
     unreachable = None if args.dry_run else hub_unreachable_reason()
     if unreachable is not None:
         raise CommandError(f"cannot push to {args.repo_id}: {unreachable}; nothing was uploaded", status=1)
+    from . import register_auto_classes
+    from .hub import PushError, push_model_folder, stage_model_folder
+
+    register_auto_classes()  # the staged folder carries `auto_map` and the remote-code files
     with tempfile.TemporaryDirectory(prefix="qualiclip-push-") as staging:
         try:
             staged = stage_model_folder(model_dir, Path(staging) / "repo", include=args.include, **card_options)
