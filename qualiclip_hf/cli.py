@@ -42,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as error:
         print(f"qualiclip: {error}", file=sys.stderr)
         return error.status
+    except KeyboardInterrupt:  # before any work was done (loading, say); `score` reports what it scored itself
+        print("\nqualiclip: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def build_parser() -> argparse.ArgumentParser:
