@@ -351,3 +351,25 @@ def test_push_without_network_is_one_line_and_exit_1(monkeypatch, capsys):
     assert err.count("\n") == 1 and captured.out == ""
     assert err.startswith("qualiclip: cannot push to someone/qualiclip-demo: HF_HUB_OFFLINE is set; nothing was")
 
+
+
+@pytest.mark.parametrize(
+    ("cores", "load", "expected"),
+    [(2, 0.0, (1, 2)), (2, 1.0, (1, 1)), (2, 6.0, (1, 1)), (8, 2.2, (4, 6)), (1, 0.0, (0, 1))],
+)
+def test_thread_counts_leave_busy_cores_alone(cores, load, expected):
+    from qualiclip_hf.scoring import choose_thread_counts
+
+    assert choose_thread_counts(cores=cores, load=load) == expected
+
+
+@pytest.mark.parametrize(("options", "expected"), [([], 1), (["--threads", "3"], 3)])
+def test_score_sets_the_chosen_thread_count(good_folder, tiny_model_dir, monkeypatch, options, expected):
+    from qualiclip_hf import scoring
+
+    monkeypatch.setattr(scoring, "usable_cores", lambda: 2)
+    monkeypatch.setattr(scoring, "runnable_elsewhere", lambda: 1.0)  # one other busy process on the 2 cores
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)  # keeps this test process's own setting
+    assert main(["score", str(good_folder), "--model", str(tiny_model_dir), "--device", "cpu", *options]) == 0
+    assert chosen == [expected]
