@@ -2,6 +2,7 @@
 
     python benchmarks/folder_scoring.py [--images 1000] [--model demo|rn50-random] [--batch-size 4] [--workers N]
                                         [--device cpu|cuda] [--decode-on workers|device] [--precision fp32|bf16|fp16]
+    python benchmarks/folder_scoring.py --competing-load [--images 60]
 
 Writes `--images` JPEG photos of mixed sizes (crops of scikit-image's photos, 320 to 1280 px on the long side) to a
 temporary folder, then measures in one run, on the same files and batches:
@@ -13,6 +14,10 @@ temporary folder, then measures in one run, on the same files and batches:
 - one at a time: `score_files` with batches of one image, whose scores must equal the batched ones (the model
   groups equal sizes and never lets padding change a score).
 
+With `--competing-load` it measures instead the thread choice of `qualiclip score` on a CPU: `score_files` with
+PyTorch's default (one thread per core, the old choice) and with `choose_thread_counts` (the new one), on an idle
+machine and with one CPU-bound process started beside it (a "competing CPU load"), alternately in one run.
+
 The end-to-end rate can at best reach the slower of the first two (when decoding hides entirely behind the model, or
 the reverse); the last column says how close it gets. `rn50-random` is the full-size architecture with random weights:
 it measures speed only.
@@ -21,6 +26,7 @@ it measures speed only.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -37,14 +43,16 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qualiclip_hf import QualiCLIPConfig, QualiCLIPModel, QualiCLIPProcessor
-from qualiclip_hf.cli import PRECISIONS
-from qualiclip_hf.pretrained import resolve_pretrained
+from qualiclip_hf.loading import PRECISIONS, resolve_pretrained
 from qualiclip_hf.scoring import (
     _decode_jpegs,
     _device_jpeg_decoder,
     _ImageFiles,
+    choose_thread_counts,
     read_image,
+    runnable_elsewhere,
     score_files,
+    usable_cores,
 )
 
 SOURCES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "colorwheel")
@@ -129,6 +137,43 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _spin() -> None:
+    while True:
+        pass
+
+
+def thread_choice(paths: list[Path], model: QualiCLIPModel, processor: QualiCLIPProcessor, repeats: int) -> None:
+    """End-to-end rates with the old (one thread per core) and the new thread count, idle and beside a busy process."""
+    cores = usable_cores()
+    rows = []
+    for competing in (False, True):
+        hog = None
+        if competing:
+            hog = multiprocessing.Process(target=_spin, daemon=True)
+            hog.start()
+            time.sleep(1.0)
+        try:
+            workers, new_threads = choose_thread_counts()
+            rates: dict[int, list[float]] = {cores: [], new_threads: []}
+            for _ in range(repeats):  # alternately, so that a change in the machine's load hits both alike
+                for threads in rates:
+                    torch.set_num_threads(threads)
+                    rates[threads].append(end_to_end(paths, model, processor, 1, workers)[0])
+            load = os.getloadavg()
+        finally:
+            if hog is not None:
+                hog.terminate()
+                hog.join()
+        old, new = float(np.median(rates[cores])), float(np.median(rates[new_threads]))
+        rows.append((competing, cores, old, new_threads, new, load))
+    print("| machine | old: threads | img/s | new: threads | img/s | new / old | load average (1, 5, 15 min) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for competing, old_threads, old, new_threads, new, load in rows:
+        machine = "with a competing CPU load" if competing else "as found"
+        loads = ", ".join(f"{value:.2f}" for value in load)
+        print(f"| {machine} | {old_threads} | {old:.1f} | {new_threads} | {new:.1f} | {new / old:.2f}x | {loads} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000)
@@ -138,18 +183,31 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--decode-on", choices=("workers", "device"), default="workers")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="the model's dtype")
+    parser.add_argument(
+        "--competing-load",
+        action="store_true",
+        help="compare the old and new thread counts, idle and beside a busy process",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="with --competing-load: runs of each, alternately")
     args = parser.parse_args()
     device = torch.device(args.device)
     workers = args.workers if args.workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
 
     model, processor = load_model(args.model)
-    model.to(device, PRECISIONS[args.precision])
+    model.to(device, getattr(torch, PRECISIONS[args.precision]))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"# torch {torch.__version__}, {where}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
         f"{workers} workers, JPEGs decoded on {args.decode_on}, {args.precision}, {time.strftime('%Y-%m-%d')}; "
         f"model {args.model}, batch {args.batch_size}, {args.images} JPEG photos of mixed sizes\n"
     )
+    print(
+        f"# load average before the run: {os.getloadavg()}; runnable besides this process: {runnable_elsewhere():.1f}"
+    )
+    if args.competing_load:
+        with tempfile.TemporaryDirectory() as folder:
+            thread_choice(write_photos(Path(folder), args.images), model, processor, args.repeats)
+        return
     options = {"decode_on": args.decode_on}
     with tempfile.TemporaryDirectory() as folder:
         paths = write_photos(Path(folder), args.images)

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qualiclip_hf import QualiCLIPModel, QualiCLIPProcessor
-from qualiclip_hf.pretrained import DEMO_MODEL_DIR
+from qualiclip_hf.loading import DEMO_MODEL_PATH
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples" / "images").glob("*.jpg"))
 REDUCED = {
@@ -64,14 +64,14 @@ def main() -> None:
     args = parser.parse_args()
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# torch {torch.__version__}, {where}, {time.strftime('%Y-%m-%d')}; {len(EXAMPLES)} photos\n")
-    processor = QualiCLIPProcessor.from_pretrained(DEMO_MODEL_DIR)
+    processor = QualiCLIPProcessor.from_pretrained(DEMO_MODEL_PATH)
     inputs = processor(images=[str(path) for path in EXAMPLES], return_tensors="pt", max_size=args.max_size)
     inputs = inputs.to(args.device)
     print("| model | fp32 scores | precision | max score diff | mean score diff |")
     print("| --- | --- | --- | ---: | ---: |")
     with tempfile.TemporaryDirectory() as workdir:
         models = {
-            "demo": lambda: QualiCLIPModel.from_pretrained(DEMO_MODEL_DIR),
+            "demo": lambda: QualiCLIPModel.from_pretrained(DEMO_MODEL_PATH),
             "rn50-random": lambda: random_rn50(Path(workdir), args.device),
         }
         for name, build in models.items():

@@ -24,8 +24,8 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from qualiclip_hf.cli import load_model_and_processor
 from qualiclip_hf.explain import explain_image, overlay_heatmap
+from qualiclip_hf.loading import load_model_and_processor
 from qualiclip_hf.scoring import read_image
 
 APP_DIR = Path(__file__).resolve().parent

@@ -21,7 +21,7 @@ from pyiqa.utils import get_root_logger
 from torch import nn
 
 from qualiclip_hf import QualiCLIPImageProcessor, QualiCLIPModel
-from qualiclip_hf.pretrained import resolve_pretrained
+from qualiclip_hf.loading import official_plus_model_dir, resolve_pretrained
 
 # pyiqa's QualiCLIP metrics, each with the dataset its QualiCLIP+ context was learned on (None: plain QualiCLIP).
 MODEL_TYPES: dict[str, str | None] = {
@@ -97,8 +97,6 @@ class QualiCLIPHF(nn.Module):
     def _weights_location(model_type: str, name: str) -> str:
         dataset = MODEL_TYPES[model_type]
         if name == "official" and dataset is not None:
-            from qualiclip_hf.convert_qualiclip_checkpoint import official_plus_model_dir
-
             return str(official_plus_model_dir(dataset))
         return resolve_pretrained(name)
 

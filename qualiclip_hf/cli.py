@@ -1,51 +1,77 @@
-"""The `qualiclip` command: `score` image files and folders, `convert` the official checkpoint."""
+"""The `qualiclip` command: parses arguments and calls the library, one small function per subcommand.
+
+Only the standard library is imported at start-up, so `qualiclip --help` and `--version` answer at once; a
+subcommand imports torch, transformers and the model code when it runs. To add a subcommand, add its parser in a
+`_add_<name>_parser` function to `_PARSERS` and have it set `handler`.
+"""
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-import torch
-from tqdm.auto import tqdm
-
+from . import __version__
 from .hub.card import WEIGHT_KINDS
-from .scoring import DECODE_PLACES, ScoreResult
+from .loading import DEVICES, PRECISIONS
+from .results import OUTPUT_FORMATS
 
-OUTPUT_FORMATS = (".csv", ".json", ".jsonl")
-# `--precision`: the dtype the model is loaded in (`from_pretrained(dtype=...)`); its head stays in float32.
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The default --model. The command exists to score with QualiCLIP, so it is the authors' weights; where they cannot
+# be had (offline, not cached), the command stops within a second and names the alternatives, instead of scoring
+# with the embedded demo model, which is not QualiCLIP (README, "Which model").
+DEFAULT_MODEL = "official"
+# The exit status of a run stopped by Ctrl-C, as shells report a process ended by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
+
+
+class CommandError(Exception):
+    """A failure the user can act on: printed as one line, `qualiclip: <message>`, with exit status `status`."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    return args.handler(args)
+    args = build_parser().parse_args(argv)
+    _quiet_libraries(args.verbose)
+    try:
+        return args.handler(args)
+    except CommandError as error:
+        print(f"qualiclip: {error}", file=sys.stderr)
+        return error.status
+    except KeyboardInterrupt:  # before any work was done (loading, say); `score` reports what it scored itself
+        print("\nqualiclip: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qualiclip", description="QualiCLIP no-reference image quality.")
+    parser.add_argument("--version", action="version", version=f"qualiclip-hf {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="show the libraries' progress bars and warnings")
+    for add_parser in _PARSERS:
+        add_parser(commands, common)
+    return parser
 
-    score = commands.add_parser("score", help="score images (files and folders) in [0, 1], higher is better")
-    score.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
-    score.add_argument(
-        "--model",
-        default="demo",
-        help="'demo' (embedded small model), 'official' (download and convert the official weights), "
-        "a converted folder, or a Hub repository id (default: demo)",
+
+def _add_score_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    score = commands.add_parser(
+        "score", parents=[common], help="score images (files and folders) in [0, 1], higher is better"
     )
+    score.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
+    _add_model_options(score)
     score.add_argument(
         "--batch-size",
         type=_positive_int,
         default=None,
         help="images per forward pass (default: 1 on a CPU, where batches are slower, see benchmarks/RESULTS.md; "
-        "8 on CUDA)",
+        "8 on a GPU)",
     )
-    score.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     score.add_argument("--recursive", action="store_true", help="descend into subfolders")
     score.add_argument(
         "--max-size", type=_positive_int, default=None, help="downscale images whose longest side exceeds this"
@@ -66,15 +92,31 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument(
         "--decode-on",
-        choices=DECODE_PLACES,
         default="workers",
         help="where JPEG files are decoded: 'workers' (Pillow, in background processes) or 'device' (TorchCodec on "
         "the model's device: nvJPEG on CUDA, which frees the CPU cores; needs the [decode] extra) (default: workers)",
     )
-    score.add_argument("--output", type=Path, help=f"write results to FILE ({', '.join(OUTPUT_FORMATS)})")
+    score.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="PyTorch threads for the model on a CPU (default: the cores not already busy, see the README)",
+    )
+    score.add_argument(
+        "--output",
+        type=Path,
+        help=f"write results to FILE ({', '.join(OUTPUT_FORMATS)}) as they are scored (default: a table at the end)",
+    )
+    score.add_argument(
+        "--resume", action="store_true", help="keep the rows already in --output and score only the other files"
+    )
     score.set_defaults(handler=_score_command)
 
-    convert = commands.add_parser("convert", help="convert the official qualiclip.pth to a Hugging Face folder")
+
+def _add_convert_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    convert = commands.add_parser(
+        "convert", parents=[common], help="convert the official qualiclip.pth to a Hugging Face folder"
+    )
     source = convert.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="official-layout QualiCLIP checkpoint (qualiclip.pth)")
     source.add_argument(
@@ -86,7 +128,11 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--output", required=True, type=Path, help="folder to write")
     convert.set_defaults(handler=_convert_command)
 
-    push = commands.add_parser("push", help="publish a model folder as a Hub repository, in one commit")
+
+def _add_push_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    push = commands.add_parser(
+        "push", parents=[common], help="publish a model folder as a Hub repository, in one commit"
+    )
     push.add_argument("--model-dir", required=True, help="a converted or trained folder, or 'demo'")
     push.add_argument("--repo-id", required=True, help="the Hub repository, ORG/NAME")
     push.add_argument("--private", action="store_true", help="create the repository private (if it is new)")
@@ -105,7 +151,9 @@ def _build_parser() -> argparse.ArgumentParser:
     push.add_argument("--commit-message")
     push.set_defaults(handler=_push_command)
 
-    card = commands.add_parser("card", help="write the Hub README (model card) of a model folder")
+
+def _add_card_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    card = commands.add_parser("card", parents=[common], help="write the Hub README (model card) of a model folder")
     card.add_argument("--model-dir", required=True, help="a converted or trained folder, or 'demo'")
     card.add_argument("--weights", choices=WEIGHT_KINDS, help="what the weights are (inferred for demo/trained)")
     card.add_argument("--results", nargs="+", type=Path, default=[], metavar="FILE", help="result JSON files")
@@ -116,147 +164,234 @@ def _build_parser() -> argparse.ArgumentParser:
     card.add_argument("--output", type=Path, help="where to write (default: MODEL_DIR/README.md)")
     card.set_defaults(handler=_card_command)
 
+
+def _add_explain_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     explain = commands.add_parser(
-        "explain", help="Grad-CAM map of the regions that lower an image's score (image or .npy output)"
+        "explain",
+        parents=[common],
+        help="Grad-CAM map of the regions that lower an image's score (image or .npy output)",
     )
     explain.add_argument("image", type=Path, metavar="IMAGE", help="image file")
     explain.add_argument(
         "--output", required=True, type=Path, help="heat map to write: an image (.png, .jpg, ...) or .npy (raw floats)"
     )
     explain.add_argument("--overlay", action="store_true", help="paint the heat map over the image")
-    explain.add_argument("--model", default="demo", help="as for `score` (default: demo)")
-    explain.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    _add_model_options(explain)
     explain.add_argument(
         "--max-size", type=_positive_int, default=None, help="downscale the image if its longest side exceeds this"
     )
     explain.set_defaults(handler=_explain_command)
-    return parser
+
+
+_PARSERS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
+    _add_score_parser,
+    _add_convert_parser,
+    _add_push_parser,
+    _add_card_parser,
+    _add_explain_parser,
+]
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="'official' (the authors' QualiCLIP weights, downloaded and converted once), 'demo' (the embedded demo "
+        f"model, not QualiCLIP), a model folder, or a Hub repository id ORG/NAME (default: {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--device", choices=DEVICES, default="auto", help="auto: CUDA, else Apple's MPS, else the CPU (default: auto)"
+    )
+
+
+def _whole_number(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return _whole_number(text, 1)
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
+    return _whole_number(text, 0)
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """
+    Without --verbose, transformers and huggingface_hub show no progress bars or warnings, and libraries no Python
+    warnings. The environment variables reach both libraries when they are imported later, as they are here.
+    """
+    if verbose:
+        return
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow huggingface_hub's switch
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    if "huggingface_hub" in sys.modules:  # already imported (a caller of `main` in Python): switch them off directly
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
 
 
 def _score_command(args: argparse.Namespace) -> int:
+    from .results import ResultWriter
+
+    # The checks that need neither torch nor the model come first: on a busy machine importing torch takes seconds.
+    if args.resume and args.output is None:
+        raise CommandError("--resume continues an --output file; name it")
     if args.output is not None and args.output.suffix.lower() not in OUTPUT_FORMATS:
-        print(f"qualiclip: --output must end with one of {', '.join(OUTPUT_FORMATS)}: {args.output}", file=sys.stderr)
-        return 2
-    device = _pick_device(args.device)
-    if device is None:
-        print("qualiclip: --device cuda was asked for, but CUDA is not available", file=sys.stderr)
-        return 2
+        raise CommandError(f"--output must end with one of {', '.join(OUTPUT_FORMATS)}: {args.output}")
+    resolved = _resolve_model(args.model)
+    print(f"model: {resolved.name} ({resolved.description})", file=sys.stderr)
 
-    from .scoring import DEFAULT_MAX_PIXELS, collect_image_paths, score_files
+    from .modeling_qualiclip import VISION_STRIDE
+    from .scoring import DECODE_PLACES, choose_thread_counts, collect_image_paths
 
-    paths = collect_image_paths(args.paths, recursive=args.recursive)
-    if not paths:
-        print(f"qualiclip: no image files found in {' '.join(args.paths)}", file=sys.stderr)
-        return 1
-    loaded = _load_for_command(args.model, device, PRECISIONS[args.precision])
-    if loaded is None:
-        return 2
-    model, processor = loaded
+    if args.decode_on not in DECODE_PLACES:
+        raise CommandError(f"--decode-on must be one of {', '.join(DECODE_PLACES)}, got {args.decode_on!r}")
+    if args.max_size is not None and args.max_size < VISION_STRIDE:
+        raise CommandError(
+            f"--max-size {args.max_size} is below the model's minimum image size of {VISION_STRIDE} pixels: every "
+            "image would be refused"
+        )
+    paths = _image_paths(args.paths, args.recursive, collect_image_paths)
+    device = _device(args.device)
+    writer = None
+    if args.output is not None:
+        try:
+            writer = ResultWriter(args.output, resolved.name, resume=args.resume)
+        except (OSError, ValueError) as error:
+            raise CommandError(f"cannot write --output {args.output}: {error}") from None
+        paths = [path for path in paths if os.path.abspath(path) not in writer.done]
+        if writer.done:
+            print(f"{len(writer.done)} files already in {args.output}; {len(paths)} to score", file=sys.stderr)
+
+    import torch
+
+    workers, threads = choose_thread_counts()
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or threads)
+    model, processor = _load(resolved, device, getattr(torch, PRECISIONS[args.precision]))
     from .fusion import fuse_for_inference
 
     # Bulk scoring is where the speed-ups pay (BatchNorm folded, CPU chunks); the scores move by float rounding only.
     model = fuse_for_inference(model)
-
-    batch_size = args.batch_size or (8 if device.type == "cuda" else 1)
-    results = []
-    progress = tqdm(total=len(paths), unit="img", desc="scoring", disable=None)
-    max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
-    scored = score_files(
-        paths,
-        model,
-        processor,
-        batch_size=batch_size,
-        max_size=args.max_size,
-        max_pixels=max_pixels,
-        decode_on=args.decode_on,
-    )
-    try:
-        for result in scored:
-            results.append(result)
-            progress.update()
-    except ImportError as error:  # --decode-on device without TorchCodec: known before the first image
-        print(f"qualiclip: {error}", file=sys.stderr)
-        return 2
-    finally:
-        progress.close()
-
-    if args.output is None:
+    batch_size = args.batch_size or (1 if device.type == "cpu" else 8)
+    results = _score_with_progress(args, paths, model, processor, batch_size, workers, writer)
+    if writer is None:
         _print_table(results)
+        failed, total = sum(r.error is not None for r in results), len(results)
     else:
-        write_results(results, args.output)
-        print(f"wrote {len(results)} results to {args.output}", file=sys.stderr)
-    failed = sum(result.error is not None for result in results)
+        writer.close()
+        failed, total = writer.failed, len(writer.rows)
+        print(f"wrote {total} results to {args.output}", file=sys.stderr)
     if failed:
-        print(f"qualiclip: {failed} of {len(results)} files failed", file=sys.stderr)
+        print(f"qualiclip: {failed} of {total} files failed", file=sys.stderr)
         return 1
     return 0
 
 
-def _pick_device(choice: str) -> torch.device | None:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        return None
-    return torch.device(choice)
+def _score_with_progress(args, paths, model, processor, batch_size, workers, writer) -> list:
+    """Runs `score_files`, handing each result to `writer` as it comes; Ctrl-C ends the run with one line."""
+    from tqdm.auto import tqdm
 
+    from .scoring import DEFAULT_MAX_PIXELS, score_files
 
-def _load_for_command(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple | None:
-    """`load_model_and_processor`, or None after telling the user why the model cannot be loaded."""
+    results = []
+    max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
+    progress = tqdm(total=len(paths), unit="img", desc="scoring", disable=None)
     try:
-        return load_model_and_processor(name, device, dtype)
-    except (OSError, ValueError) as error:
-        print(f"qualiclip: cannot load model '{name}': {error}", file=sys.stderr)
-        return None
-
-
-def load_model_and_processor(
-    name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> tuple:
-    """
-    Loads a `QualiCLIPModel` in eval mode and its processor from a name `resolve_pretrained` understands. In a
-    half-precision `dtype` the image tower runs in that dtype and the score head in float32.
-    """
-    from .modeling_qualiclip import QualiCLIPModel
-    from .pretrained import resolve_pretrained
-    from .processing_qualiclip import QualiCLIPProcessor
-
-    path = resolve_pretrained(name)
-    model = QualiCLIPModel.from_pretrained(path, dtype=dtype).to(device).eval()
-    return model, QualiCLIPProcessor.from_pretrained(path)
-
-
-def write_results(results: list[ScoreResult], output: Path) -> None:
-    """Writes results as CSV (`path,score,error`), a JSON list, or JSON lines, by the file's extension."""
-    rows = [{"path": r.path, "score": r.score, "error": r.error} for r in results]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    suffix = output.suffix.lower()
-    with open(output, "w", newline="", encoding="utf-8") as file:
-        if suffix == ".csv":
-            writer = csv.DictWriter(file, fieldnames=["path", "score", "error"])
-            writer.writeheader()
-            writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
-        elif suffix == ".json":
-            json.dump(rows, file, indent=2)
-            file.write("\n")
+        for result in score_files(
+            paths,
+            model,
+            processor,
+            batch_size=batch_size,
+            num_workers=workers,
+            max_size=args.max_size,
+            max_pixels=max_pixels,
+            decode_on=args.decode_on,
+        ):
+            results.append(result)
+            if writer is not None:
+                writer.write(result)
+            progress.update()
+    except ImportError as error:  # --decode-on device without TorchCodec: known before the first image
+        raise CommandError(str(error)) from None
+    except KeyboardInterrupt:
+        progress.close()
+        if writer is None:
+            _print_table(results)
+            where = "shown above, not saved (--output FILE saves them as they come, and --resume continues)"
         else:
-            file.writelines(json.dumps(row) + "\n" for row in rows)
+            writer.close()
+            where = f"in {args.output}; to continue, run the same command with --resume"
+        message = f"interrupted after {len(results)} of {len(paths)} files; their results are {where}"
+        raise CommandError(message, EXIT_INTERRUPTED) from None
+    finally:
+        progress.close()
+    return results
 
 
-def _print_table(results: list[ScoreResult]) -> None:
+def _image_paths(inputs: Sequence[str], recursive: bool, collect: Callable[..., list[Path]]) -> list[Path]:
+    """The files to score; a missing folder, or folders without images, stop the command with a hint."""
+    from .scoring import IMAGE_EXTENSIONS
+
+    for item in map(Path, inputs):
+        if not item.exists() and item.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise CommandError(f"{item}: no such file or folder", status=1)
+    paths = collect(inputs, recursive=recursive)
+    if paths:
+        return paths
+    hint = f"looked for {', '.join(sorted(IMAGE_EXTENSIONS))}"
+    if not recursive and collect(inputs, recursive=True):
+        hint = "there are images in subfolders: add --recursive to score them"
+    raise CommandError(f"no image files found in {' '.join(inputs)} ({hint})", status=1)
+
+
+def _device(choice: str) -> Any:
+    from .loading import select_device
+
+    try:
+        return select_device(choice)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+
+
+def _resolve_model(name: str) -> Any:
+    """The `ResolvedModel` of `name`, or a `CommandError` that says why there is none."""
+    from .loading import resolve_model
+
+    try:
+        return resolve_model(name)
+    except (OSError, ValueError) as error:
+        raise CommandError(f"cannot load model {name!r}: {error}") from None
+
+
+def _load(resolved: Any, device: Any, dtype: Any = None) -> tuple:
+    from . import register_auto_classes
+    from .loading import load_model_and_processor
+
+    register_auto_classes()
+    try:
+        return load_model_and_processor(resolved, device, dtype)
+    except (OSError, ValueError) as error:
+        raise CommandError(f"cannot load model {resolved.name!r}: {error}") from None
+
+
+def _print_table(results: list) -> None:
     from rich.console import Console
     from rich.table import Column, Table
 
@@ -274,6 +409,7 @@ def _print_table(results: list[ScoreResult]) -> None:
 
 
 def _convert_command(args: argparse.Namespace) -> int:
+    from . import register_auto_classes
     from .convert_qualiclip_checkpoint import (
         CheckpointError,
         convert_checkpoint,
@@ -281,6 +417,7 @@ def _convert_command(args: argparse.Namespace) -> int:
         convert_qualiclip_plus,
     )
 
+    register_auto_classes()  # saved folders carry `auto_map` and the remote-code files
     try:
         if args.clip is not None:
             output = convert_clip_checkpoint(args.clip, args.output)
@@ -289,8 +426,7 @@ def _convert_command(args: argparse.Namespace) -> int:
         else:
             output = convert_qualiclip_plus(args.checkpoint, args.plus, args.output)
     except CheckpointError as error:
-        print(f"qualiclip: {error}", file=sys.stderr)
-        return 1
+        raise CommandError(str(error), status=1) from None
     print(f"wrote {output}")
     return 0
 
@@ -298,10 +434,9 @@ def _convert_command(args: argparse.Namespace) -> int:
 def _push_command(args: argparse.Namespace) -> int:
     import tempfile
 
-    from .hub.push import PushError, push_model_folder, stage_model_folder
-    from .pretrained import DEMO_MODEL_DIR
+    from .loading import DEMO_MODEL_PATH, hub_unreachable_reason
 
-    model_dir = DEMO_MODEL_DIR if args.model_dir == "demo" else Path(args.model_dir)
+    model_dir = DEMO_MODEL_PATH if args.model_dir == "demo" else Path(args.model_dir)
     card_options = {"weights": args.weights, "results": args.results, "repo_id": args.repo_id}
     if (model_dir / "README.md").is_file() and (args.weights or args.results or args.license or args.base_model):
         print(
@@ -310,12 +445,19 @@ def _push_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     card_options.update(license=args.license, base_model=args.base_model)
+    # huggingface_hub retries a failing connection for minutes: without network, stop at once, before staging.
+    unreachable = None if args.dry_run else hub_unreachable_reason()
+    if unreachable is not None:
+        raise CommandError(f"cannot push to {args.repo_id}: {unreachable}; nothing was uploaded", status=1)
+    from . import register_auto_classes
+    from .hub import PushError, push_model_folder, stage_model_folder
+
+    register_auto_classes()  # the staged folder carries `auto_map` and the remote-code files
     with tempfile.TemporaryDirectory(prefix="qualiclip-push-") as staging:
         try:
             staged = stage_model_folder(model_dir, Path(staging) / "repo", include=args.include, **card_options)
         except PushError as error:
-            print(f"qualiclip: {error}", file=sys.stderr)
-            return 2
+            raise CommandError(str(error)) from None
         total = sum(file.size for file in staged)
         action = "would upload" if args.dry_run else "uploading"
         print(f"{action} {len(staged)} files ({_human_size(total)}) to {args.repo_id} in one commit:")
@@ -323,33 +465,33 @@ def _push_command(args: argparse.Namespace) -> int:
             print(f"  {file.path_in_repo:<32} {_human_size(file.size):>10}")
         if args.dry_run:
             return 0
-        from huggingface_hub.errors import HfHubHTTPError
-
         try:
             commit = push_model_folder(staged, args.repo_id, private=args.private, commit_message=args.commit_message)
-        except (HfHubHTTPError, OSError, ValueError) as error:
-            print(f"qualiclip: upload to {args.repo_id} failed: {error}", file=sys.stderr)
-            return 1
+        except Exception as error:  # huggingface_hub raises HTTP, connection and OS errors of several libraries
+            raise CommandError(f"upload to {args.repo_id} failed: {_first_line(error)}", status=1) from None
     print(f"pushed: {commit.commit_url}")
     return 0
 
 
 def _card_command(args: argparse.Namespace) -> int:
     from .hub import ModelCardError, write_model_card
-    from .pretrained import DEMO_MODEL_DIR
+    from .loading import DEMO_MODEL_PATH
 
-    model_dir = DEMO_MODEL_DIR if args.model_dir == "demo" else Path(args.model_dir)
+    model_dir = DEMO_MODEL_PATH if args.model_dir == "demo" else Path(args.model_dir)
     options = {key: getattr(args, key) for key in ("weights", "results", "repo_id", "license", "base_model")}
     try:
         output = write_model_card(model_dir, args.output, datasets=args.datasets, **options)
     except ModelCardError as error:
-        print(f"qualiclip: {error}", file=sys.stderr)
-        return 2
+        raise CommandError(str(error)) from None
     print(f"wrote {output}")
     return 0
 
 
-def _human_size(size: int) -> str:
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _human_size(size: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
             return f"{size} {unit}" if unit == "B" else f"{size:.1f} {unit}"
@@ -361,38 +503,29 @@ def _explain_command(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    suffix = args.output.suffix.lower()
-    if suffix != ".npy" and suffix not in Image.registered_extensions():
-        print(f"qualiclip: --output must be an image file (.png, .jpg, ...) or .npy: {args.output}", file=sys.stderr)
-        return 2
-    if suffix == ".npy" and args.overlay:
-        print("qualiclip: --overlay needs an image --output, not .npy", file=sys.stderr)
-        return 2
-    device = _pick_device(args.device)
-    if device is None:
-        print("qualiclip: --device cuda was asked for, but CUDA is not available", file=sys.stderr)
-        return 2
-
     from .explain import colorize_heatmap, explain_image, overlay_heatmap
     from .scoring import read_image
 
+    suffix = args.output.suffix.lower()
+    if suffix != ".npy" and suffix not in Image.registered_extensions():
+        raise CommandError(f"--output must be an image file (.png, .jpg, ...) or .npy: {args.output}")
+    if suffix == ".npy" and args.overlay:
+        raise CommandError("--overlay needs an image --output, not .npy")
+    device = _device(args.device)
     try:
         image = read_image(args.image)
     except ValueError as error:
-        print(f"qualiclip: {error}", file=sys.stderr)
-        return 1
-    loaded = _load_for_command(args.model, device)
-    if loaded is None:
-        return 2
-    model, processor = loaded
+        raise CommandError(str(error), status=1) from None
+    resolved = _resolve_model(args.model)
+    print(f"model: {resolved.name} ({resolved.description})", file=sys.stderr)
+    model, processor = _load(resolved, device)
     try:
         explanation = explain_image(image, model, processor, max_size=args.max_size)
     except (RuntimeError, ValueError) as error:
-        print(f"qualiclip: {args.image}: cannot explain: {error}", file=sys.stderr)
-        return 1
+        raise CommandError(f"{args.image}: cannot explain: {error}", status=1) from None
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     try:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
         if suffix == ".npy":
             np.save(args.output, explanation.heatmap)
         elif args.overlay:
@@ -400,8 +533,7 @@ def _explain_command(args: argparse.Namespace) -> int:
         else:
             colorize_heatmap(explanation.heatmap).save(args.output)
     except (OSError, ValueError) as error:
-        print(f"qualiclip: cannot write {args.output}: {error}", file=sys.stderr)
-        return 2
+        raise CommandError(f"cannot write {args.output}: {error}") from None
     print(f"{args.image}\t{explanation.score:.4f}")
     print(f"wrote {args.output}", file=sys.stderr)
     return 0

@@ -4,7 +4,7 @@ The official file is a pickled dict: `"clip_model.<key>"` for every tensor of Op
 fine-tuned by QualiCLIP, the text tower untouched) and `"prompts_features"`, the `(14, 1024)` normalised text
 embeddings of the seven antonym pairs. It is published as the release asset `weights/qualiclip.pth` of
 github.com/miccunifi/QualiCLIP and, byte for byte the same file, as `QualiCLIP.pth` in the Hub repository
-`chaofengc/IQA-PyTorch-Weights` (pyiqa's weight store), which is where we download it from.
+`chaofengc/IQA-PyTorch-Weights` (pyiqa's weight store), which is where `qualiclip_hf.loading` downloads it from.
 
 QualiCLIP+ (pyiqa's prompt-learning variant) adds, per training dataset, a file `QualiCLIP+_<dataset>.pth` in the
 same Hub repository: `{"params": {"prompt_learner.ctx": (14, 16, 512), "prompt_learner.token_prefix": (14, 1, 512),
@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shutil
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +27,6 @@ from .build_processor import make_processor
 from .configuration_qualiclip import QualiCLIPConfig
 from .modeling_qualiclip import QualiCLIPModel
 from .processing_qualiclip import QualiCLIPProcessor
-
-OFFICIAL_REPO_ID = "chaofengc/IQA-PyTorch-Weights"
-OFFICIAL_FILENAME = "QualiCLIP.pth"
-OFFICIAL_RELEASE_URL = "https://github.com/miccunifi/QualiCLIP/releases/download/weights/qualiclip.pth"
-# QualiCLIP+ contexts by the dataset they were learned on; pyiqa's metric "qualiclip+" is the KonIQ one.
-PLUS_FILENAMES = {dataset: f"QualiCLIP+_{dataset}.pth" for dataset in ("koniq", "clive", "flive", "spaq")}
 
 _CHECKPOINT_PREFIX = "clip_model."
 _PROMPTS_KEY = "prompts_features"
@@ -59,7 +51,23 @@ def _load_pickle_safely(path: Path) -> Any:
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from None
     except Exception as error:  # an unpickler refusal (a pickle that carries code) is not a plain error subclass
-        raise CheckpointError(f"{path}: refused to load (only tensors are allowed): {error}") from None
+        with open(path, "rb") as file:
+            is_pickle = file.read(1) == b"\x80"  # the PROTO opcode that starts every pickle since protocol 2
+        if not is_pickle and not zipfile.is_zipfile(path):
+            raise CheckpointError(
+                f"{path}: not a PyTorch checkpoint (neither a torch.save archive nor a pickle)"
+            ) from None
+        raise CheckpointError(
+            f"{path}: refused to load: it holds more than tensors and plain containers ({_unpickler_cause(error)}), "
+            "and such a file can run code when it is loaded"
+        ) from None
+
+
+def _unpickler_cause(error: Exception) -> str:
+    """The cause in torch's refusal, without its advice to retry with `weights_only=False`, which we never take."""
+    text = str(error)
+    detail = text.partition("WeightsUnpickler error:")[2].strip().splitlines()
+    return detail[0].strip() if detail else type(error).__name__
 
 
 def _check_zip_checksums(path: Path) -> None:
@@ -356,71 +364,3 @@ def sha256_of(path: str | Path) -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def download_official_checkpoint(expected_sha256: str | None = None, filename: str = OFFICIAL_FILENAME) -> Path:
-    """
-    Downloads the official checkpoint through `huggingface_hub` (cached, so only once) and verifies its SHA-256.
-
-    Args:
-        expected_sha256: The digest the file must have. By default it is the digest the Hub publishes for the file:
-            the Hub client names cached large files by that digest, so a truncated or altered download is caught.
-        filename: The file of `OFFICIAL_REPO_ID` to download: `QualiCLIP.pth`, or a QualiCLIP+ file of
-            `PLUS_FILENAMES`.
-
-    Raises:
-        CheckpointError: when the digest does not match.
-    """
-    from huggingface_hub import hf_hub_download
-
-    path = Path(hf_hub_download(OFFICIAL_REPO_ID, filename))
-    published = path.resolve().name  # blobs/<sha256> for files stored with Git LFS / Xet
-    expected = expected_sha256 or (published if re.fullmatch(r"[0-9a-f]{64}", published) else None)
-    if expected is None:
-        raise CheckpointError(f"{path}: the Hub published no SHA-256 for {filename}; pass expected_sha256")
-    actual = sha256_of(path)
-    if actual != expected:
-        raise CheckpointError(
-            f"{path}: SHA-256 {actual} does not match the published {expected}; the download is corrupt or was "
-            "tampered with. Delete it and download again."
-        )
-    return path
-
-
-def official_model_dir(expected_sha256: str | None = None) -> Path:
-    """
-    A Hugging Face folder of the official QualiCLIP weights, downloaded and converted once into the cache
-    (`$HF_HOME/qualiclip_hf/official-<sha256 prefix>`), then reused.
-    """
-    from huggingface_hub import constants
-
-    checkpoint = download_official_checkpoint(expected_sha256)
-    output_dir = Path(constants.HF_HOME) / "qualiclip_hf" / f"official-{checkpoint.resolve().name[:16]}"
-    return _convert_once(output_dir, lambda staging: convert_checkpoint(checkpoint, staging))
-
-
-def official_plus_model_dir(dataset: str = "koniq") -> Path:
-    """
-    A Hugging Face folder of pyiqa's QualiCLIP+ learned on `dataset` (one of `PLUS_FILENAMES`: "koniq" is pyiqa's
-    "qualiclip+"), downloaded with `QualiCLIP.pth` and converted once into `$HF_HOME/qualiclip_hf/`, then reused.
-    """
-    from huggingface_hub import constants
-
-    if dataset not in PLUS_FILENAMES:
-        raise ValueError(f"no QualiCLIP+ weights for {dataset!r}; choose one of {', '.join(PLUS_FILENAMES)}")
-    base = download_official_checkpoint()
-    plus = download_official_checkpoint(filename=PLUS_FILENAMES[dataset])
-    name = f"official-plus-{dataset}-{base.resolve().name[:8]}-{plus.resolve().name[:8]}"
-    output_dir = Path(constants.HF_HOME) / "qualiclip_hf" / name
-    return _convert_once(output_dir, lambda staging: convert_qualiclip_plus(base, plus, staging))
-
-
-def _convert_once(output_dir: Path, convert: Callable[[Path], Path]) -> Path:
-    if not (output_dir / "model.safetensors").is_file():
-        # Convert next to the final place and rename, so an interrupted conversion never looks complete.
-        staging = output_dir.with_name(output_dir.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(output_dir, ignore_errors=True)
-        convert(staging)
-        staging.replace(output_dir)
-    return output_dir

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from qualiclip_hf.cli import load_model_and_processor
+from qualiclip_hf.loading import load_model_and_processor
 from qualiclip_hf.scoring import read_image
 from training.degradations import apply_distortion
 

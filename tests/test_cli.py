@@ -148,3 +148,228 @@ def test_running_out_of_memory_on_one_image_says_how_to_downscale(tiny_model_dir
     assert "--max-size" in rows["large.jpg"]["error"]
     # With the advice followed, the same run succeeds.
     assert main(["score", str(tmp_path), "--model", str(tiny_model_dir), "--max-size", "128"]) == 0
+
+
+def _rows(output: Path) -> list[dict]:
+    if output.suffix == ".csv":
+        return list(csv.DictReader(output.open()))
+    if output.suffix == ".jsonl":
+        return [json.loads(line) for line in output.read_text().splitlines()]
+    return json.loads(output.read_text())
+
+
+def _interrupt_after(monkeypatch, calls: int) -> list[int]:
+    """Makes the model's forward raise KeyboardInterrupt (as Ctrl-C does) on call number `calls + 1`."""
+    original_forward = QualiCLIPModel.forward
+    seen = []
+
+    def forward(self, *args, **kwargs):
+        seen.append(1)
+        if len(seen) > calls:
+            raise KeyboardInterrupt
+        return original_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(QualiCLIPModel, "forward", forward)
+    return seen
+
+
+@pytest.fixture
+def good_folder(tmp_path):
+    images = tmp_path / "good"
+    images.mkdir()
+    for index in range(6):
+        photo(48 + 8 * index, 64, seed=index).save(images / f"{index}.png")
+    return images
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json"])
+def test_ctrl_c_keeps_what_was_scored_and_resume_finishes_the_run(good_folder, tiny_model_dir, tmp_path, monkeypatch,
+                                                                  capsys, suffix):  # fmt: skip
+    output = tmp_path / "out" / f"scores{suffix}"
+    command = ["score", str(good_folder), "--model", str(tiny_model_dir), "--output", str(output)]
+    _interrupt_after(monkeypatch, 2)
+    assert main(command) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"interrupted after 2 of 6 files; their results are in {output}" in err and "--resume" in err
+    first = _rows(output)
+    assert [Path(row["path"]).name for row in first] == ["0.png", "1.png"]
+
+    monkeypatch.undo()
+    calls = _interrupt_after(monkeypatch, 100)
+    assert main([*command, "--resume"]) == 0
+    assert len(calls) == 4  # only the files not yet in the output
+    rows = _rows(output)
+    assert sorted(Path(row["path"]).name for row in rows) == [f"{i}.png" for i in range(6)]
+    assert rows[:2] == first
+    assert "2 files already in" in capsys.readouterr().err
+    for row in rows:
+        assert float(row["score"]) == pytest.approx(expected_score(tiny_model_dir, row["path"]), abs=1e-6)
+
+
+def test_rows_reach_the_file_before_the_run_ends(good_folder, tiny_model_dir, tmp_path, monkeypatch):
+    output = tmp_path / "scores.csv"
+    original_forward = QualiCLIPModel.forward
+    rows_seen_at_each_forward = []
+
+    def forward(self, *args, **kwargs):
+        rows_seen_at_each_forward.append(len(_rows(output)) if output.exists() else 0)
+        return original_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(QualiCLIPModel, "forward", forward)
+    assert main(["score", str(good_folder), "--model", str(tiny_model_dir), "--output", str(output)]) == 0
+    assert rows_seen_at_each_forward == list(range(6))  # batch size 1 on a CPU: each row flushed as scored
+
+
+def test_every_row_and_run_names_the_model(good_folder, tiny_model_dir, tmp_path, capsys):
+    output = tmp_path / "scores.json"
+    assert main(["score", str(good_folder), "--model", str(tiny_model_dir), "--output", str(output)]) == 0
+    assert {row["model"] for row in _rows(output)} == {str(tiny_model_dir)}
+    err = capsys.readouterr().err
+    assert err.startswith(f"model: {tiny_model_dir} (the model folder ")
+
+
+def test_resume_refuses_a_file_scored_by_another_model(good_folder, tiny_model_dir, tmp_path, capsys):
+    output = tmp_path / "scores.jsonl"
+    output.write_text(json.dumps({"path": str(good_folder / "0.png"), "score": 0.5, "error": None, "model": "demo"}))
+    command = ["score", str(good_folder), "--model", str(tiny_model_dir), "--output", str(output), "--resume"]
+    assert main(command) == 2
+    assert "holds scores of the model 'demo'" in capsys.readouterr().err
+    assert json.loads(output.read_text())["model"] == "demo"  # untouched
+
+
+def test_resume_drops_a_row_cut_off_mid_write(good_folder, tiny_model_dir, tmp_path):
+    output = tmp_path / "scores.csv"
+    main(["score", str(good_folder), "--model", str(tiny_model_dir), "--output", str(output)])
+    text = output.read_text()
+    output.write_text(text[: text.rindex("\n", 0, -1) + 12])  # the last row cut after a few characters
+    assert main(["score", str(good_folder), "--model", str(tiny_model_dir), "--output", str(output), "--resume"]) == 0
+    assert output.read_text() == text
+
+
+def test_an_output_that_cannot_be_written_stops_before_the_model_loads(good_folder, tmp_path, monkeypatch, capsys):
+    from qualiclip_hf import loading
+
+    monkeypatch.setattr(loading, "load_model_and_processor", lambda *a, **k: pytest.fail("loaded the model"))
+    (tmp_path / "a_file").write_text("")
+    output = tmp_path / "a_file" / "scores.csv"  # its folder would have to be a file
+    assert main(["score", str(good_folder), "--model", "demo", "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write --output {output}" in err and "Traceback" not in err
+
+
+def test_plain_messages_for_bad_arguments(folder, good_folder, tmp_path, capsys):
+    assert main(["score", str(good_folder), "--model", "demo", "--max-size", "10"]) == 2
+    assert "--max-size 10 is below the model's minimum image size of 32 pixels" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["score", str(good_folder), "--batch-size", "abc"])
+    assert "argument --batch-size: expected a whole number, got 'abc'" in capsys.readouterr().err
+    assert main(["score", str(tmp_path / "no_such_folder"), "--model", "demo"]) == 1
+    assert "no_such_folder: no such file or folder" in capsys.readouterr().err
+    (tmp_path / "only_sub" / "inner").mkdir(parents=True)
+    photo(40, 40).save(tmp_path / "only_sub" / "inner" / "a.png")
+    assert main(["score", str(tmp_path / "only_sub"), "--model", "demo"]) == 1
+    assert "no image files found" in (err := capsys.readouterr().err) and "add --recursive" in err
+    assert main(["score", str(good_folder), "--resume", "--model", "demo"]) == 2
+    assert "--resume continues an --output file" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_a_real_process_answers_in_one_line(good_folder, tiny_model_dir, tmp_path):
+    """SIGINT to a running `qualiclip score` (DataLoader workers included): one line, exit 130, rows kept."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    slow_cli = (
+        "import sys, time\n"
+        "from qualiclip_hf import QualiCLIPModel\n"
+        "forward = QualiCLIPModel.forward\n"
+        "QualiCLIPModel.forward = lambda self, *a, **k: (time.sleep(0.5), forward(self, *a, **k))[1]\n"
+        "from qualiclip_hf.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    output = tmp_path / "scores.csv"
+    process = subprocess.Popen(
+        [sys.executable, "-c", slow_cli, "score", str(good_folder), "--model", str(tiny_model_dir),
+         "--output", str(output)],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (output.exists() and len(_rows(output)) >= 1) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    err = process.communicate(timeout=60)[1]
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    interrupted = [line for line in err.splitlines() if "interrupted" in line]
+    assert len(interrupted) == 1 and "--resume" in interrupted[0]
+    assert 1 <= len(_rows(output)) < 6
+
+
+QUALICLIP_SCRIPT = Path(__import__("sys").executable).parent / "qualiclip"
+
+
+@pytest.mark.skipif(not QUALICLIP_SCRIPT.is_file(), reason="the qualiclip console script is not installed")
+@pytest.mark.parametrize("option", ["--help", "--version", "score --help"])
+def test_help_and_version_import_neither_torch_nor_transformers(option):
+    import subprocess
+
+    done = subprocess.run(
+        [str(QUALICLIP_SCRIPT), *option.split()],
+        capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPROFILEIMPORTTIME": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "qualiclip_hf.cli" in imported
+    assert not {name for name in imported if name.split(".")[0] in ("torch", "transformers", "numpy")}
+    assert ("qualiclip-hf 0.1.0" in done.stdout) == (option == "--version")
+
+
+@pytest.mark.skipif(not QUALICLIP_SCRIPT.is_file(), reason="the qualiclip console script is not installed")
+def test_library_progress_bars_only_with_verbose(tmp_path):
+    import subprocess
+
+    photo(48, 48).save(tmp_path / "a.png")
+    command = [str(QUALICLIP_SCRIPT), "score", str(tmp_path / "a.png"), "--model", "demo"]
+    quiet = subprocess.run(command, capture_output=True, text=True)
+    verbose = subprocess.run([*command, "--verbose"], capture_output=True, text=True)
+    assert quiet.returncode == verbose.returncode == 0
+    assert "Loading weights" in verbose.stderr
+    assert "Loading weights" not in quiet.stderr
+    assert quiet.stderr.splitlines()[0].startswith("model: demo (the embedded demo model")
+
+
+def test_push_without_network_is_one_line_and_exit_1(monkeypatch, capsys):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert main(["push", "--model-dir", "demo", "--repo-id", "someone/qualiclip-demo"]) == 1
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.count("\n") == 1 and captured.out == ""
+    assert err.startswith("qualiclip: cannot push to someone/qualiclip-demo: HF_HUB_OFFLINE is set; nothing was")
+
+
+
+@pytest.mark.parametrize(
+    ("cores", "load", "expected"),
+    [(2, 0.0, (1, 2)), (2, 1.0, (1, 1)), (2, 6.0, (1, 1)), (8, 2.2, (4, 6)), (1, 0.0, (0, 1))],
+)
+def test_thread_counts_leave_busy_cores_alone(cores, load, expected):
+    from qualiclip_hf.scoring import choose_thread_counts
+
+    assert choose_thread_counts(cores=cores, load=load) == expected
+
+
+@pytest.mark.parametrize(("options", "expected"), [([], 1), (["--threads", "3"], 3)])
+def test_score_sets_the_chosen_thread_count(good_folder, tiny_model_dir, monkeypatch, options, expected):
+    from qualiclip_hf import scoring
+
+    monkeypatch.setattr(scoring, "usable_cores", lambda: 2)
+    monkeypatch.setattr(scoring, "runnable_elsewhere", lambda: 1.0)  # one other busy process on the 2 cores
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)  # keeps this test process's own setting
+    assert main(["score", str(good_folder), "--model", str(tiny_model_dir), "--device", "cpu", *options]) == 0
+    assert chosen == [expected]

@@ -93,10 +93,10 @@ def test_folders_saved_with_openai_names_load_under_the_standard_names(tmp_path)
 
 def test_the_embedded_demo_folder_written_with_openai_names_loads_with_its_weights():
     from qualiclip_hf import QualiCLIPModel
-    from qualiclip_hf.pretrained import DEMO_MODEL_DIR
+    from qualiclip_hf.loading import DEMO_MODEL_PATH
 
-    written = json.loads((DEMO_MODEL_DIR / "config.json").read_text())
-    model = QualiCLIPModel.from_pretrained(DEMO_MODEL_DIR)  # strict: any tensor of another shape would raise
+    written = json.loads((DEMO_MODEL_PATH / "config.json").read_text())
+    model = QualiCLIPModel.from_pretrained(DEMO_MODEL_PATH)  # strict: any tensor of another shape would raise
     vision, text = model.config.vision_config, model.config.text_config
     old_vision, old_text = written["vision_config"], written["text_config"]
     assert vision.depths == old_vision.get("layers", old_vision.get("depths"))

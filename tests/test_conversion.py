@@ -10,14 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from qualiclip_hf import QualiCLIPModel, QualiCLIPProcessor
-from qualiclip_hf.convert_qualiclip_checkpoint import (
-    OFFICIAL_FILENAME,
-    OFFICIAL_REPO_ID,
-    CheckpointError,
-    download_official_checkpoint,
-    load_official_checkpoint,
-    official_model_dir,
-)
+from qualiclip_hf.convert_qualiclip_checkpoint import CheckpointError, load_official_checkpoint
+from qualiclip_hf.loading import OFFICIAL_FILENAME, OFFICIAL_REPO_ID, download_official_checkpoint, official_model_dir
 
 from .conftest import photo
 

@@ -6,7 +6,7 @@ import torch
 from scipy.stats import spearmanr
 from skimage import data
 
-from qualiclip_hf.cli import load_model_and_processor
+from qualiclip_hf.loading import load_model_and_processor
 from training.degradations import apply_distortion
 
 # training/prepare_demo_data.py holds these out of the demo model's training set.
@@ -51,3 +51,31 @@ def test_pristine_photos_score_above_their_heavily_degraded_versions(demo, photo
         batch = [(x[0] * 255).round().to(torch.uint8) for x in (photo, worst, blurred)]
         pristine, jpeg, blur = model(**processor(images=batch, return_tensors="pt")).quality_score.tolist()
         assert pristine > jpeg and pristine > blur, (HELDOUT_PHOTOS[index], pristine, jpeg, blur)
+
+
+def test_the_demo_folder_is_a_complete_model_folder(tmp_path):
+    """It holds what `save_pretrained` writes: the same files, the same `auto_map`s and `custom_pipelines`, and the
+    remote-code files of this version (links to the package's own modules)."""
+    import json
+
+    from qualiclip_hf.loading import DEMO_MODEL_PATH
+
+    model, processor = load_model_and_processor("demo")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    saved = {path.name for path in tmp_path.iterdir()}
+    assert saved <= {path.name for path in DEMO_MODEL_PATH.iterdir()}
+    for name in saved:
+        if name.endswith(".py") or name == "tokenizer.json":
+            assert (DEMO_MODEL_PATH / name).read_bytes() == (tmp_path / name).read_bytes(), name
+    for name, keys in {
+        "config.json": ("auto_map", "custom_pipelines"),
+        "processor_config.json": ("auto_map",),
+        "tokenizer_config.json": ("auto_map",),
+    }.items():
+        ours, written = (json.loads((folder / name).read_text()) for folder in (DEMO_MODEL_PATH, tmp_path))
+        for key in keys:
+            assert ours[key] == written[key], (name, key)
+    folders = (DEMO_MODEL_PATH, tmp_path)
+    ours, written = (json.loads((folder / "processor_config.json").read_text()) for folder in folders)
+    assert ours["image_processor"]["auto_map"] == written["image_processor"]["auto_map"]

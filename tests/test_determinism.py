@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from qualiclip_hf.cli import load_model_and_processor
+from qualiclip_hf.loading import load_model_and_processor
 from qualiclip_hf.scoring import score_files
 
 from .conftest import photo

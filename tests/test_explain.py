@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 from skimage import data
 
-from qualiclip_hf.cli import load_model_and_processor, main
+from qualiclip_hf.cli import main
 from qualiclip_hf.explain import colorize_heatmap, explain_image, grad_cam, overlay_heatmap
+from qualiclip_hf.loading import load_model_and_processor
 from qualiclip_hf.processing_qualiclip import QualiCLIPProcessor
 from training.degradations import apply_distortion
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qualiclip_hf.cli import load_model_and_processor
-from qualiclip_hf.pretrained import DEMO_MODEL_DIR
+from qualiclip_hf.loading import DEMO_MODEL_PATH, load_model_and_processor
 
 from .conftest import load_module_from_file, photo
 
@@ -25,7 +24,7 @@ def _load_handler_module():
 
 @pytest.fixture(scope="module")
 def handler():
-    return _load_handler_module().EndpointHandler(path=str(DEMO_MODEL_DIR))
+    return _load_handler_module().EndpointHandler(path=str(DEMO_MODEL_PATH))
 
 
 @pytest.fixture(scope="module")

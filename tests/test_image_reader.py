@@ -22,7 +22,7 @@ from transformers import pipeline
 from qualiclip_hf import IMAGE_QUALITY_TASK, QualiCLIPModel, QualiCLIPProcessor
 from qualiclip_hf.explain import explain_image
 from qualiclip_hf.image_reader import array_to_chw, image_file_extensions, open_image
-from qualiclip_hf.pretrained import DEMO_MODEL_DIR
+from qualiclip_hf.loading import DEMO_MODEL_PATH
 from qualiclip_hf.scoring import collect_image_paths, read_image, score_files
 
 from .conftest import load_module_from_file, photo
@@ -37,7 +37,7 @@ HEIGHT, WIDTH = 72, 96
 
 @pytest.fixture(scope="module")
 def demo() -> tuple[QualiCLIPModel, QualiCLIPProcessor]:
-    return QualiCLIPModel.from_pretrained(DEMO_MODEL_DIR).eval(), QualiCLIPProcessor.from_pretrained(DEMO_MODEL_DIR)
+    return QualiCLIPModel.from_pretrained(DEMO_MODEL_PATH).eval(), QualiCLIPProcessor.from_pretrained(DEMO_MODEL_PATH)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def judge(demo):
 @pytest.fixture(scope="module")
 def handler():
     module = load_module_from_file(ROOT / "model_card" / "handler.py", "qualiclip_reader_test_handler")
-    return module.EndpointHandler(path=str(DEMO_MODEL_DIR))
+    return module.EndpointHandler(path=str(DEMO_MODEL_PATH))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 from huggingface_hub import ModelCard, metadata_load
 
 from qualiclip_hf.hub.card import ModelCardError, make_model_card, read_results, write_model_card
-from qualiclip_hf.pretrained import DEMO_MODEL_DIR
+from qualiclip_hf.loading import DEMO_MODEL_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_RESULTS = [ROOT / "training/results/demo" / name for name in ("synthetic_eval.json", "training_summary.json")]
@@ -103,8 +103,8 @@ def test_every_number_the_results_add_comes_from_them(tiny_model_dir, result_fil
 
 
 def test_the_embedded_demo_card_is_generated_and_quotes_only_its_result_files():
-    committed = (DEMO_MODEL_DIR / "README.md").read_text()
-    baseline = str(make_model_card(DEMO_MODEL_DIR, weights="demo"))
+    committed = (DEMO_MODEL_PATH / "README.md").read_text()
+    baseline = str(make_model_card(DEMO_MODEL_PATH, weights="demo"))
     values = [value for path in DEMO_RESULTS for value in values_in(json.loads(path.read_text()))]
     added = numbers_in(committed) - numbers_in(baseline)
     assert not [token for token in added if not comes_from(token, values)]
@@ -112,7 +112,7 @@ def test_the_embedded_demo_card_is_generated_and_quotes_only_its_result_files():
     assert f"| gaussian blur | {synthetic['per_distortion']['gaussian_blur']:.3f} |" in committed
     assert "**This is not QualiCLIP.**" in committed
     assert "Measured on the demo weights" in committed
-    assert "demo" in metadata_load(DEMO_MODEL_DIR / "README.md")["tags"]
+    assert "demo" in metadata_load(DEMO_MODEL_PATH / "README.md")["tags"]
 
 
 def test_weight_kinds_set_licence_base_model_and_statement(tiny_model_dir, tmp_path):
@@ -175,7 +175,7 @@ def test_the_card_quotes_the_planned_and_the_completed_steps(tiny_model_dir, tmp
     assert "| steps | 1865 |" in card and "| steps planned | 3000 |" in card
     assert "| stopped by the time limit | yes |" in card
     assert "| learning-rate schedule | constant_with_warmup |" in card
-    demo_card = (DEMO_MODEL_DIR / "README.md").read_text()
+    demo_card = (DEMO_MODEL_PATH / "README.md").read_text()
     demo_summary = json.loads(DEMO_RESULTS[1].read_text())
     assert f"| steps | {demo_summary['steps']} |" in demo_card
     assert f"| steps planned | {demo_summary['planned_steps']} |" in demo_card

@@ -29,14 +29,8 @@ from pyiqa.utils import download_util
 
 import pyiqa_plugin  # the added names exist once the plugin is loaded; a fresh process is tested separately
 from qualiclip_hf import QUALICLIP_PROMPT_PAIRS, QualiCLIPModel
-from qualiclip_hf.convert_qualiclip_checkpoint import (
-    OFFICIAL_FILENAME,
-    OFFICIAL_REPO_ID,
-    PLUS_FILENAMES,
-    CheckpointError,
-    convert_checkpoint,
-    convert_qualiclip_plus,
-)
+from qualiclip_hf.convert_qualiclip_checkpoint import CheckpointError, convert_checkpoint, convert_qualiclip_plus
+from qualiclip_hf.loading import OFFICIAL_FILENAME, OFFICIAL_REPO_ID, PLUS_FILENAMES
 
 from .conftest import photo, randomize_batchnorms
 

@@ -30,8 +30,8 @@ from scipy.optimize import curve_fit
 from scipy.stats import kendalltau, pearsonr, spearmanr
 from tqdm.auto import tqdm
 
-from qualiclip_hf.cli import load_model_and_processor
 from qualiclip_hf.image_processing_qualiclip import limit_longest_side
+from qualiclip_hf.loading import load_model_and_processor
 from qualiclip_hf.scoring import collect_image_paths, read_image, score_files
 from training.degradations import ALL_DISTORTIONS, apply_distortion
 

@@ -107,10 +107,10 @@ def _check_correlations(path: Path, values: dict[str, Any]) -> None:
 
 def infer_weights_kind(model_dir: str | Path) -> str | None:
     """`demo` for the embedded demo model, `trained` for a folder `training/train.py` wrote; otherwise unknown."""
-    from ..pretrained import DEMO_MODEL_DIR
+    from ..loading import DEMO_MODEL_PATH
 
     model_dir = Path(model_dir)
-    if model_dir.resolve() == DEMO_MODEL_DIR.resolve():
+    if model_dir.resolve() == DEMO_MODEL_PATH.resolve():
         return "demo"
     if (model_dir / "training_summary.json").is_file():
         return "trained"

@@ -1,0 +1,1 @@
+../image_processing_qualiclip.py
