@@ -235,6 +235,8 @@ def _quiet_libraries(verbose: bool) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for category in (UserWarning, FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
+    # This package's own warnings (a JPEG scored without its end marker, an ICC profile ignored) stay visible.
+    warnings.filterwarnings("default", module=r"qualiclip_hf\.")
     if "huggingface_hub" in sys.modules:  # already imported (a caller of `main` in Python): switch them off directly
         from huggingface_hub.utils import disable_progress_bars
 
@@ -347,15 +349,16 @@ def _score_with_progress(args, paths, model, processor, batch_size, workers, wri
 
 def _image_paths(inputs: Sequence[str], recursive: bool, collect: Callable[..., list[Path]]) -> list[Path]:
     """The files to score; a missing folder, or folders without images, stop the command with a hint."""
-    from .scoring import IMAGE_EXTENSIONS
+    from .image_reader import image_file_extensions
 
+    extensions = image_file_extensions()
     for item in map(Path, inputs):
-        if not item.exists() and item.suffix.lower() not in IMAGE_EXTENSIONS:
+        if not item.exists() and item.suffix.lower() not in extensions:
             raise CommandError(f"{item}: no such file or folder", status=1)
     paths = collect(inputs, recursive=recursive)
     if paths:
         return paths
-    hint = f"looked for {', '.join(sorted(IMAGE_EXTENSIONS))}"
+    hint = f"looked for the {len(extensions)} extensions the installed readers open: .jpg, .png, .webp, .tif, ..."
     if not recursive and collect(inputs, recursive=True):
         hint = "there are images in subfolders: add --recursive to score them"
     raise CommandError(f"no image files found in {' '.join(inputs)} ({hint})", status=1)
