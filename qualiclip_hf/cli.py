@@ -216,19 +216,20 @@ def _quiet_libraries(verbose: bool) -> None:
         return
     import warnings
 
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow huggingface_hub's switch
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for category in (UserWarning, FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
-    if "huggingface_hub" in sys.modules:  # already imported (a caller of `main` in Python): switch them off directly
-        from huggingface_hub.utils import disable_progress_bars
+    if "huggingface_hub" not in sys.modules:  # the command's own process: both libraries read these when imported
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow this switch too
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        return
+    # Called from Python, with the libraries already imported: switch them off directly, leaving the environment
+    # (which child processes inherit) alone.
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging
 
-        disable_progress_bars()
-    if "transformers" in sys.modules:
-        from transformers.utils import logging
-
-        logging.set_verbosity_error()
-        logging.disable_progress_bar()
+    disable_progress_bars()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
 
 def _score_command(args: argparse.Namespace) -> int:
