@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .hub.card import WEIGHT_KINDS
 from .loading import DEVICES, PRECISIONS
 from .results import OUTPUT_FORMATS
 
@@ -139,8 +138,9 @@ def _add_push_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     push.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded, upload nothing")
     push.add_argument(
         "--weights",
-        choices=WEIGHT_KINDS,
-        help="what the weights are, for a generated card (inferred for 'demo' and trained folders)",
+        metavar="KIND",
+        help="what the weights are, for a generated card: official, trained, demo or random (inferred for 'demo' "
+        "and trained folders; checked by the card)",
     )
     push.add_argument(
         "--results", nargs="+", type=Path, default=[], metavar="FILE", help="evaluation JSONs for a generated card"
@@ -155,7 +155,9 @@ def _add_push_parser(commands: Any, common: argparse.ArgumentParser) -> None:
 def _add_card_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     card = commands.add_parser("card", parents=[common], help="write the Hub README (model card) of a model folder")
     card.add_argument("--model-dir", required=True, help="a converted or trained folder, or 'demo'")
-    card.add_argument("--weights", choices=WEIGHT_KINDS, help="what the weights are (inferred for demo/trained)")
+    card.add_argument(
+        "--weights", metavar="KIND", help="official, trained, demo or random (inferred for demo and trained folders)"
+    )
     card.add_argument("--results", nargs="+", type=Path, default=[], metavar="FILE", help="result JSON files")
     card.add_argument("--repo-id", help="the Hub repository the card is for (usage examples, model-index name)")
     card.add_argument("--license", help="Hub licence id (default: by weight kind)")
@@ -231,21 +233,22 @@ def _quiet_libraries(verbose: bool) -> None:
         return
     import warnings
 
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow huggingface_hub's switch
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for category in (UserWarning, FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     # This package's own warnings (a JPEG scored without its end marker, an ICC profile ignored) stay visible.
     warnings.filterwarnings("default", module=r"qualiclip_hf\.")
-    if "huggingface_hub" in sys.modules:  # already imported (a caller of `main` in Python): switch them off directly
-        from huggingface_hub.utils import disable_progress_bars
+    if "huggingface_hub" not in sys.modules:  # the command's own process: both libraries read these when imported
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow this switch too
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        return
+    # Called from Python, with the libraries already imported: switch them off directly, leaving the environment
+    # (which child processes inherit) alone.
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging
 
-        disable_progress_bars()
-    if "transformers" in sys.modules:
-        from transformers.utils import logging
-
-        logging.set_verbosity_error()
-        logging.disable_progress_bar()
+    disable_progress_bars()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
 
 def _score_command(args: argparse.Namespace) -> int:
