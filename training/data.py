@@ -25,10 +25,12 @@ from PIL import Image
 from qualiclip_hf.image_processing_qualiclip import to_viewable_rgb
 
 from .degradations import (
+    DEFAULT_STYLE,
     CompositionStep,
     apply_composition,
     apply_composition_all_levels,
     apply_composition_levels_from,
+    check_style,
     sample_composition,
     split_after_last_codec,
 )
@@ -72,6 +74,9 @@ class DegradedBatches:
     the CPU) and this process applies the rest of it to the batch on `degrade_device`, carrying each level's random
     generator on from where the worker left it. The samples are the same as the workers' own (bit for bit on CPU;
     on a GPU up to floating-point differences of its kernels), and still a function of the cursor only.
+
+    `degradation_style` picks the distortions' implementation (`training.degradations.DEGRADATION_STYLES`):
+    `"arniqa"`, the distribution QualiCLIP was trained on, or `"clean"`.
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class DegradedBatches:
         rank: int = 0,
         num_workers: int = 0,
         degrade_device: torch.device | str | None = None,
+        degradation_style: str = DEFAULT_STYLE,
     ) -> None:
         self.stream = stream
         self.batch_size = batch_size
@@ -93,6 +99,7 @@ class DegradedBatches:
             "num_levels": num_levels,
             "max_groups": max_groups,
             "defer": degrade_device is not None,
+            "style": check_style(degradation_style),
         }
         self.seed = seed
         self.rank = rank
@@ -137,17 +144,18 @@ class PendingDegradation:
 
     `partial` is `(levels, 2, 3, crop, crop)` after the composition's head (up to its last codec step), or the
     `(2, 3, crop, crop)` crops themselves when the composition has no codec; `steps` is the tail still to apply and
-    `generator_states` the state of each level's CPU generator where the head left it.
+    `generator_states` the state of each level's CPU generator where the head left it; `style` the degradation style.
     """
 
     partial: torch.Tensor
     steps: list[CompositionStep]
     generator_states: list[torch.Tensor]
+    style: str = DEFAULT_STYLE
 
     def finish(self, device: torch.device) -> torch.Tensor:
         """The `(levels, 2, 3, crop, crop)` degraded crops, computed on `device`."""
         partial = self.partial.to(device, non_blocking=True)
-        return apply_composition_levels_from(partial, self.steps, self.generator_states)
+        return apply_composition_levels_from(partial, self.steps, self.generator_states, self.style)
 
 
 def _batched(
@@ -191,15 +199,16 @@ def _make_sample(
     num_levels = options["num_levels"]
     composition = sample_composition(generator, max_groups=options["max_groups"], num_levels=num_levels)
     degradation_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    style = options["style"]
     if not options["defer"]:
-        return apply_composition_all_levels(crops, composition, degradation_seed, num_levels=num_levels), cursor
+        return apply_composition_all_levels(crops, composition, degradation_seed, num_levels, style=style), cursor
     # The same draws as apply_composition_all_levels: one generator per level, all seeded alike.
     head, tail = split_after_last_codec(composition)
     generators = [torch.Generator().manual_seed(degradation_seed) for _ in range(num_levels)]
     partial = crops  # shared by every level when the whole composition runs on the device
     if head:
-        partial = torch.stack([apply_composition(crops, head, level, g) for level, g in enumerate(generators)])
-    return PendingDegradation(partial, tail, [g.get_state() for g in generators]), cursor
+        partial = torch.stack([apply_composition(crops, head, level, g, style) for level, g in enumerate(generators)])
+    return PendingDegradation(partial, tail, [g.get_state() for g in generators], style), cursor
 
 
 def collate_degraded(samples: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, int]:

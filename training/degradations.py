@@ -934,6 +934,16 @@ def _arniqa_brighten(x: torch.Tensor, amount: float, generator: torch.Generator 
 _JITTER_EPS = 1e-8
 
 
+def _padded_pixels(
+    y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, pad_rows: torch.Tensor, pad_cols: torch.Tensor
+) -> torch.Tensor:
+    """Pixels ``[B, C, H, W]`` of the replicate-padded ``y`` at integer positions ``rows, cols [B, H, W]`` of the
+    padded frame (padded by ``pad_rows, pad_cols [B, 1, 1]`` on each side), read from ``y`` without padding it."""
+    b, c, h, w = y.shape
+    index = ((rows - pad_rows).clamp(0, h - 1) * w + (cols - pad_cols).clamp(0, w - 1)).view(b, 1, h * w)
+    return y.reshape(b, c, h * w).gather(2, index.expand(b, c, h * w)).view(b, c, h, w)
+
+
 def _arniqa_jitter(x: torch.Tensor, amount: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """ARNIQA's ``imscatter``: five rounds of bilinear resampling at positions moved by ``N(0, amount^2)`` px.
 
@@ -946,7 +956,7 @@ def _arniqa_jitter(x: torch.Tensor, amount: float, generator: torch.Generator | 
     * its bilinear weights divide by ``x1 - x0 + 1e-8``: a sample at or beyond the last padded row or column (where
       both neighbours clamp to the same pixel) comes out exactly 0, black.
     """
-    b, c, h, w = x.shape
+    b, _, h, w = x.shape
     batch = torch.arange(b, device=x.device).view(b, 1, 1)
     rows = torch.arange(h, device=x.device).view(1, h, 1)
     cols = torch.arange(w, device=x.device).view(1, 1, w)
@@ -970,18 +980,12 @@ def _arniqa_jitter(x: torch.Tensor, amount: float, generator: torch.Generator | 
         r0, r1 = torch.minimum(r0.clamp(min=0), pad_h - 1), torch.minimum(r1.clamp(min=0), pad_h - 1)
         c0, c1 = torch.minimum(c0.clamp(min=0), pad_w - 1), torch.minimum(c1.clamp(min=0), pad_w - 1)
 
-        def pixel(r: torch.Tensor, q_: torch.Tensor) -> torch.Tensor:
-            rr = (r - m_sx).clamp(0, h - 1)
-            cc = (q_ - m_sy).clamp(0, w - 1)
-            index = (rr * w + cc).view(b, 1, h * w).expand(b, c, h * w)
-            return y.reshape(b, c, h * w).gather(2, index).view(b, c, h, w)
-
         wc_den = (c1 - c0).to(x.dtype) + _JITTER_EPS
         wr_den = (r1 - r0).to(x.dtype) + _JITTER_EPS
         wc1 = ((c1 - sample_c) / wc_den).unsqueeze(1)
         wc0 = ((sample_c - c0) / wc_den).unsqueeze(1)
-        top = pixel(r0, c0) * wc1 + pixel(r0, c1) * wc0
-        bottom = pixel(r1, c0) * wc1 + pixel(r1, c1) * wc0
+        top = _padded_pixels(y, r0, c0, m_sx, m_sy) * wc1 + _padded_pixels(y, r0, c1, m_sx, m_sy) * wc0
+        bottom = _padded_pixels(y, r1, c0, m_sx, m_sy) * wc1 + _padded_pixels(y, r1, c1, m_sx, m_sy) * wc0
         y = top * ((r1 - sample_r) / wr_den).unsqueeze(1) + bottom * ((sample_r - r0) / wr_den).unsqueeze(1)
     return y
 

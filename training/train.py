@@ -57,6 +57,9 @@ class TrainConfig:
     # everything else), "accelerator" (the training process, on accelerator.device), or "auto": the accelerator when
     # it is not the CPU. The samples are the same either way (see training/data.py).
     degrade_on: str = "auto"
+    # Which implementation of the 24 distortions: "arniqa" (ARNIQA's code, quirks included: the distribution QualiCLIP
+    # was trained on) or "clean" (the corrected versions); see training/README.md.
+    degradation_style: str = "arniqa"
     # Optimisation
     batch_size: int = 16
     gradient_accumulation_steps: int = 1
@@ -210,6 +213,7 @@ def train(config: TrainConfig, resume: bool = False, push_to_hub: str | None = N
     batches = DegradedBatches(
         stream, config.batch_size, config.crop_size, config.num_levels, config.max_groups, config.seed,
         accelerator.process_index, config.num_workers, accelerator.device if on_accelerator else None,
+        config.degradation_style,
     )  # fmt: skip
     if step < config.max_steps:
         resume_at = cursor
