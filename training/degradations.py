@@ -972,16 +972,6 @@ def _arniqa_brighten(x: torch.Tensor, amount: float, generator: torch.Generator 
 _JITTER_EPS = 1e-8
 
 
-def _padded_pixels(
-    y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, pad_rows: torch.Tensor, pad_cols: torch.Tensor
-) -> torch.Tensor:
-    """Pixels `[B, C, H, W]` of the replicate-padded `y` at integer positions `rows, cols [B, H, W]` of the
-    padded frame (padded by `pad_rows, pad_cols [B, 1, 1]` on each side), read from `y` without padding it."""
-    b, c, h, w = y.shape
-    index = ((rows - pad_rows).clamp(0, h - 1) * w + (cols - pad_cols).clamp(0, w - 1)).view(b, 1, h * w)
-    return y.reshape(b, c, h * w).gather(2, index.expand(b, c, h * w)).view(b, c, h, w)
-
-
 def _arniqa_jitter(x: torch.Tensor, amount: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """ARNIQA's `imscatter`: five rounds of bilinear resampling at positions moved by `N(0, amount^2)` px.
 
@@ -994,8 +984,7 @@ def _arniqa_jitter(x: torch.Tensor, amount: float, generator: torch.Generator | 
     * its bilinear weights divide by `x1 - x0 + 1e-8`: a sample at or beyond the last padded row or column (where
       both neighbours clamp to the same pixel) comes out exactly 0, black.
     """
-    b, _, h, w = x.shape
-    batch = torch.arange(b, device=x.device).view(b, 1, 1)
+    b, c, h, w = x.shape
     rows = torch.arange(h, device=x.device).view(1, h, 1)
     cols = torch.arange(w, device=x.device).view(1, 1, w)
     y = x
@@ -1008,23 +997,27 @@ def _arniqa_jitter(x: torch.Tensor, amount: float, generator: torch.Generator | 
         # (clamp(p - m_sx), clamp(q - m_sy)), for the image and for the displacement fields alike.
         p = (rows + m_sy).clamp(max=pad_h - 1)
         q = (cols + m_sx).clamp(max=pad_w - 1)
-        src_r = (p - m_sx).clamp(0, h - 1).expand(b, h, w)
-        src_c = (q - m_sy).clamp(0, w - 1).expand(b, h, w)
-        sample_r = p - sx[batch, src_r, src_c]  # float row coordinate in the padded frame
-        sample_c = q - sy[batch, src_r, src_c]
-        r0 = torch.floor(sample_r).long()
-        c0 = torch.floor(sample_c).long()
-        r1, c1 = r0 + 1, c0 + 1
-        r0, r1 = torch.minimum(r0.clamp(min=0), pad_h - 1), torch.minimum(r1.clamp(min=0), pad_h - 1)
-        c0, c1 = torch.minimum(c0.clamp(min=0), pad_w - 1), torch.minimum(c1.clamp(min=0), pad_w - 1)
-
-        wc_den = (c1 - c0).to(x.dtype) + _JITTER_EPS
-        wr_den = (r1 - r0).to(x.dtype) + _JITTER_EPS
-        wc1 = ((c1 - sample_c) / wc_den).unsqueeze(1)
-        wc0 = ((sample_c - c0) / wc_den).unsqueeze(1)
-        top = _padded_pixels(y, r0, c0, m_sx, m_sy) * wc1 + _padded_pixels(y, r0, c1, m_sx, m_sy) * wc0
-        bottom = _padded_pixels(y, r1, c0, m_sx, m_sy) * wc1 + _padded_pixels(y, r1, c1, m_sx, m_sy) * wc0
-        y = top * ((r1 - sample_r) / wr_den).unsqueeze(1) + bottom * ((sample_r - r0) / wr_den).unsqueeze(1)
+        source = ((p - m_sx).clamp(0, h - 1) * w + (q - m_sy).clamp(0, w - 1)).view(b, 1, h * w)
+        shift = field.reshape(b, 2, h * w).gather(2, source.expand(b, 2, h * w)).view(b, 2, h, w)
+        sample_r = p - shift[:, 1]  # float row coordinate in the padded frame
+        sample_c = q - shift[:, 0]
+        # Neighbours in the padded frame, clamped to it (float: exact for these small integers).
+        floor_r, floor_c = torch.floor(sample_r), torch.floor(sample_c)
+        last_r, last_c = (pad_h - 1).to(x.dtype), (pad_w - 1).to(x.dtype)
+        r0, r1 = torch.minimum(floor_r.clamp(min=0), last_r), torch.minimum((floor_r + 1).clamp(min=0), last_r)
+        c0, c1 = torch.minimum(floor_c.clamp(min=0), last_c), torch.minimum((floor_c + 1).clamp(min=0), last_c)
+        wc_den = (c1 - c0) + _JITTER_EPS
+        wr_den = (r1 - r0) + _JITTER_EPS
+        wc1, wc0 = ((c1 - sample_c) / wc_den).unsqueeze(1), ((sample_c - c0) / wc_den).unsqueeze(1)
+        wr1, wr0 = ((r1 - sample_r) / wr_den).unsqueeze(1), ((sample_r - r0) / wr_den).unsqueeze(1)
+        # The four neighbours' values, read from the unpadded image: one gather.
+        rows0, rows1 = ((r - m_sx).clamp(0, h - 1).long() * w for r in (r0, r1))
+        cols0, cols1 = ((c - m_sy).clamp(0, w - 1).long() for c in (c0, c1))
+        index = torch.stack([rows0 + cols0, rows0 + cols1, rows1 + cols0, rows1 + cols1], dim=1).view(b, 1, 4 * h * w)
+        corners = y.reshape(b, c, h * w).gather(2, index.expand(b, c, 4 * h * w)).view(b, c, 4, h, w)
+        top = corners[:, :, 0] * wc1 + corners[:, :, 1] * wc0
+        bottom = corners[:, :, 2] * wc1 + corners[:, :, 3] * wc0
+        y = top * wr1 + bottom * wr0
     return y
 
 
