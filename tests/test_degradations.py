@@ -620,12 +620,16 @@ def _consistent(ours: np.ndarray, theirs: np.ndarray) -> tuple[bool, str]:
     """Whether two samples of per-seed PSNRs look like one distribution.
 
     Both conditions: the means differ by at most 0.25 dB plus four standard errors of the difference (Welch), and a
-    two-sample Kolmogorov-Smirnov test does not reject at p < 1e-4 (shape and spread, e.g. a bimodal quirk).
+    two-sample Kolmogorov-Smirnov test does not reject at p < 1e-3 (shape and spread, e.g. a bimodal quirk). The
+    PSNRs are first rounded to 0.01 dB: several distortions take a few values only (one per color_shift offset, for
+    instance), and two implementations land on them with different float rounding, which would otherwise put all of
+    one sample's copies of a value before the other's. With ties the test is conservative.
     """
+    ours, theirs = np.round(ours, 2), np.round(theirs, 2)
     standard_error = math.sqrt(ours.var(ddof=1) / len(ours) + theirs.var(ddof=1) / len(theirs))
     difference = ours.mean() - theirs.mean()
     p_value = stats.ks_2samp(ours, theirs).pvalue
-    ok = abs(difference) <= 0.25 + 4 * standard_error and p_value >= 1e-4
+    ok = abs(difference) <= 0.25 + 4 * standard_error and p_value >= 1e-3
     return ok, f"mean {ours.mean():.2f} vs ARNIQA {theirs.mean():.2f} dB (SE {standard_error:.2f}), KS p {p_value:.1e}"
 
 
@@ -682,9 +686,10 @@ def test_clean_style_is_measurably_not_arniqa(reference, reference_crops, name, 
 
 @pytest.mark.parametrize("name", ["color_shift", "non_eccentricity_patch"])
 def test_clean_style_of_random_distortions_is_measurably_not_arniqa(reference, reference_crops, name):
-    ours = _realisations(reference_crops, name, 0, "clean")
     verdicts = [
-        _consistent(ours[:, index], _arniqa_psnr(reference, name, photo, 0))[0]
+        _consistent(ours[:, index], _arniqa_psnr(reference, name, photo, level))[0]
+        for level in range(5)
+        for ours in [_realisations(reference_crops, name, level, "clean")]
         for index, photo in enumerate(reference["meta"]["photos"])
     ]
     assert not all(verdicts)
