@@ -25,10 +25,12 @@ from PIL import Image
 from qualiclip_hf.image_processing_qualiclip import to_viewable_rgb
 
 from .degradations import (
+    DEFAULT_STYLE,
     CompositionStep,
     apply_composition,
     apply_composition_all_levels,
     apply_composition_levels_from,
+    check_style,
     sample_composition,
     split_after_last_codec,
 )
@@ -103,6 +105,9 @@ class DegradedBatches:
         num_workers (`int`, defaults to 0): Worker processes; 0 decodes and degrades in this process.
         degrade_device (`torch.device` or `str`, *optional*):
             Where the part of each composition after its last codec step runs; `None`: in the workers.
+        degradation_style (`str`, defaults to `"arniqa"`):
+            The distortions' implementation (`training.degradations.DEGRADATION_STYLES`): `"arniqa"`, the
+            distribution QualiCLIP was trained on, or `"clean"`.
     """
 
     def __init__(
@@ -116,6 +121,7 @@ class DegradedBatches:
         rank: int = 0,
         num_workers: int = 0,
         degrade_device: torch.device | str | None = None,
+        degradation_style: str = DEFAULT_STYLE,
     ) -> None:
         self.stream = stream
         self.batch_size = batch_size
@@ -124,6 +130,7 @@ class DegradedBatches:
             "num_levels": num_levels,
             "max_groups": max_groups,
             "defer": degrade_device is not None,
+            "style": check_style(degradation_style),
         }
         self.seed = seed
         self.rank = rank
@@ -184,11 +191,13 @@ class PendingDegradation:
             composition has no codec step; values in [0, 1].
         steps (`list[CompositionStep]`): The tail of the composition, still to apply.
         generator_states (`list[torch.Tensor]`): The state of each level's CPU generator where the head left it.
+        style (`str`): The degradation style of the composition (`"arniqa"` or `"clean"`).
     """
 
     partial: torch.Tensor
     steps: list[CompositionStep]
     generator_states: list[torch.Tensor]
+    style: str = DEFAULT_STYLE
 
     def finish(self, device: torch.device) -> torch.Tensor:
         """
@@ -201,7 +210,7 @@ class PendingDegradation:
             `torch.Tensor` of shape `(levels, 2, 3, crop, crop)`: the degraded crops in [0, 1], on `device`.
         """
         partial = self.partial.to(device, non_blocking=True)
-        return apply_composition_levels_from(partial, self.steps, self.generator_states)
+        return apply_composition_levels_from(partial, self.steps, self.generator_states, self.style)
 
 
 def _batched(
@@ -245,15 +254,16 @@ def _make_sample(
     num_levels = options["num_levels"]
     composition = sample_composition(generator, max_groups=options["max_groups"], num_levels=num_levels)
     degradation_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    style = options["style"]
     if not options["defer"]:
-        return apply_composition_all_levels(crops, composition, degradation_seed, num_levels=num_levels), cursor
+        return apply_composition_all_levels(crops, composition, degradation_seed, num_levels, style=style), cursor
     # The same draws as apply_composition_all_levels: one generator per level, all seeded alike.
     head, tail = split_after_last_codec(composition)
     generators = [torch.Generator().manual_seed(degradation_seed) for _ in range(num_levels)]
     partial = crops  # shared by every level when the whole composition runs on the device
     if head:
-        partial = torch.stack([apply_composition(crops, head, level, g) for level, g in enumerate(generators)])
-    return PendingDegradation(partial, tail, [g.get_state() for g in generators]), cursor
+        partial = torch.stack([apply_composition(crops, head, level, g, style) for level, g in enumerate(generators)])
+    return PendingDegradation(partial, tail, [g.get_state() for g in generators], style), cursor
 
 
 def collate_degraded(samples: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, int]:

@@ -15,6 +15,8 @@ a higher opinion means better quality, KADID-10k's `dmos` included (see `MOS_PRE
 `synthetic`: each held-out pristine image is degraded by each distortion at the 5 levels; per image, the Spearman
 correlation between the level and the score is computed with the sign flipped, so that 1 means "the score falls
 strictly as the level rises". The JSON holds, per distortion, the mean over images, and the overall mean.
+`--degradation-style` (`arniqa`, the default, or `clean`) picks the distortions' implementation: judge a model on
+the one it was trained with (its config's `degradation_style`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from tqdm.auto import tqdm
 from qualiclip_hf.image_processing_qualiclip import limit_longest_side
 from qualiclip_hf.loading import load_model_and_processor
 from qualiclip_hf.scoring import collect_image_paths, read_image, score_files
-from training.degradations import ALL_DISTORTIONS, apply_distortion
+from training.degradations import ALL_DISTORTIONS, DEFAULT_STYLE, DEGRADATION_STYLES, apply_distortion, check_style
 
 
 @dataclass(frozen=True)
@@ -304,8 +306,14 @@ def synthetic_level_srcc(
     max_side: int = 512,
     device: str = "cpu",
     seed: int = 0,
+    degradation_style: str = DEFAULT_STYLE,
 ) -> dict:
-    """Returns `{"per_distortion": {name: mean SRCC}, "overall": mean, "num_images": n, ...}`."""
+    """Returns `{"per_distortion": {name: mean SRCC}, "overall": mean, "num_images": n, ...}`.
+
+    `degradation_style` (`"arniqa"` or `"clean"`) should be the one the model was trained with, so that it is judged
+    on the distribution it learned; it is recorded in the result.
+    """
+    check_style(degradation_style)
     model, processor = load_model_and_processor(model_name, device)
     names = distortions or [d.name for d in ALL_DISTORTIONS]
     paths = collect_image_paths([image_dir])
@@ -317,7 +325,9 @@ def synthetic_level_srcc(
         correlations = []
         for index, image in enumerate(images):
             levels = [
-                apply_distortion(image[None], name, level, torch.Generator().manual_seed(seed + index))[0]
+                apply_distortion(
+                    image[None], name, level, torch.Generator().manual_seed(seed + index), degradation_style
+                )[0]
                 for level in range(5)
             ]
             batch = processor(images=[(lvl * 255).round().to(torch.uint8) for lvl in levels], return_tensors="pt")
@@ -330,6 +340,7 @@ def synthetic_level_srcc(
         "images": [p.name for p in paths],
         "num_images": len(paths),
         "max_side": max_side,
+        "degradation_style": degradation_style,
         "metric": "mean over images of SRCC(-level, score), levels 1..5",
         "per_distortion": per_distortion,
         "overall": float(np.mean(list(per_distortion.values()))),
@@ -359,6 +370,12 @@ def main(argv: list[str] | None = None) -> None:
     synthetic.add_argument("--images", required=True, help="folder of held-out pristine images")
     synthetic.add_argument("--distortions", nargs="*", help="names (default: all 24)")
     synthetic.add_argument("--max-side", type=int, default=512)
+    synthetic.add_argument(
+        "--degradation-style",
+        choices=DEGRADATION_STYLES,
+        default=DEFAULT_STYLE,
+        help="the distortions' implementation; use the one the model was trained with (its degradation_style)",
+    )
     synthetic.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     synthetic.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
@@ -379,7 +396,10 @@ def main(argv: list[str] | None = None) -> None:
             args.model, paths, opinions, higher_is_better, args.device, args.batch_size, args.max_size, name
         )
     else:
-        results = synthetic_level_srcc(args.model, args.images, args.distortions, args.max_side, args.device)
+        results = synthetic_level_srcc(
+            args.model, args.images, args.distortions, args.max_side, args.device,
+            degradation_style=args.degradation_style,
+        )  # fmt: skip
     text = json.dumps(results, indent=2)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -83,6 +83,11 @@ class TrainConfig:
         "(on accelerator.device), or auto: the accelerator when it is not the CPU. Same samples either way",
         default="auto",
     )
+    degradation_style: Literal["arniqa", "clean"] = _option(
+        "the distortions' implementation: arniqa (ARNIQA's code, quirks included: the distribution QualiCLIP was "
+        "trained on) or clean (the corrected versions); see training/README.md",
+        default="arniqa",
+    )
     # Optimisation
     batch_size: int = _option("pristine images per step and process", default=16)
     gradient_accumulation_steps: int = _option("micro-batches per optimizer step", default=1)
@@ -353,6 +358,7 @@ def train(config: TrainConfig, resume: bool = False, push_to_hub: str | None = N
     batches = DegradedBatches(
         stream, config.batch_size, config.crop_size, config.num_levels, config.max_groups, config.seed,
         accelerator.process_index, config.num_workers, accelerator.device if on_accelerator else None,
+        config.degradation_style,
     )  # fmt: skip
     if step < config.max_steps:
         resume_at = cursor
