@@ -2,6 +2,10 @@
 
     python benchmarks/model_throughput.py [--sizes 512x384 1024x768] [--batches 1 32] [--repeats 3]
                                           [--precision fp32|bf16|fp16]
+    python benchmarks/model_throughput.py --fusion [--sizes 512x384] [--batches 8]
+
+`--fusion` instead compares our model as loaded with the same model after `qualiclip_hf.fusion.fuse_for_inference`
+(BatchNorm folded into the convolutions; then also CPU chunking), to check that the speed layer earns its keep.
 
 The weights are random, in the official layout (no real weights exist offline): this measures speed, memory and
 the largest score difference between the two, not quality. pyiqa's download is bypassed exactly as in
@@ -18,9 +22,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
+import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -29,17 +34,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from pyiqa.archs import clip_model as pyiqa_clip_model
 from pyiqa.archs import qualiclip_arch as pyiqa_qualiclip_arch
 from pyiqa.utils import download_util
 
 from pyiqa_plugin.qualiclip_arch import QualiCLIPHF
-from qualiclip_hf import QUALICLIP_PROMPT_PAIRS
+from qualiclip_hf import QUALICLIP_PROMPT_PAIRS, QualiCLIPConfig, QualiCLIPModel
 from qualiclip_hf.cli import PRECISIONS
 from qualiclip_hf.convert_qualiclip_checkpoint import OFFICIAL_FILENAME, convert_checkpoint
+from qualiclip_hf.fusion import fuse_for_inference
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -122,6 +125,44 @@ def timed(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -
     return time.perf_counter() - started
 
 
+def fusion_table(args: argparse.Namespace, device: torch.device) -> None:
+    """Our RN50 as loaded vs fused (BN folded) vs fused and chunked, timed in alternation on the same tensors."""
+    torch.manual_seed(0)
+    plain = QualiCLIPModel(QualiCLIPConfig()).eval().to(device)
+    with torch.no_grad():  # non-trivial BatchNorms, as in a trained model
+        for module in plain.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.running_var.uniform_(0.5, 1.5)
+    variants = {
+        "as loaded": plain,
+        "BN folded": fuse_for_inference(copy.deepcopy(plain), cpu_chunk_pixels=None),
+        "BN folded + CPU chunks": fuse_for_inference(copy.deepcopy(plain)),
+    }
+    names = list(variants)
+    print("| size (WxH) | batch | " + " | ".join(f"{name} img/s" for name in names) + " | folded / as loaded "
+          "| folded+chunks / as loaded | max score diff |")  # fmt: skip
+    print("| --- | ---: |" + " ---: |" * (len(names) + 3))
+    for size in args.sizes:
+        width, height = map(int, size.split("x"))
+        for batch in args.batches:
+            images = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(batch)).to(device)
+            times: dict[str, list[float]] = {name: [] for name in names}
+            with torch.inference_mode():
+                scores = {name: model(images).quality_score.cpu() for name, model in variants.items()}  # warm-up
+                for _ in range(args.repeats):
+                    for name, model in variants.items():
+                        times[name].append(timed(model, images))
+            rates = {name: batch / statistics.median(times[name]) for name in names}
+            diff = max((scores[name] - scores["as loaded"]).abs().max().item() for name in names)
+            print(
+                f"| {size} | {batch} | " + " | ".join(f"{rates[name]:.3g}" for name in names)
+                + f" | {rates['BN folded'] / rates['as loaded']:.2f}x"
+                + f" | {rates['BN folded + CPU chunks'] / rates['as loaded']:.2f}x | {diff:.1e} |",
+                flush=True,
+            )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["512x384", "1024x768"], help="WIDTHxHEIGHT")
@@ -129,6 +170,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per model and setting (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="ours only; CUDA only")
+    parser.add_argument("--fusion", action="store_true", help="ours as loaded vs fused for inference, instead")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.precision != "fp32" and device.type != "cuda":
@@ -136,8 +178,12 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"# torch {torch.__version__}, {name}, {time.strftime('%Y-%m-%d')}, random RN50 weights; "
-        f"ours in {args.precision}, median of {args.repeats}\n"
+        f"ours in {args.precision}, median of {args.repeats}, load average {os.getloadavg()}\n"
     )
+    if args.fusion:
+        fusion_table(args, device)
+        print(f"\n# load average after: {os.getloadavg()}")
+        return
     with tempfile.TemporaryDirectory() as workdir:
         theirs, ours = build_both(Path(workdir), args.device)
         ours.model.to(PRECISIONS[args.precision])
