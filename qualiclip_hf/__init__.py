@@ -14,6 +14,7 @@ from .configuration_qualiclip import (
     QualiCLIPTextConfig,
     QualiCLIPVisionConfig,
 )
+from .dataset_scoring import QualityScorer
 from .image_processing_qualiclip import QualiCLIPImageProcessor
 from .modeling_qualiclip import QualiCLIPModel, QualiCLIPOutput, QualiCLIPPreTrainedModel
 from .pipeline_qualiclip import IMAGE_QUALITY_TASK, ImageQualityAssessmentPipeline
@@ -54,4 +55,5 @@ __all__ = [
     "QualiCLIPProcessor",
     "QualiCLIPTextConfig",
     "QualiCLIPVisionConfig",
+    "QualityScorer",
 ]

@@ -30,7 +30,7 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     score = commands.add_parser("score", help="score images (files and folders) in [0, 1], higher is better")
-    score.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
+    score.add_argument("paths", nargs="*", metavar="PATH", help="image files and/or folders (or --dataset)")
     score.add_argument(
         "--model",
         default="demo",
@@ -70,7 +70,19 @@ def _build_parser() -> argparse.ArgumentParser:
         help="where JPEG files are decoded: 'workers' (Pillow, in background processes) or 'device' (TorchCodec on "
         "the model's device: nvJPEG on CUDA, which frees the CPU cores; needs the [decode] extra) (default: workers)",
     )
-    score.add_argument("--output", type=Path, help=f"write results to FILE ({', '.join(OUTPUT_FORMATS)})")
+    score.add_argument(
+        "--output", type=Path, help=f"write results to FILE ({', '.join(OUTPUT_FORMATS)}); with --dataset, a folder"
+    )
+    data = score.add_argument_group("datasets (instead of PATH: Parquet files of scores, resumable, accelerate launch)")
+    data.add_argument("--dataset", help="a Hub dataset id, or a folder of Parquet/Arrow files, images or .tar shards")
+    data.add_argument("--split", default="train", help="the split to score (default: train)")
+    data.add_argument("--image-column", help="the column of images (default: the only Image column, else 'image')")
+    data.add_argument("--id-column", help="the column copied to `id` (default: the dataset's key, else the row index)")
+    data.add_argument("--streaming", action="store_true", help="stream local data too (Hub ids always stream)")
+    data.add_argument("--resume", action="store_true", help="finish the run in --output, keeping what is complete")
+    data.add_argument("--save-embeddings", action="store_true", help="also write the image embeddings")
+    data.add_argument("--rows-per-file", type=_positive_int, default=10_000, help="rows per output file (10000)")
+    data.add_argument("--num-workers", type=_non_negative_int, help="decoding processes per scoring process")
     score.set_defaults(handler=_score_command)
 
     convert = commands.add_parser("convert", help="convert the official qualiclip.pth to a Hugging Face folder")
@@ -136,6 +148,10 @@ def _non_negative_int(text: str) -> int:
 
 
 def _score_command(args: argparse.Namespace) -> int:
+    if args.dataset is not None or not args.paths:
+        from .dataset_scoring import score_dataset_command
+
+        return score_dataset_command(args)
     if args.output is not None and args.output.suffix.lower() not in OUTPUT_FORMATS:
         print(f"qualiclip: --output must end with one of {', '.join(OUTPUT_FORMATS)}: {args.output}", file=sys.stderr)
         return 2
