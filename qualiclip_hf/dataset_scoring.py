@@ -76,7 +76,7 @@ def _decode(value: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Im
         ValueError: naming the file (or `<N bytes>`) and the cause.
     """
     if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
+        value = value["bytes"] if value.get("bytes") is not None else value.get("path")
     if isinstance(value, Image.Image):
         return to_viewable_rgb(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -109,7 +109,7 @@ def _decode_values(values: Sequence[Any], max_pixels: int | None) -> list[np.nda
     decoded: list[np.ndarray | str] = []
     for value in values:
         try:
-            decoded.append(np.asarray(_decode(value, max_pixels)))
+            decoded.append(np.array(_decode(value, max_pixels)))  # a writable copy, for torch
         except ValueError as error:
             decoded.append(str(error))
     return decoded
@@ -348,11 +348,10 @@ def _units(dataset: Any, rows_per_file: int) -> list[_Unit]:
 
 
 def _unit_dataset(dataset: Any, unit: _Unit, num_units: int) -> Any:
-    from datasets import IterableDataset
     from datasets.distributed import split_dataset_by_node
 
-    if isinstance(dataset, IterableDataset):
-        return split_dataset_by_node(dataset, rank=unit.index, world_size=num_units, strategy="shards")
+    # A streamed dataset's units are its shards: with as many "nodes" as shards, `split_dataset_by_node` gives each
+    # one shard (it splits by shards whenever their number is a multiple of the number of nodes).
     return split_dataset_by_node(dataset, rank=unit.index, world_size=num_units)
 
 
@@ -753,7 +752,9 @@ class _ProgressCounter:
                 for path in (_unit_marker(output_dir, unit.index) for unit in units)
                 if path.is_file()
             ) + sum(_parquet_rows(path) for path in output_dir.glob("part-*.parquet") if not _in_complete_unit(path))
-            self.bar = tqdm(total=total, initial=self.initial, unit="img", desc="scoring", disable=None, file=sys.stderr)
+            self.bar = tqdm(
+                total=total, initial=self.initial, unit="img", desc="scoring", disable=None, file=sys.stderr
+            )
         self._write()
 
     def add(self, rows: int) -> None:
