@@ -844,7 +844,8 @@ def read_scores(output_dir: str | os.PathLike, require_complete: bool = True) ->
 def score_dataset_command(args: Any) -> int:
     """
     `qualiclip score --dataset ...` (also under `accelerate launch -m qualiclip_hf.cli score --dataset ...`): the
-    command's arguments to [`score_dataset`]. Returns the exit status: 0, 1 when rows failed, 2 for bad arguments.
+    command's arguments to [`score_dataset`]. Returns the exit status: 0 when the run is complete (rows that failed
+    are counted in the summary and have their `error`), 2 for bad arguments.
     """
     from accelerate import PartialState
 
@@ -860,7 +861,9 @@ def score_dataset_command(args: Any) -> int:
         return fail("give either image files and folders, or --dataset, not both")
     if args.output is None:
         return fail("--dataset needs --output FOLDER, where the Parquet files of scores go")
-    state = PartialState(cpu=args.device == "cpu")
+    # Without `cpu=True`, Accelerate treats processes launched on a machine without GPUs as independent single
+    # processes; with it, they join one group over gloo (`accelerate launch --multi_gpu --num_processes N` on CPUs).
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     if args.device == "cuda" and state.device.type != "cuda":
         return fail("--device cuda was asked for, but CUDA is not available")
     with state.main_process_first():  # the main process prepares `datasets`' cache of local data; the others reuse it
@@ -899,4 +902,6 @@ def score_dataset_command(args: Any) -> int:
             f"{summary.rows} rows, {summary.failed} failed (see the error column)",
             file=sys.stderr,
         )
-    return 1 if summary.failed else 0
+    # Failed rows are data (their `error` column), not a failure of the run: a nonzero status would also make torchrun
+    # report a crashed rank.
+    return 0
