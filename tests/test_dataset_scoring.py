@@ -407,3 +407,17 @@ def rank_pid(marker: str, rank: int) -> int:
         if f"QUALICLIP_TEST={marker}".encode() in environ and f"RANK={rank}".encode() in environ:
             return int(entry.name)
     raise AssertionError(f"no process of rank {rank}")
+
+
+def test_saved_embeddings_are_the_models_and_null_for_failed_rows(photo_files, demo, tmp_path):
+    model, processor = demo
+    rows = [{"bytes": photo_files[0].read_bytes(), "path": None}, {"bytes": b"junk", "path": None}]
+    dataset = datasets.Dataset.from_dict({"image": rows}).cast_column("image", datasets.Image())
+    summary = score_dataset(dataset, tmp_path / "out", model, processor, save_embeddings=True, progress=False)
+    assert (summary.rows, summary.failed) == (2, 1)
+    embeds = read_scores(tmp_path / "out").column("image_embeds")
+    with torch.no_grad():
+        expected = model(**processor(images=[Image.open(photo_files[0])], return_tensors="pt")).image_embeds[0]
+    assert embeds.type.list_size == expected.numel()
+    np.testing.assert_allclose(embeds[0].as_py(), expected.numpy(), atol=1e-5)
+    assert embeds[1].as_py() is None
