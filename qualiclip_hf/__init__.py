@@ -33,6 +33,7 @@ _EXPORTS = {
     "QualiCLIPProcessor": "processing_qualiclip",
     "DEMO_MODEL_PATH": "loading",
     "load_model_and_processor": "loading",
+    "QualityScorer": "dataset_scoring",
 }
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
         QualiCLIPTextConfig,
         QualiCLIPVisionConfig,
     )
+    from .dataset_scoring import QualityScorer
     from .image_processing_qualiclip import QualiCLIPImageProcessor
     from .loading import DEMO_MODEL_PATH, load_model_and_processor
     from .modeling_qualiclip import QualiCLIPModel, QualiCLIPOutput, QualiCLIPPreTrainedModel
@@ -122,6 +124,7 @@ __all__ = [
     "QualiCLIPProcessor",
     "QualiCLIPTextConfig",
     "QualiCLIPVisionConfig",
+    "QualityScorer",
     "load_model_and_processor",
     "register_auto_classes",
 ]

@@ -62,7 +62,7 @@ def _add_score_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     score = commands.add_parser(
         "score", parents=[common], help="score images (files and folders) in [0, 1], higher is better"
     )
-    score.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
+    score.add_argument("paths", nargs="*", metavar="PATH", help="image files and/or folders (or --dataset)")
     _add_model_options(score)
     score.add_argument(
         "--batch-size",
@@ -104,11 +104,23 @@ def _add_score_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     score.add_argument(
         "--output",
         type=Path,
-        help=f"write results to FILE ({', '.join(OUTPUT_FORMATS)}) as they are scored (default: a table at the end)",
+        help=f"write results to FILE ({', '.join(OUTPUT_FORMATS)}) as they are scored (default: a table at the end); "
+        "with --dataset, a folder of Parquet files",
     )
     score.add_argument(
-        "--resume", action="store_true", help="keep the rows already in --output and score only the other files"
+        "--resume",
+        action="store_true",
+        help="keep the rows already in --output and score only the other files (with --dataset: what is complete)",
     )
+    data = score.add_argument_group("datasets (instead of PATH: Parquet files of scores, resumable, accelerate launch)")
+    data.add_argument("--dataset", help="a Hub dataset id, or a folder of Parquet/Arrow files, images or .tar shards")
+    data.add_argument("--split", default="train", help="the split to score (default: train)")
+    data.add_argument("--image-column", help="the column of images (default: the only Image column, else 'image')")
+    data.add_argument("--id-column", help="the column copied to `id` (default: the dataset's key, else the row index)")
+    data.add_argument("--streaming", action="store_true", help="stream local data too (Hub ids always stream)")
+    data.add_argument("--save-embeddings", action="store_true", help="also write the image embeddings")
+    data.add_argument("--rows-per-file", type=_positive_int, default=10_000, help="rows per output file (10000)")
+    data.add_argument("--num-workers", type=_non_negative_int, help="decoding processes per scoring process")
     score.set_defaults(handler=_score_command)
 
 
@@ -252,6 +264,10 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def _score_command(args: argparse.Namespace) -> int:
+    if args.dataset is not None or not args.paths:
+        from .dataset_scoring import score_dataset_command
+
+        return score_dataset_command(args)
     from .results import ResultWriter
 
     # The checks that need neither torch nor the model come first: on a busy machine importing torch takes seconds.

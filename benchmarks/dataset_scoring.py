@@ -1,0 +1,222 @@
+"""Dataset scoring (`qualiclip score --dataset`, `score_dataset`): images/s in 1 and 2 processes against the
+decode-only and model-only rates of the same rows.
+
+    python benchmarks/dataset_scoring.py [--rows 2000] [--batch-size 1] [--processes 1 2] [--device cpu|cuda]
+                                         [--inputs parquet webdataset] [--model demo]
+
+Writes `--rows` JPEGs of mixed sizes (smooth random pictures, 128 to 512 px on the long side, quality 90) as the bytes
+of an `Image` column in 4 Parquet files, and as 4 WebDataset `.tar` shards, then measures in one run, on the same rows:
+
+- model only: the processor and the model on the rows decoded beforehand, in batches of `--batch-size`, in this
+  process (all its torch threads);
+- decode only, per input: the rows read from the dataset (`datasets`: the Parquet files prepared, the tars streamed)
+  and decoded by the project's reader in the decoding workers `score_dataset` would use in one process, no model;
+- 1 process: `score_dataset` in this process (`--processes 1`);
+- 2 processes: `accelerate launch --multi_gpu --num_processes 2 -m qualiclip_hf.cli score --dataset ...` (torchrun;
+  on a CPU-only machine the processes join one gloo group; each gets half the cores as torch threads), its own
+  final images/s line (`--processes 2`).
+
+A pipeline can at best reach the slower of decoding and the model; the ratio columns say how close it gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qualiclip_hf.cli import load_model_and_processor
+from qualiclip_hf.dataset_scoring import (
+    _batches,
+    _decode,
+    _Decoder,
+    _image_column,
+    _units,
+    _without_decoding,
+    open_dataset,
+    score_dataset,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+LONG_SIDES = (128, 192, 256, 320, 384, 448, 512)
+ASPECTS = (4 / 3, 3 / 2, 1.0, 3 / 4)
+
+
+def jpeg_rows(count: int, seed: int = 0) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(count):
+        long_side, aspect = int(rng.choice(LONG_SIDES)), float(rng.choice(ASPECTS))
+        width, height = long_side, round(long_side / aspect)
+        if aspect < 1:
+            width, height = round(long_side * aspect), long_side
+        coarse = (rng.random((max(2, height // 24), max(2, width // 24), 3)) * 255).astype(np.uint8)
+        picture = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float32)
+        picture = np.clip(picture + rng.normal(0, 6, picture.shape), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(picture).save(buffer, "JPEG", quality=90)
+        rows.append(buffer.getvalue())
+    return rows
+
+
+def write_inputs(rows: list[bytes], folder: Path, files: int = 4) -> dict[str, Path]:
+    table = datasets.Dataset.from_dict({"image": [{"bytes": row, "path": None} for row in rows]})
+    table = table.cast_column("image", datasets.Image())
+    parquet, tars = folder / "parquet", folder / "webdataset"
+    parquet.mkdir()
+    tars.mkdir()
+    for index in range(files):
+        table.shard(files, index, contiguous=True).to_parquet(str(parquet / f"data-{index:02d}.parquet"))
+    per_file = -(-len(rows) // files)
+    for index in range(files):
+        with tarfile.open(tars / f"shard-{index:03d}.tar", "w") as tar:
+            for row in range(index * per_file, min(len(rows), (index + 1) * per_file)):
+                info = tarfile.TarInfo(f"{row:06d}.jpg")
+                info.size = len(rows[row])
+                tar.addfile(info, io.BytesIO(rows[row]))
+    return {"parquet": parquet, "webdataset": tars}
+
+
+def open_input(kind: str, path: Path) -> object:
+    # Parquet folders are prepared (memory-mapped Arrow, the CLI's default for local data); tars are streamed.
+    return open_dataset(str(path), "train", streaming=kind == "webdataset")
+
+
+def decode_only(dataset: object, batch_size: int, output: Path) -> float:
+    """The rows of the dataset read and decoded as `score_dataset` does in one process, without the model."""
+    column = _image_column(dataset, None)
+    dataset = _without_decoding(dataset, column)
+    units = _units(dataset, 10_000)
+    output.mkdir()
+    count = 0
+    started = time.perf_counter()
+    with _Decoder(None, 1, None) as decoder:
+        batches = _batches(dataset, units, len(units), output, column, None, 10_000, batch_size)
+        for batch in decoder.decode_ahead(batches):
+            decoded = batch.decoded.result() if hasattr(batch.decoded, "result") else batch.decoded
+            count += sum(not isinstance(item, str) for item in decoded)
+    return count / (time.perf_counter() - started)
+
+
+@torch.inference_mode()
+def model_only(rows: list[bytes], model: object, processor: object, batch_size: int) -> float:
+    images = [torch.from_numpy(np.array(_decode(row))).permute(2, 0, 1) for row in rows]
+    started = time.perf_counter()
+    for start in range(0, len(images), batch_size):
+        inputs = processor(images=images[start : start + batch_size], return_tensors="pt").to(model.device)
+        model(**inputs).quality_score.cpu()
+    return len(images) / (time.perf_counter() - started)
+
+
+def two_processes(
+    path: Path, kind: str, output: Path, batch_size: int, model: str, device: str, threads: int | None
+) -> float:
+    threads = threads or max(1, (os.cpu_count() or 2) // 2)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "qualiclip_hf.cli", "score", "--dataset", str(path), "--output", str(output),
+        "--batch-size", str(batch_size), "--model", model, "--device", device,
+        *(["--streaming"] if kind == "webdataset" else []),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+    found = re.search(r"\(([\d.]+) images/s, 2 processes\)", done.stderr)
+    if done.returncode != 0 or found is None:
+        raise SystemExit(f"the two-process run failed:\n{done.stderr[-3000:]}")
+    return float(found.group(1))
+
+
+def cpu_description() -> str:
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = [name for name in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if name in flags]
+    return f"{model} ({platform.machine()}; {', '.join(isa) or 'ISA unknown'})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=1, help="1: the CLI's default on a CPU; 8 on CUDA")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], choices=(1, 2))
+    parser.add_argument("--inputs", nargs="+", default=["parquet", "webdataset"], choices=("parquet", "webdataset"))
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of each scoring process (default: torch's own in one process, half the cores in each of "
+        "two); 1 on a machine busy with other work, where spinning threads wait for each other",
+    )
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    model, processor = load_model_and_processor(args.model, args.device)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else cpu_description()
+    print(
+        f"# {where}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
+        f"datasets {datasets.__version__}; {time.strftime('%Y-%m-%d %H:%M')}; model {args.model}, batch "
+        f"{args.batch_size}; load average at the start {os.getloadavg()[0]:.1f}"
+    )
+    rows = jpeg_rows(args.rows)
+    pixels = [Image.open(io.BytesIO(row)).size for row in rows]
+    print(
+        f"# {args.rows} rows, JPEG bytes, mean {np.mean([w * h for w, h in pixels]) / 1e6:.3f} megapixels, "
+        f"mean {np.mean([len(row) for row in rows]) / 1024:.0f} KiB\n"
+    )
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        inputs = write_inputs(rows, folder)
+        model_rate = model_only(rows, model, processor, args.batch_size)
+        for kind in args.inputs:
+            dataset = open_input(kind, inputs[kind])
+            decode_rate = decode_only(dataset, args.batch_size, folder / f"decode-{kind}")
+            rates = {}
+            if 1 in args.processes:
+                summary = score_dataset(
+                    open_input(kind, inputs[kind]), folder / f"one-{kind}", model, processor,
+                    batch_size=args.batch_size, progress=False,
+                )  # fmt: skip
+                assert summary.rows == args.rows and summary.failed == 0, summary
+                rates[1] = summary.images_per_second
+            if 2 in args.processes:
+                rates[2] = two_processes(
+                    inputs[kind], kind, folder / f"two-{kind}", args.batch_size, args.model, args.device, args.threads
+                )
+            results.append((kind, decode_rate, rates))
+    print("| input | decode only img/s | model only img/s | processes | scoring img/s | / min(decode, model) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for kind, decode_rate, rates in results:
+        bound = min(decode_rate, model_rate)
+        for processes, rate in rates.items():
+            print(f"| {kind} | {decode_rate:.1f} | {model_rate:.1f} | {processes} | {rate:.1f} | {rate / bound:.0%} |")
+    print(f"\n# load average at the end {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[1]:.1f} (5 min)")
+
+
+if __name__ == "__main__":
+    main()
