@@ -50,13 +50,14 @@ class EndpointHandler:
         """
         path = path or str(Path(__file__).resolve().parent)
         try:
-            import qualiclip_hf  # noqa: F401  (registers QualiCLIP and its pipeline task)
+            from qualiclip_hf import ImageQualityAssessmentPipeline  # also registers QualiCLIP with the Auto classes
 
-            remote_code = False
+            # The folder's `custom_pipelines` entry would otherwise ask for its remote code even with the package.
+            source = {"pipeline_class": ImageQualityAssessmentPipeline}
         except ImportError:
-            remote_code = True
+            source = {"trust_remote_code": True}
         device = 0 if torch.cuda.is_available() else -1
-        self.pipeline = pipeline(TASK, model=path, trust_remote_code=remote_code, device=device)
+        self.pipeline = pipeline(TASK, model=path, device=device, **source)
         self.model = self.pipeline.model
 
     def __call__(self, data: dict[str, Any]) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
