@@ -47,17 +47,31 @@ with warnings.catch_warnings():
     from clip.model import CLIP
 
 
-def build_both(workdir: Path, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+def official_rn50_folder(workdir: Path, random_statistics: bool = False) -> Path:
+    """
+    Random RN50 weights in the official layout, written as `workdir/pyiqa/qualiclip.pth` and converted to
+    `workdir/ours`; returns that folder. pyiqa's download is pointed at the checkpoint and openai-clip's TorchScript
+    archive of the same CLIP (see `build_both`).
+
+    With `random_statistics`, the BatchNorm statistics are random too (as the parity tests make them), which spreads
+    the scores over [0, 1] (benchmarks/precision.py); otherwise only the BatchNorm scales are, as in earlier runs.
+    """
     torch.manual_seed(0)
     reference = CLIP(1024, 224, (3, 4, 6, 3), 64, None, 77, 49408, 512, 8, 12).eval()
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # non-trivial residual branches, so that the scores depend on the image
         for module in reference.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.weight.uniform_(0.5, 1.5)
+                if random_statistics:
+                    size = module.num_features
+                    module.bias.copy_(torch.randn(size, generator=generator) * 0.1)
+                    module.running_mean.copy_(torch.randn(size, generator=generator) * 0.1)
+                    module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
         texts = [text for pair in QUALICLIP_PROMPT_PAIRS for text in pair]
         prompts = F.normalize(reference.encode_text(clip.tokenize(texts)), dim=-1)
     cache = workdir / "pyiqa"
-    cache.mkdir()
+    cache.mkdir(exist_ok=True)
     checkpoint = {f"clip_model.{key}": tensor for key, tensor in reference.state_dict().items()}
     torch.save({**checkpoint, "prompts_features": prompts}, cache / OFFICIAL_FILENAME)
     archive = workdir / "RN50.pt"
@@ -66,13 +80,18 @@ def build_both(workdir: Path, device: str) -> tuple[torch.nn.Module, torch.nn.Mo
         torch.jit.trace(reference, (torch.rand(1, 3, 224, 224), clip.tokenize(["a"])), check_trace=False).save(
             str(archive)
         )
+    return convert_checkpoint(cache / OFFICIAL_FILENAME, workdir / "ours")
 
-    download_util.DEFAULT_CACHE_DIR = str(cache)
+
+def build_both(workdir: Path, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """pyiqa's built-in QualiCLIP arch and ours (the pyiqa plugin's arch), on the same random RN50 weights."""
+    folder = official_rn50_folder(workdir)
+    download_util.DEFAULT_CACHE_DIR = str(workdir / "pyiqa")
+    archive = workdir / "RN50.pt"
     pyiqa_qualiclip_arch.load = lambda name, device="cpu", *a, **k: pyiqa_clip_model.load(str(archive), device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = pyiqa_qualiclip_arch.QualiCLIP(model_type="qualiclip").eval().to(device)
-    folder = convert_checkpoint(cache / OFFICIAL_FILENAME, workdir / "ours")
     ours = QualiCLIPHF(pretrained_model_name_or_path=str(folder)).eval().to(device)
     return theirs, ours
 
