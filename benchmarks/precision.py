@@ -87,8 +87,10 @@ def main() -> None:
     print(f"# load average before: {' '.join(f'{value:.2f}' for value in os.getloadavg())}")
     images = drift_images(args.max_size)
     print(f"# {len(images)} images, longest side <= {args.max_size}\n")
-    print("| model | path | images | fp32 score range (min / median / max) | max abs diff | mean abs diff | SRCC "
-          "| meets bar |")
+    print(
+        "| model | path | images | fp32 score range (min / median / max) | max abs diff | mean abs diff | SRCC "
+        "| meets bar |"
+    )
     print("| --- | --- | ---: | --- | ---: | ---: | ---: | --- |")
     with tempfile.TemporaryDirectory() as workdir:
         folders = {"demo": DEMO_MODEL_DIR, "rn50-random": rn50_random(Path(workdir))}

@@ -56,13 +56,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="refuse files of more pixels, before decoding them (a guard against decompression bombs); 0: no limit "
         "(default: Pillow's, about 89 million)",
     )
-    score.add_argument(
-        "--precision",
-        choices=tuple(PRECISIONS),
-        default="fp32",
-        help="the model's dtype: bf16/fp16 are for GPUs (slower on a CPU) and move scores slightly; fp16 by less, "
-        "see benchmarks/RESULTS.md (default: fp32)",
-    )
+    _add_precision_options(score)
     score.add_argument(
         "--decode-on",
         choices=DECODE_PLACES,
@@ -72,6 +66,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--output", type=Path, help=f"write results to FILE ({', '.join(OUTPUT_FORMATS)})")
     score.set_defaults(handler=_score_command)
+
+    _add_export_command(commands)
 
     convert = commands.add_parser("convert", help="convert the official qualiclip.pth to a Hugging Face folder")
     source = convert.add_mutually_exclusive_group(required=True)
@@ -150,10 +146,13 @@ def _score_command(args: argparse.Namespace) -> int:
     if not paths:
         print(f"qualiclip: no image files found in {' '.join(args.paths)}", file=sys.stderr)
         return 1
-    loaded = _load_for_command(args.model, device, PRECISIONS[args.precision])
+    loaded = _load_for_command(args.model, device)
     if loaded is None:
         return 2
     model, processor = loaded
+    model = _apply_precision(args, model, processor)
+    if model is None:
+        return 2
 
     batch_size = args.batch_size or (8 if device.type == "cuda" else 1)
     results = []
@@ -187,6 +186,90 @@ def _score_command(args: argparse.Namespace) -> int:
     if failed:
         print(f"qualiclip: {failed} of {len(results)} files failed", file=sys.stderr)
         return 1
+    return 0
+
+
+def _add_precision_options(score: argparse.ArgumentParser) -> None:
+    from . import precision
+
+    score.add_argument(
+        "--precision",
+        choices=precision.PRECISIONS,
+        default="fp32",
+        help="number format: 'auto' takes a faster one only where the hardware runs it natively and its score drift "
+        "met the bar of benchmarks/precision.py, else fp32; bf16/fp16 run the convolutions in that dtype (head in "
+        "fp32); int8 runs an int8 graph with ONNX Runtime on the CPU (needs the [onnx] extra). See "
+        "benchmarks/RESULTS.md (default: fp32)",
+    )
+    score.add_argument(
+        "--backend",
+        choices=precision.BACKENDS,
+        default="torch",
+        help="'onnxruntime': the model exported to ONNX once (cached) and run by ONNX Runtime on the CPU, fp32 or "
+        "int8 (needs the [onnx] extra) (default: torch)",
+    )
+    score.add_argument(
+        "--calibration-images",
+        type=Path,
+        metavar="DIR",
+        help="photos to calibrate int8 on, once per model (default: the bundled example photos)",
+    )
+
+
+def _apply_precision(args: argparse.Namespace, model: torch.nn.Module, processor: object) -> object | None:
+    """`prepare_scorer` for `score`, printing the chosen precision once; None after telling the user what failed."""
+    from .precision import describe_choice, prepare_scorer
+
+    try:
+        scorer, chosen = prepare_scorer(model, processor, args.precision, args.backend, args.calibration_images)
+    except (ImportError, OSError, ValueError) as error:
+        print(f"qualiclip: --precision {args.precision} --backend {args.backend}: {error}", file=sys.stderr)
+        return None
+    backend = "onnxruntime" if not isinstance(scorer, torch.nn.Module) else "torch"
+    print(f"{describe_choice(args.precision, chosen, model.device)}; backend: {backend}", file=sys.stderr)
+    return scorer
+
+
+def _add_export_command(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser("export", help="export a model to another runtime's format")
+    formats = export.add_subparsers(required=True, metavar="FORMAT")
+    onnx = formats.add_parser(
+        "onnx",
+        help="image tower + score head as one ONNX graph (dynamic batch, height, width), with the processor files",
+    )
+    onnx.add_argument("--model", default="demo", help="as for `score` (default: demo)")
+    onnx.add_argument("--output", required=True, type=Path, help="folder to write (model.onnx and the processor)")
+    onnx.add_argument(
+        "--precision", choices=("fp32", "int8"), default="fp32", help="int8: statically quantized (default: fp32)"
+    )
+    onnx.add_argument("--calibration-images", type=Path, metavar="DIR", help="photos to calibrate int8 on")
+    onnx.set_defaults(handler=_export_onnx_command)
+
+
+def _export_onnx_command(args: argparse.Namespace) -> int:
+    import shutil
+
+    loaded = _load_for_command(args.model, torch.device("cpu"))
+    if loaded is None:
+        return 2
+    model, processor = loaded
+    try:
+        from .export import ONNX_FILENAME, export_onnx
+        from .quantization import calibration_images, quantize_onnx
+
+        path = export_onnx(model, args.output, processor)
+        if args.precision == "int8":
+            quantized = quantize_onnx(
+                path, args.output / "model_int8.onnx", calibration_images(args.calibration_images), processor
+            )
+            shutil.move(quantized, path)  # one model.onnx per folder, whichever precision
+    except ImportError as error:
+        print(f'qualiclip: {error}; pip install "qualiclip-hf[onnx]"', file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as error:
+        print(f"qualiclip: export failed: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output / ONNX_FILENAME} ({args.precision})")
     return 0
 
 

@@ -112,8 +112,10 @@ def export_onnx(model: QualiCLIPModel, output: str | Path, processor: Any = None
     graph = _scoring_graph(model)
     # A batch of 2: torch.export specialises dimensions of size 0 or 1 to constants.
     example = torch.rand(2, 3, 2 * MIN_IMAGE_SIZE, 3 * MIN_IMAGE_SIZE)
-    batch, height, width = (torch.export.Dim(name, min=minimum) for name, minimum in
-                            (("batch_size", 1), ("height", MIN_IMAGE_SIZE), ("width", MIN_IMAGE_SIZE)))
+    batch, height, width = (
+        torch.export.Dim(name, min=minimum)
+        for name, minimum in (("batch_size", 1), ("height", MIN_IMAGE_SIZE), ("width", MIN_IMAGE_SIZE))
+    )
     target = output / ONNX_FILENAME
     with tempfile.TemporaryDirectory(dir=output, prefix=".export-") as staging:
         staged = Path(staging) / ONNX_FILENAME
