@@ -74,9 +74,11 @@ def test_folding_batch_norms_keeps_the_outputs(tiny_model):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_reduced_precision_runs_the_convolutions_in_it_and_keeps_pool_and_head_in_float32(tiny_model, dtype):
+def test_reduced_precision_runs_late_stages_in_it_and_keeps_the_rest_in_float32(tiny_model, dtype):
     reduced = reduce_precision(copy.deepcopy(tiny_model), dtype)
-    assert reduced.vision_model.layer1[0].conv1.weight.dtype == dtype
+    vision = reduced.vision_model
+    assert [vision.layer2.module[0].conv1.weight.dtype, vision.layer4[0].conv3.weight.dtype] == [dtype, dtype]
+    assert [vision.conv1.weight.dtype, vision.layer1[0].conv2.weight.dtype] == [torch.float32, torch.float32]
     pool = reduced.vision_model.attnpool.module
     assert pool.c_proj.weight.dtype == torch.float32
     torch.testing.assert_close(pool.c_proj.weight, tiny_model.vision_model.attnpool.c_proj.weight, rtol=0, atol=0)
