@@ -110,36 +110,38 @@ def export_onnx(model: QualiCLIPModel, output: str | Path, processor: Any = None
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     graph = _scoring_graph(model)
-    # A batch of 2: torch.export specialises dimensions of size 0 or 1 to constants.
-    example = torch.rand(2, 3, 2 * MIN_IMAGE_SIZE, 3 * MIN_IMAGE_SIZE)
-    batch, height, width = (
-        torch.export.Dim(name, min=minimum)
-        for name, minimum in (("batch_size", 1), ("height", MIN_IMAGE_SIZE), ("width", MIN_IMAGE_SIZE))
-    )
+    example = torch.rand(1, 3, 2 * MIN_IMAGE_SIZE, 3 * MIN_IMAGE_SIZE)
+    axes = {0: "batch_size", 2: "height", 3: "width"}
     target = output / ONNX_FILENAME
     with tempfile.TemporaryDirectory(dir=output, prefix=".export-") as staging:
         staged = Path(staging) / ONNX_FILENAME
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(
+            # torch's TorchScript-based exporter (`dynamo=False`): 2 s for the demo model where the dynamo-based one
+            # took 28 s to 3 minutes on the project's busy 2-core machine, with the same graph (both checked equal
+            # to PyTorch within 1e-5 at sizes from 32x32 up). Deprecated in torch 2.9+, present up to the pinned
+            # torch < 2.15; `dynamo=True` with `dynamic_shapes` is the replacement.
+            torch.onnx.export(
                 graph,
                 (example,),
+                str(staged),
                 input_names=["pixel_values"],
                 output_names=list(OUTPUT_NAMES),
-                dynamic_shapes={"pixel_values": {0: batch, 2: height, 3: width}},
+                dynamic_axes={"pixel_values": axes, **{name: {0: "batch_size"} for name in OUTPUT_NAMES}},
                 opset_version=ONNX_OPSET,
-                dynamo=True,
-                verbose=False,
+                dynamo=False,
             )
-        program.optimize()
+        import onnx
+
+        proto = onnx.load(str(staged))
         metadata = {
             "model_type": "qualiclip",
             "logit_scale": str(float(model.config.logit_scale)),
             "prompt_pairs": json.dumps(model.config.prompt_pairs),
             "min_image_size": str(MIN_IMAGE_SIZE),
         }
-        program.model.metadata_props.update(metadata)
-        program.save(str(staged), external_data=False)
+        onnx.helper.set_model_props(proto, metadata)
+        onnx.save(proto, str(staged))
         os.replace(staged, target)
     if processor is not None:
         processor.save_pretrained(output)

@@ -123,13 +123,13 @@ def cached_onnx(
     """
     if precision not in ("fp32", "int8"):
         raise ValueError(f"ONNX graphs are cached in fp32 or int8, not {precision!r}")
+    images = calibration_images(calibration_folder) if precision == "int8" else []  # refused before any work
     folder = cache_dir() / model_cache_key(model)
     fp32_path = folder / ONNX_FILENAME
     if not fp32_path.is_file():
         export_onnx(model, folder, processor)
     if precision == "fp32":
         return fp32_path
-    images = calibration_images(calibration_folder)
     int8_path = folder / f"model_int8_{_images_key(images)}.onnx"
     if not int8_path.is_file():
         quantize_onnx(fp32_path, int8_path, images, processor)

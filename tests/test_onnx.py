@@ -59,7 +59,7 @@ def test_tiny_model_scores_vary_so_the_equality_bites(tiny_model, tiny_onnx):
     scores = OnnxQualiCLIP(tiny_onnx).score(
         torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)).numpy()
     )
-    assert np.ptp(scores) > 1e-3
+    assert np.ptp(scores) > 1e-4  # 50 times the tolerance of the equality above
 
 
 def test_a_padded_batch_of_mixed_sizes_scores_as_pytorch(demo, demo_onnx):
