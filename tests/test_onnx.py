@@ -113,7 +113,8 @@ def test_cli_export_and_onnxruntime_backend_score_as_torch(tiny_model_dir, tmp_p
 
     out = tmp_path / "exported"
     assert main(["export", "onnx", "--model", str(tiny_model_dir), "--output", str(out)]) == 0
-    assert (out / ONNX_FILENAME).is_file() and (out / "preprocessor_config.json").is_file()
+    assert OnnxQualiCLIP(out).score(np.zeros((1, 3, 64, 64), dtype=np.float32)).shape == (1,)
+    QualiCLIPProcessor.from_pretrained(out)  # the processor travels with the graph
 
 
 def test_the_onnx_file_can_be_pushed_at_the_repository_root(demo_onnx, tmp_path):
