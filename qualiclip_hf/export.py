@@ -10,8 +10,8 @@ The exported graph is the image tower plus the fixed-prompt head, one graph:
 - outputs, the fields of `QualiCLIPOutput`: `quality_score` `(batch_size,)` in [0, 1], `logits_per_prompt`
   `(batch_size, num_prompt_pairs, 2)` and `image_embeds` `(batch_size, output_dim)`, all float32.
 
-The export folder holds `model.onnx` and the processor's files (`QualiCLIPProcessor.from_pretrained` reads them), so that the
-normalisation travels with the graph.
+The export folder holds `model.onnx` and the processor's files (`QualiCLIPProcessor.from_pretrained` reads them),
+so that the normalisation travels with the graph.
 """
 
 from __future__ import annotations
