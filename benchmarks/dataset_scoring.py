@@ -40,7 +40,6 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qualiclip_hf.cli import load_model_and_processor
 from qualiclip_hf.dataset_scoring import (
     _batches,
     _decode,
@@ -51,6 +50,7 @@ from qualiclip_hf.dataset_scoring import (
     open_dataset,
     score_dataset,
 )
+from qualiclip_hf.loading import load_model_and_processor
 
 REPO = Path(__file__).resolve().parents[1]
 LONG_SIDES = (128, 192, 256, 320, 384, 448, 512)

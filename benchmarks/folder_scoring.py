@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qualiclip_hf import QualiCLIPConfig, QualiCLIPModel, QualiCLIPProcessor
 from qualiclip_hf.loading import PRECISIONS, resolve_pretrained
+from qualiclip_hf.precision import prepare_scorer
 from qualiclip_hf.scoring import (
     _decode_jpegs,
     _device_jpeg_decoder,
@@ -182,7 +183,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: score_files' own)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--decode-on", choices=("workers", "device"), default="workers")
-    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="the model's dtype")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="as `qualiclip score --precision`")
     parser.add_argument(
         "--competing-load",
         action="store_true",
@@ -194,7 +195,7 @@ def main() -> None:
     workers = args.workers if args.workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
 
     model, processor = load_model(args.model)
-    model.to(device, getattr(torch, PRECISIONS[args.precision]))
+    model, _ = prepare_scorer(model.to(device), processor, args.precision)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"# torch {torch.__version__}, {where}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "

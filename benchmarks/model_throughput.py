@@ -1,21 +1,21 @@
-"""Model throughput: pyiqa's built-in QualiCLIP arch vs ours, same RN50 weights, same tensors, same device.
+"""Model throughput: pyiqa's built-in QualiCLIP arch vs ours in each precision, same RN50 weights, same tensors.
 
-    python benchmarks/model_throughput.py [--sizes 512x384 1024x768] [--batches 1 32] [--repeats 3]
-                                          [--precision fp32|bf16|fp16]
-    python benchmarks/model_throughput.py --fusion [--sizes 512x384] [--batches 8]
+    python benchmarks/model_throughput.py [--sizes 512x384 1024x768] [--batches 1 8] [--repeats 3]
+                                          [--variants auto bf16 int8 onnxruntime openvino] [--competing-load]
 
-`--fusion` instead compares our model as loaded with the same model after `qualiclip_hf.fusion.fuse_for_inference`
-(BatchNorm folded into the convolutions; then also CPU chunking), to check that the speed layer earns its keep.
+The weights are random, in the official layout (no real weights exist offline): this measures speed, not quality.
+pyiqa's download is bypassed exactly as in tests/test_pyiqa_plugin.py (its cache points to a temporary folder, its
+CLIP loader to a TorchScript archive of openai-clip's CLIP). Every variant takes the same [0, 1] tensors under
+`torch.inference_mode()` with pyiqa's score formula:
 
-The weights are random, in the official layout (no real weights exist offline): this measures speed, memory and
-the largest score difference between the two, not quality. pyiqa's download is bypassed exactly as in
-tests/test_pyiqa_plugin.py (its cache points to a temporary folder, its CLIP loader to a TorchScript archive of
-openai-clip's CLIP). Both take the same [0, 1] tensors under `torch.inference_mode()` with pyiqa's score formula;
-pyiqa always runs in float32, ours in `--precision` (its weights cast to that dtype, head in float32; CUDA only).
+- `pyiqa fp32`: pyiqa's own arch; `ours fp32`: ours through the pyiqa plugin (`QualiCLIPHF`), float32;
+- `auto`: what `--precision auto` picks on this machine (`qualiclip_hf.precision.resolve_precision`);
+- `bf16`: stages 2-4 of the tower in bfloat16 (`reduce_precision`); `int8`: the ONNX Runtime int8 graph;
+- `onnxruntime`: the fp32 ONNX graph in ONNX Runtime; `openvino`: reported as skipped when not installed.
 
-The two models are timed in alternation, `--repeats` times each, and each figure is the median, so that a change of
-machine load hits both alike. Peak memory is the growth of the process's resident memory during one forward on the
-CPU (Linux `VmHWM`, reset before each call), or `torch.cuda.max_memory_allocated` growth on CUDA.
+The variants are timed in alternation, `--repeats` times each, and each figure is the median, so that a change of
+machine load hits all alike. `--competing-load` runs one CPU-bound process (a busy loop) beside the whole run. The
+CPU model, its ISA and the load average are printed.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -39,10 +40,11 @@ from pyiqa.archs import qualiclip_arch as pyiqa_qualiclip_arch
 from pyiqa.utils import download_util
 
 from pyiqa_plugin.qualiclip_arch import QualiCLIPHF
-from qualiclip_hf import QUALICLIP_PROMPT_PAIRS, QualiCLIPConfig, QualiCLIPModel
-from qualiclip_hf.cli import PRECISIONS
+from qualiclip_hf import QUALICLIP_PROMPT_PAIRS, QualiCLIPProcessor
 from qualiclip_hf.convert_qualiclip_checkpoint import OFFICIAL_FILENAME, convert_checkpoint
-from qualiclip_hf.fusion import fuse_for_inference
+from qualiclip_hf.precision import cpu_description
+
+VARIANTS = ("auto", "bf16", "int8", "onnxruntime", "openvino")
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -50,17 +52,31 @@ with warnings.catch_warnings():
     from clip.model import CLIP
 
 
-def build_both(workdir: Path, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+def official_rn50_folder(workdir: Path, random_statistics: bool = False) -> Path:
+    """
+    Random RN50 weights in the official layout, written as `workdir/pyiqa/qualiclip.pth` and converted to
+    `workdir/ours`; returns that folder. pyiqa's download is pointed at the checkpoint and openai-clip's TorchScript
+    archive of the same CLIP (see `build_both`).
+
+    With `random_statistics`, the BatchNorm statistics are random too (as the parity tests make them), which spreads
+    the scores over [0, 1] (benchmarks/precision.py); otherwise only the BatchNorm scales are, as in earlier runs.
+    """
     torch.manual_seed(0)
     reference = CLIP(1024, 224, (3, 4, 6, 3), 64, None, 77, 49408, 512, 8, 12).eval()
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # non-trivial residual branches, so that the scores depend on the image
         for module in reference.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.weight.uniform_(0.5, 1.5)
+                if random_statistics:
+                    size = module.num_features
+                    module.bias.copy_(torch.randn(size, generator=generator) * 0.1)
+                    module.running_mean.copy_(torch.randn(size, generator=generator) * 0.1)
+                    module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
         texts = [text for pair in QUALICLIP_PROMPT_PAIRS for text in pair]
         prompts = F.normalize(reference.encode_text(clip.tokenize(texts)), dim=-1)
     cache = workdir / "pyiqa"
-    cache.mkdir()
+    cache.mkdir(exist_ok=True)
     checkpoint = {f"clip_model.{key}": tensor for key, tensor in reference.state_dict().items()}
     torch.save({**checkpoint, "prompts_features": prompts}, cache / OFFICIAL_FILENAME)
     archive = workdir / "RN50.pt"
@@ -69,50 +85,20 @@ def build_both(workdir: Path, device: str) -> tuple[torch.nn.Module, torch.nn.Mo
         torch.jit.trace(reference, (torch.rand(1, 3, 224, 224), clip.tokenize(["a"])), check_trace=False).save(
             str(archive)
         )
+    return convert_checkpoint(cache / OFFICIAL_FILENAME, workdir / "ours")
 
-    download_util.DEFAULT_CACHE_DIR = str(cache)
+
+def build_both(workdir: Path, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """pyiqa's built-in QualiCLIP arch and ours (the pyiqa plugin's arch), on the same random RN50 weights."""
+    folder = official_rn50_folder(workdir)
+    download_util.DEFAULT_CACHE_DIR = str(workdir / "pyiqa")
+    archive = workdir / "RN50.pt"
     pyiqa_qualiclip_arch.load = lambda name, device="cpu", *a, **k: pyiqa_clip_model.load(str(archive), device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = pyiqa_qualiclip_arch.QualiCLIP(model_type="qualiclip").eval().to(device)
-    folder = convert_checkpoint(cache / OFFICIAL_FILENAME, workdir / "ours")
     ours = QualiCLIPHF(pretrained_model_name_or_path=str(folder)).eval().to(device)
     return theirs, ours
-
-
-class PeakMemory:
-    """Growth of memory use during a block: resident memory on the CPU, allocated CUDA memory on a GPU (MiB)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.mib = float("nan")
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._before = torch.cuda.memory_allocated()
-        else:
-            ctypes.CDLL(None).malloc_trim(0)  # memory freed earlier goes back to the system, out of the baseline
-            with contextlib.suppress(OSError):  # resets VmHWM to the current RSS (Linux)
-                Path("/proc/self/clear_refs").write_text("5")
-            self._before = _proc_status_kib("VmRSS") * 1024
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-        else:
-            peak = _proc_status_kib("VmHWM") * 1024
-        self.mib = (peak - self._before) / 2**20
-
-
-def _proc_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    return 0
 
 
 def timed(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> float:
@@ -125,97 +111,140 @@ def timed(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -
     return time.perf_counter() - started
 
 
-def fusion_table(args: argparse.Namespace, device: torch.device) -> None:
-    """Our RN50 as loaded vs fused (BN folded) vs fused and chunked, timed in alternation on the same tensors."""
-    torch.manual_seed(0)
-    plain = QualiCLIPModel(QualiCLIPConfig()).eval().to(device)
-    with torch.no_grad():  # non-trivial BatchNorms, as in a trained model
-        for module in plain.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.running_var.uniform_(0.5, 1.5)
-    variants = {
-        "as loaded": plain,
-        "BN folded": fuse_for_inference(copy.deepcopy(plain), cpu_chunk_pixels=None),
-        "BN folded + CPU chunks": fuse_for_inference(copy.deepcopy(plain)),
-    }
-    names = list(variants)
-    print("| size (WxH) | batch | " + " | ".join(f"{name} img/s" for name in names) + " | folded / as loaded "
-          "| folded+chunks / as loaded | max score diff |")  # fmt: skip
-    print("| --- | ---: |" + " ---: |" * (len(names) + 3))
-    for size in args.sizes:
-        width, height = map(int, size.split("x"))
-        for batch in args.batches:
-            images = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(batch)).to(device)
-            times: dict[str, list[float]] = {name: [] for name in names}
-            with torch.inference_mode():
-                scores = {name: model(images).quality_score.cpu() for name, model in variants.items()}  # warm-up
-                for _ in range(args.repeats):
-                    for name, model in variants.items():
-                        times[name].append(timed(model, images))
-            rates = {name: batch / statistics.median(times[name]) for name in names}
-            diff = max((scores[name] - scores["as loaded"]).abs().max().item() for name in names)
-            print(
-                f"| {size} | {batch} | " + " | ".join(f"{rates[name]:.3g}" for name in names)
-                + f" | {rates['BN folded'] / rates['as loaded']:.2f}x"
-                + f" | {rates['BN folded + CPU chunks'] / rates['as loaded']:.2f}x | {diff:.1e} |",
-                flush=True,
-            )  # fmt: skip
+def fast_paths(ours: QualiCLIPHF, folder: Path, names: list[str]) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """
+    Our other ways to score the same [0, 1] images, each normalised as the plugin does, at the model's own logit
+    scale (100; the plugin's pyiqa formula uses 50, same speed): `auto` (what `--precision auto` picks on this
+    machine), `bf16`, `int8` (ONNX Runtime), `onnxruntime` (fp32 graph), `openvino` (skipped: not wired in).
+    """
+    from qualiclip_hf.precision import prepare_scorer
+
+    processor = QualiCLIPProcessor.from_pretrained(folder)
+    paths = {}
+    for name in names:
+        if name == "openvino":
+            try:
+                import openvino  # noqa: F401
+            except ImportError:
+                print("# openvino: not installed, skipped")
+                continue
+            print("# openvino: installed, but not wired into this benchmark yet")
+            continue
+        model = copy.deepcopy(ours.model)
+        precision, backend = {"onnxruntime": ("fp32", "onnxruntime")}.get(name, (name, "torch"))
+        scorer, chosen = prepare_scorer(model, processor, precision, backend)
+        label = f"auto ({chosen})" if name == "auto" else name
+        paths[label] = _normalising(scorer, ours)
+    return paths
+
+
+def _normalising(scorer: Callable, ours: QualiCLIPHF) -> Callable[[torch.Tensor], torch.Tensor]:
+    def score(images: torch.Tensor) -> torch.Tensor:
+        pixel_values = (images - ours.image_mean) / ours.image_std
+        return scorer(pixel_values).quality_score[:, None]
+
+    return score
+
+
+def competing_process() -> subprocess.Popen:
+    """One CPU-bound process (a Python busy loop), as another job on the same machine would be."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["512x384", "1024x768"], help="WIDTHxHEIGHT")
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per model and setting (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="ours only; CUDA only")
-    parser.add_argument("--fusion", action="store_true", help="ours as loaded vs fused for inference, instead")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=list(VARIANTS),
+        help="our fast paths timed beside pyiqa's and our fp32 (CPU: all; CUDA: auto, bf16 or fp16)",
+    )
+    parser.add_argument(
+        "--competing-load", action="store_true", help="run one CPU-bound process beside the benchmark throughout"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
-    if args.precision != "fp32" and device.type != "cuda":
-        parser.error("--precision bf16/fp16 is for CUDA; on this CPU (no native bf16) it only slows down")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
-        f"# torch {torch.__version__}, {name}, {time.strftime('%Y-%m-%d')}, random RN50 weights; "
-        f"ours in {args.precision}, median of {args.repeats}, load average {os.getloadavg()}\n"
+        f"# torch {torch.__version__}, {name}, {time.strftime('%Y-%m-%d %H:%M')}, random RN50 weights; median of "
+        f"{args.repeats}, variants alternating"
     )
-    if args.fusion:
-        fusion_table(args, device)
-        print(f"\n# load average after: {os.getloadavg()}")
-        return
-    with tempfile.TemporaryDirectory() as workdir:
-        theirs, ours = build_both(Path(workdir), args.device)
-        ours.model.to(PRECISIONS[args.precision])
+    print(f"# CPU: {cpu_description()}")
+    print(
+        f"# load average before: {_load()}" + ("; with one competing CPU-bound process" if args.competing_load else "")
+    )
+    competitor = competing_process() if args.competing_load else None
+    try:
+        with tempfile.TemporaryDirectory() as workdir:
+            theirs, ours = build_both(Path(workdir), args.device)
+            with _cache_in(Path(workdir) / "cache"):
+                variants = {"pyiqa fp32": theirs, "ours fp32": ours}
+                variants |= fast_paths(ours, Path(workdir) / "ours", args.variants)
+            run(variants, _normalising(ours.model, ours), args, device)
+    finally:
+        if competitor is not None:
+            competitor.kill()
+    print(f"\n# load average after: {_load()}")
 
-        print(
-            "| size (WxH) | batch | pyiqa img/s | ours img/s | ours / pyiqa | pyiqa peak MiB | ours peak MiB "
-            "| max score diff |"
-        )
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for size in args.sizes:
-            width, height = map(int, size.split("x"))
-            for batch in args.batches:
-                generator = torch.Generator().manual_seed(batch)
-                images = torch.rand(batch, 3, height, width, generator=generator).to(device)
-                with torch.inference_mode():
-                    theirs(images[:1]), ours(images[:1])  # warm-up: kernel selection
-                    with PeakMemory(device) as theirs_memory:
-                        theirs_scores = theirs(images).float().flatten().cpu()
-                    with PeakMemory(device) as ours_memory:
-                        ours_scores = ours(images).float().flatten().cpu()
-                    theirs_times, ours_times = [], []
-                    for _ in range(args.repeats):
-                        theirs_times.append(timed(theirs, images))
-                        ours_times.append(timed(ours, images))
-                theirs_rate = batch / statistics.median(theirs_times)
-                ours_rate = batch / statistics.median(ours_times)
-                diff = (theirs_scores - ours_scores).abs().max().item()
-                print(
-                    f"| {size} | {batch} | {theirs_rate:.3g} | {ours_rate:.3g} | {ours_rate / theirs_rate:.2f}x "
-                    f"| {theirs_memory.mib:,.0f} | {ours_memory.mib:,.0f} | {diff:.1e} |",
-                    flush=True,
-                )
+
+def run(
+    variants: dict[str, Callable], reference_scorer: Callable, args: argparse.Namespace, device: torch.device
+) -> None:
+    """Times the variants alternately at each size and batch; score differences are against our fp32 model."""
+    names = list(variants)
+    print(
+        "\n| size (WxH) | batch | "
+        + " | ".join(f"{name} img/s" for name in names)
+        + " | "
+        + " | ".join(f"{name} / pyiqa" for name in names[1:])
+        + " | max score diff vs ours fp32 (model scale) |"
+    )
+    print("| --- | ---: |" + " ---: |" * (2 * len(names) - 1) + " --- |")
+    for size in args.sizes:
+        width, height = map(int, size.split("x"))
+        for batch in args.batches:
+            generator = torch.Generator().manual_seed(batch)
+            images = torch.rand(batch, 3, height, width, generator=generator).to(device)
+            with torch.inference_mode():
+                scores = {name: model(images).float().flatten().cpu() for name, model in variants.items()}  # warm-up
+                reference = reference_scorer(images).float().flatten().cpu()
+                times: dict[str, list[float]] = {name: [] for name in names}
+                for _ in range(args.repeats):
+                    for name in names:
+                        times[name].append(timed(variants[name], images))
+            rates = {name: batch / statistics.median(times[name]) for name in names}
+            diffs = ", ".join(f"{name} {(scores[name] - reference).abs().max().item():.1e}" for name in names[2:])
+            print(
+                f"| {size} | {batch} | "
+                + " | ".join(f"{rates[name]:.3g}" for name in names)
+                + " | "
+                + " | ".join(f"{rates[name] / rates['pyiqa fp32']:.2f}x" for name in names[1:])
+                + f" | {diffs} |",
+                flush=True,
+            )
+
+
+@contextlib.contextmanager
+def _cache_in(folder: Path):
+    """Exported and quantized graphs go to a temporary cache, not the user's."""
+    previous = os.environ.get("QUALICLIP_CACHE")
+    os.environ["QUALICLIP_CACHE"] = str(folder)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["QUALICLIP_CACHE"]
+        else:
+            os.environ["QUALICLIP_CACHE"] = previous
+
+
+def _load() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 if __name__ == "__main__":

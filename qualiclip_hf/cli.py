@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .loading import DEVICES, PRECISIONS
+from .loading import BACKENDS, DEVICES, PRECISIONS
 from .results import OUTPUT_FORMATS
 
 # The default --model. The command exists to score with QualiCLIP, so it is the authors' weights; where they cannot
@@ -82,13 +82,7 @@ def _add_score_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         help="refuse files of more pixels, before decoding them (a guard against decompression bombs); 0: no limit "
         "(default: Pillow's, about 89 million)",
     )
-    score.add_argument(
-        "--precision",
-        choices=tuple(PRECISIONS),
-        default="fp32",
-        help="the model's dtype: bf16/fp16 are for GPUs (slower on a CPU) and move scores slightly; fp16 by less, "
-        "see benchmarks/RESULTS.md (default: fp32)",
-    )
+    _add_precision_options(score)
     score.add_argument(
         "--decode-on",
         default="workers",
@@ -197,11 +191,54 @@ def _add_explain_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     explain.set_defaults(handler=_explain_command)
 
 
+def _add_precision_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="number format: 'auto' takes a faster one only where the hardware runs it natively and its score drift "
+        "met the bar of benchmarks/precision.py, else fp32; bf16/fp16 run stages 2-4 of the image tower in that "
+        "dtype (the rest in fp32); int8 runs an int8 graph with ONNX Runtime on the CPU (needs the [onnx] extra). "
+        "See benchmarks/RESULTS.md (default: fp32)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="torch",
+        help="'onnxruntime': the model exported to ONNX once (cached) and run by ONNX Runtime on the CPU, fp32 or "
+        "int8 (needs the [onnx] extra) (default: torch)",
+    )
+    parser.add_argument(
+        "--calibration-images",
+        type=Path,
+        metavar="DIR",
+        help="photos to calibrate int8 on, once per model (default: the bundled example photos)",
+    )
+
+
+def _add_export_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    export = commands.add_parser("export", parents=[common], help="export a model to another runtime's format")
+    formats = export.add_subparsers(required=True, metavar="FORMAT")
+    onnx = formats.add_parser(
+        "onnx",
+        parents=[common],
+        help="image tower + score head as one ONNX graph (dynamic batch, height, width), with the processor files",
+    )
+    onnx.add_argument("--model", default="demo", help="as for `score` (default: demo)")
+    onnx.add_argument("--output", required=True, type=Path, help="folder to write (model.onnx and the processor)")
+    onnx.add_argument(
+        "--precision", choices=("fp32", "int8"), default="fp32", help="int8: statically quantized (default: fp32)"
+    )
+    onnx.add_argument("--calibration-images", type=Path, metavar="DIR", help="photos to calibrate int8 on")
+    onnx.set_defaults(handler=_export_onnx_command)
+
+
 _PARSERS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_score_parser,
     _add_convert_parser,
     _add_push_parser,
     _add_card_parser,
+    _add_export_parser,
     _add_explain_parser,
 ]
 
@@ -305,11 +342,8 @@ def _score_command(args: argparse.Namespace) -> int:
     workers, threads = choose_thread_counts()
     if device.type == "cpu":
         torch.set_num_threads(args.threads or threads)
-    model, processor = _load(resolved, device, getattr(torch, PRECISIONS[args.precision]))
-    from .fusion import fuse_for_inference
-
-    # Bulk scoring is where the speed-ups pay (BatchNorm folded, CPU chunks); the scores move by float rounding only.
-    model = fuse_for_inference(model)
+    model, processor = _load(resolved, device)
+    model = _scorer_in_precision(args, model, processor)
     batch_size = args.batch_size or (1 if device.type == "cpu" else 8)
     results = _score_with_progress(args, paths, model, processor, batch_size, workers, writer)
     if writer is None:
@@ -364,6 +398,47 @@ def _score_with_progress(args, paths, model, processor, batch_size, workers, wri
     finally:
         progress.close()
     return results
+
+
+def _scorer_in_precision(args: argparse.Namespace, model: Any, processor: Any) -> Any:
+    """What scores in `--precision` / `--backend` (`precision.prepare_scorer`), the choice printed once."""
+    from .precision import describe_choice, prepare_scorer
+
+    try:
+        scorer, chosen = prepare_scorer(model, processor, args.precision, args.backend, args.calibration_images)
+    except (ImportError, OSError, ValueError) as error:
+        raise CommandError(f"--precision {args.precision} --backend {args.backend}: {error}") from None
+    backend = "torch" if scorer is model else "onnxruntime"
+    print(f"{describe_choice(args.precision, chosen, model.device)}; backend: {backend}", file=sys.stderr)
+    if scorer is model and chosen == "fp32":
+        from .fusion import fuse_for_inference
+
+        # Bulk scoring is where the speed layer pays (BatchNorm folded, CPU chunks); scores move by float rounding.
+        scorer = fuse_for_inference(model)
+    return scorer
+
+
+def _export_onnx_command(args: argparse.Namespace) -> int:
+    import shutil
+
+    resolved = _resolve_model(args.model)
+    model, processor = _load(resolved, "cpu")
+    try:
+        from .export import ONNX_FILENAME, export_onnx
+        from .quantization import calibration_images, quantize_onnx
+
+        path = export_onnx(model, args.output, processor)
+        if args.precision == "int8":
+            quantized = quantize_onnx(
+                path, args.output / "model_int8.onnx", calibration_images(args.calibration_images), processor
+            )
+            shutil.move(quantized, path)  # one model.onnx per folder, whichever precision
+    except ImportError as error:
+        raise CommandError(f'{error}; pip install "qualiclip-hf[onnx]"') from None
+    except (OSError, ValueError) as error:
+        raise CommandError(f"export failed: {error}", status=1) from None
+    print(f"wrote {args.output / ONNX_FILENAME} ({args.precision})")
+    return 0
 
 
 def _image_paths(inputs: Sequence[str], recursive: bool, collect: Callable[..., list[Path]]) -> list[Path]:

@@ -206,7 +206,7 @@ class QualityScorer:
         save_embeddings: bool = False,
     ) -> None:
         if isinstance(model, str):
-            from .cli import load_model_and_processor
+            from .loading import load_model_and_processor
 
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             model, processor = load_model_and_processor(model, device)
@@ -831,7 +831,8 @@ def score_dataset_command(args: Any) -> int:
     from accelerate import PartialState
 
     from .fusion import fuse_for_inference
-    from .loading import PRECISIONS, load_model_and_processor, resolve_model
+    from .loading import load_model_and_processor, resolve_model
+    from .precision import prepare_scorer
 
     def fail(message: str, status: int = 2) -> int:
         print(f"qualiclip: {message}", file=sys.stderr)
@@ -853,15 +854,19 @@ def score_dataset_command(args: Any) -> int:
             dataset = open_dataset(args.dataset, args.split, streaming=True if args.streaming else None)
         except ValueError as error:
             return fail(str(error))
+    if args.backend != "torch" or args.precision == "int8":
+        return fail("--dataset runs the PyTorch model: --precision fp32, bf16, fp16 or auto, --backend torch")
     try:
         resolved = resolve_model(args.model)
         if state.is_main_process:
             print(f"model: {resolved.name} ({resolved.description})", file=sys.stderr)
-        model, processor = load_model_and_processor(resolved, state.device, getattr(torch, PRECISIONS[args.precision]))
+        model, processor = load_model_and_processor(resolved, state.device)
+        model, chosen = prepare_scorer(model, processor, "fp32" if args.precision == "auto" else args.precision)
     except (OSError, ValueError) as error:
         return fail(f"cannot load model {args.model!r}: {error}")
-    # Bulk scoring, as `qualiclip score` on files: BatchNorm folded, CPU chunks; scores move by float rounding only.
-    model = fuse_for_inference(model)
+    if chosen == "fp32":
+        # Bulk scoring, as `qualiclip score` on files: BatchNorm folded, CPU chunks; scores move by float rounding.
+        model = fuse_for_inference(model)
     settings = {"dataset": args.dataset, "split": args.split, "model": args.model, "precision": args.precision}
     try:
         summary = score_dataset(

@@ -41,7 +41,9 @@ MODEL_NAMES = ("official", "demo")
 # `select_device` choices; "auto" tries the others in this order.
 DEVICES = ("auto", "cuda", "mps", "cpu")
 # `--precision` and pyiqa-style names: the torch dtype a model is loaded in (`from_pretrained(dtype=...)`).
-PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# The number formats and runtimes a model can score in (`qualiclip_hf.precision.prepare_scorer`).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+BACKENDS = ("torch", "onnxruntime")
 
 OFFICIAL_REPO_ID = "chaofengc/IQA-PyTorch-Weights"
 OFFICIAL_FILENAME = "QualiCLIP.pth"

@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 
 from qualiclip_hf import QualityScorer
-from qualiclip_hf.cli import load_model_and_processor, main
+from qualiclip_hf.cli import main
 from qualiclip_hf.dataset_scoring import open_dataset, read_scores, score_dataset
+from qualiclip_hf.loading import load_model_and_processor
 from qualiclip_hf.scoring import score_files
 
 from .conftest import photo

@@ -1,0 +1,255 @@
+"""Number formats for scoring: which ones the hardware runs natively, which one `auto` picks, and the bf16/fp16 model.
+
+`--precision` / `precision=` takes `auto`, `fp32`, `bf16`, `fp16` or `int8`:
+
+- `fp32`: the model as loaded.
+- `bf16` / `fp16`: stages 2-4 of the image tower in that dtype, with each BatchNorm folded into its convolution in
+  float32 first (so the normalisation statistics are not rounded); the stem, stage 1, the attention pool and the
+  score head in float32 (see `reduce_precision`).
+- `int8`: the image tower quantized to int8 by ONNX Runtime (`qualiclip_hf.quantization`), run by ONNX Runtime.
+- `auto`: the fastest reduced format that the device runs natively *and* whose score drift met the bar of
+  `DRIFT_BAR` on the drift benchmark (`benchmarks/precision.py`, figures in `benchmarks/RESULTS.md`); fp32 otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .loading import BACKENDS, PRECISIONS
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What `auto` asks of a reduced format, against float32 scores of the same images, on both models of
+# benchmarks/precision.py (the demo model on photos and their degraded versions, and an RN50 in the official layout
+# whose scores spread over [0, 1]): Spearman rank correlation (SRCC) and the largest absolute score difference.
+DRIFT_BAR = {"min_srcc": 0.999, "max_abs_diff": 0.01}
+# The formats that met `DRIFT_BAR` on both models in the last run of benchmarks/precision.py (RESULTS.md, section
+# "Precision past fp32 on the CPU"), fastest first. Re-run the benchmark after changing how a format is computed.
+FORMATS_MEETING_DRIFT_BAR: tuple[str, ...] = ()
+
+# /proc/cpuinfo flags of the x86 instructions that run each format natively (Intel's and AMD's names, as Linux
+# prints them): bf16 dot products (AVX512_BF16, AMX-BF16), fp16 arithmetic (AVX512_FP16, AMX-FP16), int8 dot products
+# (AVX512_VNNI, AVX_VNNI, AMX-INT8).
+CPU_FLAGS_FOR_FORMAT = {
+    "bf16": ("avx512_bf16", "amx_bf16"),
+    "fp16": ("avx512_fp16", "amx_fp16"),
+    "int8": ("avx512_vnni", "avx_vnni", "amx_int8"),
+}
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from `/proc/cpuinfo` (empty where there is none, e.g. macOS or Windows)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_description() -> str:
+    """One line naming the CPU, torch's vector ISA (`torch.backends.cpu.get_cpu_capability()`) and the flags that matter
+    here, for benchmark output, e.g. `Intel(R) Xeon(R) Processor; torch ISA AVX512; avx512_bf16 amx_int8 ...`."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    wanted = sorted({flag for flags in CPU_FLAGS_FOR_FORMAT.values() for flag in flags} | {"avx2", "avx512f"})
+    present = " ".join(flag for flag in wanted if flag in cpu_flags()) or "none of " + " ".join(wanted)
+    return f"{model}; torch ISA {torch.backends.cpu.get_cpu_capability()}; flags: {present}"
+
+
+def native_formats(device: torch.device | str = "cpu") -> set[str]:
+    """
+    The reduced formats `device` runs natively. On CUDA: fp16, and bf16 where `torch.cuda.is_bf16_supported()`
+    (int8 runs through ONNX Runtime on the CPU only). On a CPU: those whose instructions `/proc/cpuinfo` lists
+    (`CPU_FLAGS_FOR_FORMAT`), bf16 and fp16 only where torch's ISA is AVX-512 or wider (oneDNN's kernels for them).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"fp16"} | ({"bf16"} if torch.cuda.is_bf16_supported() else set())
+    if device.type != "cpu":
+        return set()
+    flags = cpu_flags()
+    found = {fmt for fmt, names in CPU_FLAGS_FOR_FORMAT.items() if flags.intersection(names)}
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        found -= {"bf16", "fp16"}
+    return found
+
+
+def resolve_precision(requested: str, device: torch.device | str = "cpu", backend: str = "torch") -> str:
+    """
+    The format to run: `requested` itself, or for `"auto"` the first of `FORMATS_MEETING_DRIFT_BAR` that `device` runs
+    natively (int8 also needs ONNX Runtime installed; with the `"onnxruntime"` backend only int8 counts), else
+    `"fp32"`.
+
+    Raises:
+        ValueError: an unknown name, or int8 on a device other than the CPU.
+    """
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    device = torch.device(device)
+    if requested == "int8" and device.type != "cpu":
+        raise ValueError("int8 runs on the CPU (through ONNX Runtime); use fp16 or bf16 on a GPU")
+    if requested != "auto":
+        return requested
+    native = native_formats(device)
+    for fmt in FORMATS_MEETING_DRIFT_BAR:
+        runs = _onnxruntime_available() if fmt == "int8" else backend == "torch"
+        if fmt in native and runs:
+            return fmt
+    return "fp32"
+
+
+def describe_choice(requested: str, chosen: str, device: torch.device | str = "cpu") -> str:
+    """The line printed once when a precision is chosen: what runs, and why for `auto`."""
+    device = torch.device(device)
+    if requested != "auto":
+        return f"precision: {chosen}"
+    native = sorted(native_formats(device)) or ["none"]
+    passing = list(FORMATS_MEETING_DRIFT_BAR) or ["none"]
+    return (
+        f"precision: {chosen} (auto: native on this {device.type}: {', '.join(native)}; within the drift bar "
+        f"SRCC >= {DRIFT_BAR['min_srcc']}, max score diff <= {DRIFT_BAR['max_abs_diff']}: {', '.join(passing)})"
+    )
+
+
+def _onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _FoldedBatchNorm(nn.Module):
+    """
+    Stands where a BatchNorm was once it has been folded into its convolution: the identity, with no running
+    statistics, so that the image tower applies it as a plain module after the convolution.
+    """
+
+    running_mean = None
+    running_var = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states
+
+
+def fold_batch_norms(vision_model: nn.Module) -> nn.Module:
+    """
+    Folds every eval-mode BatchNorm of the image tower into the convolution before it, in float32, in place
+    (`torch.nn.utils.fusion.fuse_conv_bn_eval`), and puts an identity in its place. The pairs are those of the
+    official layout: `convN` followed by `bnN`, and `downsample.conv` followed by `downsample.bn`.
+
+    Returns:
+        `vision_model`, whose output equals the original's up to float rounding (about 1e-6 relative).
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for parent in list(vision_model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.BatchNorm2d):
+                continue
+            conv_name = "conv" + name.removeprefix("bn")
+            conv = getattr(parent, conv_name, None)
+            if not isinstance(conv, nn.Conv2d):
+                raise ValueError(f"no convolution {conv_name} precedes the BatchNorm {name} of {type(parent).__name__}")
+            fused = fuse_conv_bn_eval(conv.float().eval(), child.float().eval())
+            fused.weight.data = fused.weight.data.contiguous(memory_format=torch.channels_last)
+            setattr(parent, conv_name, fused)
+            setattr(parent, name, _FoldedBatchNorm())
+    return vision_model
+
+
+class _CastInput(nn.Module):
+    """Runs `module`, cast to `dtype`, on its input cast to `dtype`: where the image tower changes precision."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module = module.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.module(hidden_states.to(self.dtype))
+
+
+def reduce_precision(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """
+    Puts a float32 `QualiCLIPModel` (eval mode) into `dtype` (bf16 or fp16) for inference, in place: every BatchNorm
+    folded into its convolution in float32 first, then stages 2 to 4 of the image tower (about 80% of its
+    multiply-adds at any image size) cast to `dtype`. The stem and stage 1, the attention pool and the score head
+    stay in float32: on the demo model, bf16 in stage 1 alone moved a photo's score by 0.034 and stages 2-4 together
+    by 0.004 (benchmarks/RESULTS.md, "Precision past fp32 on the CPU"); the pool's softmax and the head's logit scale
+    of 100 pass any rounding on to the score.
+
+    Returns:
+        `model`; it takes float32 `pixel_values` as before and returns float32 outputs.
+    """
+    vision = model.vision_model
+    fold_batch_norms(vision)
+    vision.layer2 = _CastInput(vision.layer2, dtype)
+    vision.layer3.to(dtype)
+    vision.layer4.to(dtype)
+    vision.attnpool = _CastInput(vision.attnpool, torch.float32)
+    return model
+
+
+def prepare_scorer(
+    model: nn.Module,
+    processor: Any,
+    precision: str = "auto",
+    backend: str = "torch",
+    calibration_images: str | Path | None = None,
+) -> tuple[Any, str]:
+    """
+    Turns a float32 `QualiCLIPModel` (eval mode, on its device) into what scores in `precision`: the model itself
+    (fp32), the model reduced in place (bf16/fp16, `reduce_precision`), or an `OnnxQualiCLIP` running the exported
+    graph with ONNX Runtime (`backend="onnxruntime"`, and int8 whatever the backend), exported and quantized once per
+    model into the cache (`qualiclip_hf.quantization.cached_onnx`). Both kinds take `model(**processor_outputs)`
+    and work with `qualiclip_hf.scoring.score_files`.
+
+    Args:
+        precision: one of `PRECISIONS`; `"auto"` as `resolve_precision` decides.
+        backend: `"torch"` or `"onnxruntime"` (CPU; fp32 or int8).
+        calibration_images: a folder of photos to calibrate int8 on (default: the bundled examples).
+
+    Returns:
+        `(scorer, chosen precision)`.
+
+    Raises:
+        ValueError: an unknown precision or backend, or a combination that does not run (int8 off the CPU,
+            bf16/fp16 with ONNX Runtime).
+        ImportError: ONNX Runtime is needed and not installed (`pip install "qualiclip-hf[onnx]"`).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    device = next(model.parameters()).device
+    chosen = resolve_precision(precision, device, backend)
+    if backend == "onnxruntime" or chosen == "int8":
+        if device.type != "cpu":
+            raise ValueError("the ONNX Runtime backend runs on the CPU; use --device cpu")
+        if chosen not in ("fp32", "int8"):
+            raise ValueError(f"the ONNX Runtime backend runs fp32 or int8, not {chosen}")
+        if not _onnxruntime_available():
+            raise ImportError('ONNX Runtime is not installed: pip install "qualiclip-hf[onnx]"')
+        from .export import OnnxQualiCLIP
+        from .quantization import cached_onnx
+
+        return OnnxQualiCLIP(cached_onnx(model, processor, chosen, calibration_images)), chosen
+    if chosen in ("bf16", "fp16"):
+        reduce_precision(model, TORCH_DTYPES[chosen])
+    return model, chosen
