@@ -11,17 +11,16 @@ import torch
 from PIL import Image
 from skimage import data
 
-from qualiclip_hf.loading import load_model_and_processor
 from qualiclip_hf.scoring import read_image
 from training.degradations import apply_distortion
 
-from .conftest import load_module_from_file, photo
+from .conftest import REPO_ROOT, direct_scores, load_module_from_file, photo
 
 # No usage statistics, update checks or share links: the tests must not reach the network.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 gr = pytest.importorskip("gradio")
 
-APP_FILE = Path(__file__).resolve().parents[1] / "model_card" / "app.py"
+APP_FILE = REPO_ROOT / "model_card" / "app.py"
 CHROMIUM = Path("/usr/bin/chromium")
 # Screenshots of the browser test land here (and in the test's tmp_path); `/tests/artifacts/` is gitignored.
 ARTIFACTS = Path(os.environ.get("QUALICLIP_TEST_ARTIFACTS", Path(__file__).resolve().parent / "artifacts"))
@@ -32,15 +31,8 @@ def app_module():
     return load_module_from_file(APP_FILE, "qualiclip_space_app")
 
 
-@pytest.fixture(scope="module")
-def demo():
-    return load_model_and_processor("demo")
-
-
 def _direct_score(demo, path: Path) -> float:
-    model, processor = demo
-    with torch.no_grad():
-        return model(**processor(images=[read_image(path)], return_tensors="pt")).quality_score.item()
+    return direct_scores(*demo, [read_image(path)]).item()
 
 
 @pytest.fixture(scope="module")

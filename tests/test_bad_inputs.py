@@ -24,12 +24,12 @@ import pytest
 import torch
 from PIL import Image, features
 
-from qualiclip_hf import QualiCLIPImageProcessor, QualiCLIPModel, QualiCLIPProcessor
+from qualiclip_hf import QualiCLIPImageProcessor
 from qualiclip_hf.cli import main
 from qualiclip_hf.image_reader import open_image
 from qualiclip_hf.scoring import _ImageFiles, collect_image_paths, read_image, score_files
 
-from .conftest import photo
+from .conftest import CLIP_MEAN, CLIP_STD, direct_scores, photo
 
 MIN_SIZE = 32
 
@@ -265,22 +265,12 @@ def test_processor_refuses_a_directory(a_directory):
         QualiCLIPImageProcessor()(str(a_directory))
 
 
-@torch.no_grad()
-def score_alone(model: QualiCLIPModel, processor: QualiCLIPProcessor, image: torch.Tensor | np.ndarray) -> float:
-    return model(**processor(images=image, return_tensors="pt")).quality_score.item()
-
-
-@pytest.fixture(scope="session")
-def tiny(tiny_model_dir):
-    return QualiCLIPModel.from_pretrained(tiny_model_dir).eval(), QualiCLIPProcessor.from_pretrained(tiny_model_dir)
-
-
 def check_result(path: Path, case, score: float | None, error: str | None, tiny) -> None:
     if isinstance(case, Read):
         assert error is None, error
         # Scored as the expected picture alone; the decoded file is the reference for lossy files.
         reference = case.expected if case.tolerance == 0 else read_image(path)
-        assert score == pytest.approx(score_alone(*tiny, reference), abs=1e-6), path.name
+        assert score == pytest.approx(direct_scores(*tiny, reference).item(), abs=1e-6), path.name
     elif isinstance(case, TooSmall):
         assert score is None
         height, width = case.size
@@ -434,9 +424,7 @@ def test_heic_is_read_when_pillow_heif_is_installed(tmp_path):
 
 
 def clip_normalised(batch: int = 1, height: int = 64, width: int = 64) -> torch.Tensor:
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
-    return (torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(0)) - mean) / std
+    return (torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(0)) - CLIP_MEAN) / CLIP_STD
 
 
 def with_value(tensor: torch.Tensor, value: float) -> torch.Tensor:

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qualiclip_hf import QualiCLIPModel, QualiCLIPProcessor
+from qualiclip_hf import QualiCLIPModel
 from qualiclip_hf.cli import main
 
-from .conftest import photo
+from .conftest import direct_scores, photo
 
 
 @pytest.fixture
@@ -30,16 +30,13 @@ def folder(tmp_path):
     return images
 
 
-def expected_score(model_dir, path) -> float:
+def expected_score(tiny, path) -> float:
     from PIL import Image
 
-    model = QualiCLIPModel.from_pretrained(model_dir).eval()
-    processor = QualiCLIPProcessor.from_pretrained(model_dir)
-    with torch.no_grad():
-        return model(**processor(images=Image.open(path), return_tensors="pt")).quality_score.item()
+    return direct_scores(*tiny, Image.open(path)).item()
 
 
-def test_csv_has_a_row_per_file_and_errors_do_not_stop_the_run(folder, tiny_model_dir, tmp_path, capsys):
+def test_csv_has_a_row_per_file_and_errors_do_not_stop_the_run(folder, tiny_model_dir, tiny, tmp_path, capsys):
     output = tmp_path / "scores.csv"
     status = main(["score", str(folder), "--model", str(tiny_model_dir), "--output", str(output), "--batch-size", "3"])
     assert status == 1
@@ -47,7 +44,7 @@ def test_csv_has_a_row_per_file_and_errors_do_not_stop_the_run(folder, tiny_mode
     assert set(rows) == {"a.jpg", "b.png", "empty.jpg", "notes.jpg", "truncated.jpg", "tiny.png"}
     for name in ("a.jpg", "b.png"):
         assert rows[name]["error"] == ""
-        assert float(rows[name]["score"]) == pytest.approx(expected_score(tiny_model_dir, folder / name), abs=1e-6)
+        assert float(rows[name]["score"]) == pytest.approx(expected_score(tiny, folder / name), abs=1e-6)
     for name in ("empty.jpg", "notes.jpg", "truncated.jpg", "tiny.png"):
         assert rows[name]["score"] == ""
         assert name in rows[name]["error"]
@@ -183,8 +180,9 @@ def good_folder(tmp_path):
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json"])
-def test_ctrl_c_keeps_what_was_scored_and_resume_finishes_the_run(good_folder, tiny_model_dir, tmp_path, monkeypatch,
-                                                                  capsys, suffix):  # fmt: skip
+def test_ctrl_c_keeps_what_was_scored_and_resume_finishes_the_run(
+    good_folder, tiny_model_dir, tiny, tmp_path, monkeypatch, capsys, suffix
+):
     output = tmp_path / "out" / f"scores{suffix}"
     command = ["score", str(good_folder), "--model", str(tiny_model_dir), "--output", str(output)]
     _interrupt_after(monkeypatch, 2)
@@ -204,7 +202,7 @@ def test_ctrl_c_keeps_what_was_scored_and_resume_finishes_the_run(good_folder, t
     assert rows[:2] == first
     assert "2 files already in" in capsys.readouterr().err
     for row in rows:
-        assert float(row["score"]) == pytest.approx(expected_score(tiny_model_dir, row["path"]), abs=1e-6)
+        assert float(row["score"]) == pytest.approx(expected_score(tiny, row["path"]), abs=1e-6)
 
 
 def test_rows_reach_the_file_before_the_run_ends(good_folder, tiny_model_dir, tmp_path, monkeypatch):
@@ -350,7 +348,6 @@ def test_push_without_network_is_one_line_and_exit_1(monkeypatch, capsys):
     err = captured.err
     assert err.count("\n") == 1 and captured.out == ""
     assert err.startswith("qualiclip: cannot push to someone/qualiclip-demo: HF_HUB_OFFLINE is set; nothing was")
-
 
 
 @pytest.mark.parametrize(

@@ -18,16 +18,20 @@ def test_default_prompts_are_the_seven_official_pairs_without_the_merged_string(
     assert "Noisy image.High-quality image." not in texts
 
 
-def test_defaults_are_clip_rn50_with_the_positional_embedding_off():
-    config = QualiCLIPConfig()
-    vision = config.vision_config
-    assert vision.depths == [3, 4, 6, 3]
-    assert (vision.embedding_size, vision.num_attention_heads, vision.projection_dim) == (64, 32, 1024)
-    assert vision.use_pos_embedding is False
-    text = config.text_config
-    sizes = (text.max_position_embeddings, text.vocab_size, text.hidden_size, text.num_attention_heads)
-    assert (*sizes, text.num_hidden_layers) == (77, 49408, 512, 8, 12)
-    assert config.logit_scale == 100.0
+def test_defaults_describe_the_official_rn50_checkpoint(reference_clip):
+    """The default config is the one the sizes of a CLIP RN50 state dict (OpenAI's own module, tests/conftest.py)
+    infer, so `QualiCLIPConfig()` loads the official weights; the positional embedding stays off, so a default model
+    scores any image size (tests/test_modeling.py). The default `logit_scale` is checked by the score parity with
+    the official formula (tests/test_conversion.py)."""
+    from qualiclip_hf.convert_qualiclip_checkpoint import config_from_state_dict
+
+    clip_model, _ = reference_clip
+    inferred = config_from_state_dict(clip_model.state_dict())
+    default = QualiCLIPConfig()
+    assert inferred.vision_config.to_dict() == default.vision_config.to_dict()
+    assert inferred.text_config.to_dict() == default.text_config.to_dict()
+    assert inferred.vision_config.image_size == clip_model.visual.input_resolution
+    assert inferred.vision_config.use_pos_embedding is False
 
 
 def test_round_trip_through_json(tmp_path):

@@ -13,7 +13,7 @@ from qualiclip_hf import QualiCLIPModel, QualiCLIPProcessor
 from qualiclip_hf.convert_qualiclip_checkpoint import CheckpointError, load_official_checkpoint
 from qualiclip_hf.loading import OFFICIAL_FILENAME, OFFICIAL_REPO_ID, download_official_checkpoint, official_model_dir
 
-from .conftest import photo
+from .conftest import CLIP_MEAN, CLIP_STD, add_to_hub_cache, photo
 
 
 def official_quality_score(clip_model, prompts_features: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -62,10 +62,8 @@ def test_full_pipeline_from_a_photo_matches_the_official_preprocessing(reference
     processor = QualiCLIPProcessor.from_pretrained(converted_dir)
     image = photo(150, 210, seed=3)
     # The official inference: ToTensor + Normalize(CLIP mean/std), full resolution.
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
     tensor = torch.from_numpy(__import__("numpy").asarray(image).copy()).permute(2, 0, 1).float() / 255
-    expected = official_quality_score(clip_model, prompts_features, ((tensor - mean) / std)[None])
+    expected = official_quality_score(clip_model, prompts_features, ((tensor - CLIP_MEAN) / CLIP_STD)[None])
     ours = model(**processor(images=image, return_tensors="pt")).quality_score
     assert (ours - expected).abs().max() <= 1e-5
 
@@ -130,36 +128,19 @@ def test_pickles_carrying_code_are_refused(tmp_path, capsys):
 
 
 def _fake_hub_cache(cache, checkpoint_bytes: bytes, blob_name: str):
-    """Lays out `chaofengc/IQA-PyTorch-Weights` in a Hugging Face cache as the Hub client does."""
-    repo = cache / ("models--" + OFFICIAL_REPO_ID.replace("/", "--"))
-    commit = "0" * 40
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    (repo / "blobs" / blob_name).write_bytes(checkpoint_bytes)
-    (repo / "refs" / "main").write_text(commit)
-    (repo / "snapshots" / commit / OFFICIAL_FILENAME).symlink_to(f"../../blobs/{blob_name}")
+    """Lays out `chaofengc/IQA-PyTorch-Weights` in a Hugging Face cache, its checkpoint's blob named `blob_name`."""
+    add_to_hub_cache(
+        cache, OFFICIAL_REPO_ID, {OFFICIAL_FILENAME: checkpoint_bytes}, etags={OFFICIAL_FILENAME: blob_name}
+    )
 
 
-@pytest.fixture
-def offline_hub(monkeypatch, tmp_path):
-    import huggingface_hub.constants as constants
-
-    home = tmp_path / "hf_home"
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HOME", str(home))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    return home
-
-
-def test_official_download_is_verified_and_converted_once(official_checkpoint, offline_hub, monkeypatch):
+def test_official_download_is_verified_and_converted_once(official_checkpoint, offline_hf_home, monkeypatch):
     data = official_checkpoint.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
-    _fake_hub_cache(offline_hub / "hub", data, digest)
+    _fake_hub_cache(offline_hf_home / "hub", data, digest)
     assert download_official_checkpoint().resolve().name == digest
     folder = official_model_dir()
-    assert folder.parent == offline_hub / "qualiclip_hf"
+    assert folder.parent == offline_hf_home / "qualiclip_hf"
     assert QualiCLIPModel.from_pretrained(folder).config.source_checkpoint_sha256 == digest
     # A second call reuses the converted folder instead of converting again.
     from qualiclip_hf import convert_qualiclip_checkpoint
@@ -168,16 +149,16 @@ def test_official_download_is_verified_and_converted_once(official_checkpoint, o
     assert official_model_dir() == folder
 
 
-def test_tampered_download_is_rejected(official_checkpoint, offline_hub):
+def test_tampered_download_is_rejected(official_checkpoint, offline_hf_home):
     data = bytearray(official_checkpoint.read_bytes())
     digest = hashlib.sha256(data).hexdigest()
     data[-10] ^= 0xFF
-    _fake_hub_cache(offline_hub / "hub", bytes(data), digest)
+    _fake_hub_cache(offline_hf_home / "hub", bytes(data), digest)
     with pytest.raises(CheckpointError, match="does not match the published"):
         download_official_checkpoint()
     with pytest.raises(CheckpointError, match="does not match"):
         download_official_checkpoint(expected_sha256="f" * 64)
-    shutil.rmtree(offline_hub)
+    shutil.rmtree(offline_hf_home)
 
 
 def test_openai_clip_torchscript_becomes_a_training_starting_point(reference_clip, tmp_path):

@@ -28,21 +28,13 @@ from qualiclip_hf.dataset_scoring import open_dataset, read_scores, score_datase
 from qualiclip_hf.loading import load_model_and_processor
 from qualiclip_hf.scoring import score_files
 
-from .conftest import photo
+from .conftest import REPO_ROOT, image_bytes, photo
 
 ATOL = 1e-5  # scores of one image in different batches differ by float rounding (tests/test_determinism.py)
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return load_model_and_processor("demo")
 
 
 def jpeg_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
+    return image_bytes(image, "JPEG", quality=90)
 
 
 def mixed_photos(count: int, seed: int = 0) -> list[Image.Image]:
@@ -63,7 +55,7 @@ def photo_files(tmp_path_factory) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def reference(photo_files, demo) -> list[float]:
+def file_scores(photo_files, demo) -> list[float]:
     """The scores of the files, as `qualiclip score` gives them."""
     model, processor = demo
     results = list(score_files(photo_files, model, processor, batch_size=1, num_workers=0))
@@ -103,24 +95,24 @@ def scores_of(output: Path) -> tuple[list, list[float | None], list[str | None]]
 # ------------------------------------------------------------------------------------------------- QualityScorer
 
 
-def test_quality_scorer_in_map_on_decoded_images_matches_file_scores(photo_files, reference, demo, tmp_path):
+def test_quality_scorer_in_map_on_decoded_images_matches_file_scores(photo_files, file_scores, demo, tmp_path):
     # An imagefolder dataset decodes its images into PIL images; the scorer reads them as files are read.
     folder = tmp_path / "photos"
     folder.mkdir()
     for path in photo_files:
         (folder / path.name).write_bytes(path.read_bytes())
     ds = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
-    by_name = {Path(p).name: score for p, score in zip(photo_files, reference, strict=True)}
+    by_name = {Path(p).name: score for p, score in zip(photo_files, file_scores, strict=True)}
     names = [Path(item["path"]).name for item in ds.cast_column("image", datasets.Image(decode=False))["image"]]
     scored = ds.map(QualityScorer(*demo), batched=True, batch_size=3)
     assert scored.column_names == ["image", "quality_score", "quality_error"]
     assert scored["quality_error"] == [None] * len(photo_files)
     np.testing.assert_allclose(scored["quality_score"], [by_name[name] for name in names], atol=ATOL)
-    good = scored.filter(lambda row: row["quality_score"] >= float(np.median(reference)))
-    assert len(good) == sum(score >= float(np.median(reference)) for score in reference)
+    good = scored.filter(lambda row: row["quality_score"] >= float(np.median(file_scores)))
+    assert len(good) == sum(score >= float(np.median(file_scores)) for score in file_scores)
 
 
-def test_quality_scorer_reads_bytes_and_paths_and_keeps_going_past_bad_rows(photo_files, reference, demo, tmp_path):
+def test_quality_scorer_reads_bytes_and_paths_and_keeps_going_past_bad_rows(photo_files, file_scores, demo, tmp_path):
     tiny = tmp_path / "tiny.png"
     Image.new("RGB", (16, 16)).save(tiny)
     values = [
@@ -134,7 +126,7 @@ def test_quality_scorer_reads_bytes_and_paths_and_keeps_going_past_bad_rows(phot
     ]
     scorer = QualityScorer(*demo, image_column="picture", save_embeddings=True)
     out = scorer({"picture": values}, indices=list(range(10, 17)))
-    np.testing.assert_allclose(out["quality_score"][:3], reference[:3], atol=ATOL)
+    np.testing.assert_allclose(out["quality_score"][:3], file_scores[:3], atol=ATOL)
     assert out["quality_error"][:3] == [None] * 3
     assert out["quality_score"][3:] == [None] * 4
     errors = out["quality_error"]
@@ -155,7 +147,7 @@ def test_quality_scorer_reads_bytes_and_paths_and_keeps_going_past_bad_rows(phot
 # ------------------------------------------------------------------------------------------------- input kinds
 
 
-def test_every_input_kind_gives_the_file_scores(photo_files, reference, demo, tmp_path):
+def test_every_input_kind_gives_the_file_scores(photo_files, file_scores, demo, tmp_path):
     """Parquet and Arrow folders, imagefolder, WebDataset tars (prepared and streamed), streamed Parquet, a column of
     paths: the same scores as the files, ids that join back to the rows."""
     model, processor = demo
@@ -196,7 +188,7 @@ def test_every_input_kind_gives_the_file_scores(photo_files, reference, demo, tm
         got_ids, scores, errors = scores_of(output)
         assert got_ids == ids, name
         assert errors == [None] * len(photo_files), name
-        np.testing.assert_allclose(scores, reference, atol=ATOL, err_msg=name)
+        np.testing.assert_allclose(scores, file_scores, atol=ATOL, err_msg=name)
         sizes = read_scores(output).select(["height", "width"]).to_pylist()
         assert sizes == [{"height": Image.open(p).height, "width": Image.open(p).width} for p in photo_files], name
 
@@ -215,7 +207,7 @@ def test_a_hub_id_is_streamed_and_a_local_folder_is_prepared(monkeypatch, tmp_pa
 # ------------------------------------------------------------------------------------------------- corrupt rows
 
 
-def test_corrupt_rows_get_their_error_and_the_run_goes_on(photo_files, reference, tmp_path, capsys):
+def test_corrupt_rows_get_their_error_and_the_run_goes_on(photo_files, file_scores, tmp_path, capsys):
     good = [{"bytes": path.read_bytes(), "path": None} for path in photo_files[:4]]
     tiny = io.BytesIO()
     Image.new("RGB", (20, 60)).save(tiny, "PNG")
@@ -235,7 +227,7 @@ def test_corrupt_rows_get_their_error_and_the_run_goes_on(photo_files, reference
     assert "holds 8 rows, 4 failed" in capsys.readouterr().err
     ids, scores, errors = scores_of(tmp_path / "out")
     assert ids == list(range(8))
-    np.testing.assert_allclose([scores[i] for i in (0, 2, 4, 6)], reference[:4], atol=ATOL)
+    np.testing.assert_allclose([scores[i] for i in (0, 2, 4, 6)], file_scores[:4], atol=ATOL)
     assert [scores[i] for i in (1, 3, 5, 7)] == [None] * 4
     assert errors[1] == "row 1: <50 bytes>: not an image file, a damaged one, or a format no installed reader supports"
     assert errors[3].startswith("row 3: <200 bytes>: ")
@@ -306,7 +298,7 @@ CLI = [sys.executable, "-m", "qualiclip_hf.cli"]
 
 
 def run(command: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, env=subprocess_env(tmp_path), cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(command, env=subprocess_env(tmp_path), cwd=REPO_ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
@@ -353,7 +345,7 @@ def test_killed_and_resumed_gives_the_uninterrupted_result(many_rows, uninterrup
     process = subprocess.Popen(
         [*CLI, *command_line(many_rows, output)],
         env=subprocess_env(tmp_path),
-        cwd=REPO,
+        cwd=REPO_ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -382,7 +374,7 @@ def test_two_processes_give_the_one_process_result_also_after_one_rank_is_killed
     marker = uuid.uuid4().hex
     launcher = subprocess.Popen(
         accelerate_launch(*command_line(many_rows, output)),
-        cwd=REPO,
+        cwd=REPO_ROOT,
         env=subprocess_env(tmp_path, marker),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

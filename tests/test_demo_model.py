@@ -4,29 +4,16 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
-from skimage import data
 
 from qualiclip_hf.loading import load_model_and_processor
 from training.degradations import apply_distortion
 
-# training/prepare_demo_data.py holds these out of the demo model's training set.
-HELDOUT_PHOTOS = ("coffee", "chelsea", "astronaut", "rocket")
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return load_model_and_processor("demo")
+from .conftest import HELDOUT_PHOTOS, heldout_photo
 
 
 @pytest.fixture(scope="module")
 def photos():
-    out = []
-    for name in HELDOUT_PHOTOS:
-        image = torch.from_numpy(np.asarray(getattr(data, name)()).copy()).permute(2, 0, 1).float() / 255
-        scale = 256 / max(image.shape[-2:])
-        size = [round(s * scale) for s in image.shape[-2:]]
-        out.append(torch.nn.functional.interpolate(image[None], size=size, mode="bicubic", antialias=True).clamp(0, 1))
-    return out
+    return [heldout_photo(name) for name in HELDOUT_PHOTOS]
 
 
 @torch.inference_mode()
@@ -60,7 +47,7 @@ def test_the_demo_folder_is_a_complete_model_folder(tmp_path):
 
     from qualiclip_hf.loading import DEMO_MODEL_PATH
 
-    model, processor = load_model_and_processor("demo")
+    model, processor = load_model_and_processor("demo")  # its own copy: saving writes into the model's config
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     saved = {path.name for path in tmp_path.iterdir()}

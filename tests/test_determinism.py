@@ -1,8 +1,6 @@
 """The same image gets the same score (fp32, within 1e-5) across runs, batch sizes, companions and padding, on the
 embedded demo model."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -10,22 +8,18 @@ import torch
 from qualiclip_hf.loading import load_model_and_processor
 from qualiclip_hf.scoring import score_files
 
-from .conftest import photo
+from .conftest import REPO_ROOT, direct_scores, photo
 
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def demo():
-    model, processor = load_model_and_processor("demo")
-    assert next(model.parameters()).dtype == torch.float32
-    return model, processor
-
-
-@torch.no_grad()
 def scores(demo, images) -> list[float]:
-    model, processor = demo
-    return model(**processor(images=images, return_tensors="pt")).quality_score.tolist()
+    return direct_scores(*demo, images).tolist()
+
+
+def test_the_demo_model_is_loaded_in_fp32(demo):
+    model, _ = demo
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.float32}
 
 
 def test_same_score_across_runs_batch_sizes_and_companions(demo):
@@ -66,7 +60,7 @@ def test_score_files_is_the_same_whatever_the_batch_size(demo, tmp_path):
     assert by_batch_size[8] == pytest.approx(by_batch_size[1], abs=ATOL)
 
 
-EXAMPLES = sorted((Path(__file__).parents[1] / "examples" / "images").glob("*.jpg"))
+EXAMPLES = sorted((REPO_ROOT / "examples" / "images").glob("*.jpg"))
 
 
 def test_jpegs_decoded_by_torchcodec_get_pillows_scores(demo):

@@ -4,23 +4,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from skimage import data
 
 from qualiclip_hf.cli import main
 from qualiclip_hf.explain import colorize_heatmap, explain_image, grad_cam, overlay_heatmap
-from qualiclip_hf.loading import load_model_and_processor
 from qualiclip_hf.processing_qualiclip import QualiCLIPProcessor
 from training.degradations import apply_distortion
 
-from .conftest import photo
-
-# Held out of the demo model's training set (training/prepare_demo_data.py).
-HELDOUT_PHOTOS = ("coffee", "chelsea", "astronaut", "rocket")
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return load_model_and_processor("demo")
+from .conftest import HELDOUT_PHOTOS, heldout_photo, photo
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +94,6 @@ def test_concurrent_calls_on_one_model_do_not_mix(tiny_model, tiny_processor):
         assert torch.allclose(maps, expected_maps, atol=1e-5) and torch.allclose(scores, expected_scores, atol=1e-6)
 
 
-def _heldout_photo(name: str, size: int = 256) -> torch.Tensor:
-    image = torch.from_numpy(np.asarray(getattr(data, name)()).copy()).permute(2, 0, 1).float() / 255
-    scale = size / max(image.shape[-2:])
-    target = [round(s * scale) for s in image.shape[-2:]]
-    return torch.nn.functional.interpolate(image[None], size=target, mode="bicubic", antialias=True).clamp(0, 1)
-
-
 def _heatmap(images: torch.Tensor, demo) -> torch.Tensor:
     model, processor = demo
     return grad_cam(model, _pixels((images[0] * 255).round().to(torch.uint8), processor))[0][0]
@@ -123,7 +106,7 @@ def test_demo_model_map_points_at_the_degraded_half(demo, name):
     the score) must move to the degraded half: that half's share of the map grows compared with the map of the
     pristine photo (which has its own, content-driven, hot spots), and holds most of it.
     """
-    pristine = _heldout_photo(name)
+    pristine = heldout_photo(name)
     width = pristine.shape[-1]
     halves = {"left": slice(None, width // 2), "right": slice(width // 2, None)}
     pristine_map = _heatmap(pristine, demo)

@@ -1,54 +1,31 @@
 """The Inference Endpoints handler (`model_card/handler.py`) with the demo model."""
 
 import base64
-import io
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
-from qualiclip_hf.loading import DEMO_MODEL_PATH, load_model_and_processor
+from .conftest import REPO_ROOT, direct_scores, good_score, image_bytes, photo
 
-from .conftest import load_module_from_file, photo
-
-HANDLER_FILE = Path(__file__).resolve().parents[1] / "model_card" / "handler.py"
-
-
-def _load_handler_module():
-    return load_module_from_file(HANDLER_FILE, "qualiclip_endpoint_handler")
-
-
-@pytest.fixture(scope="module")
-def handler():
-    return _load_handler_module().EndpointHandler(path=str(DEMO_MODEL_PATH))
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return load_model_and_processor("demo")
+HANDLER_FILE = REPO_ROOT / "model_card" / "handler.py"
 
 
 def _direct_scores(demo, images, max_size=None):
-    model, processor = demo
-    with torch.no_grad():
-        return model(**processor(images=images, return_tensors="pt", max_size=max_size)).quality_score.tolist()
+    return direct_scores(*demo, images, max_size=max_size).tolist()
 
 
 def _png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return image_bytes(image, "PNG")
 
 
 def _good(answer: list[dict]) -> float:
     assert sorted(entry["label"] for entry in answer) == ["bad", "good"]
     assert answer[0]["score"] >= answer[1]["score"]  # sorted, as image-classification answers are
     assert sum(entry["score"] for entry in answer) == pytest.approx(1.0)
-    return next(entry["score"] for entry in answer if entry["label"] == "good")
+    return good_score(answer)
 
 
 def test_every_input_form_gets_the_models_score(handler, demo):
@@ -117,6 +94,5 @@ def test_works_without_the_package_through_remote_code(tiny_model_dir, tiny_mode
     result = json.loads(child.stdout.strip().splitlines()[-1])
     assert result["model_module"].startswith("transformers_modules")
     processor = QualiCLIPProcessor.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        (expected,) = tiny_model(**processor(images=[image], return_tensors="pt")).quality_score.tolist()
+    (expected,) = direct_scores(tiny_model, processor, [image]).tolist()
     assert _good(result["answer"]) == pytest.approx(expected, abs=1e-6)

@@ -19,15 +19,13 @@ import torch
 from PIL import Image, ImageCms, ImageFile
 from transformers import pipeline
 
-from qualiclip_hf import IMAGE_QUALITY_TASK, QualiCLIPModel, QualiCLIPProcessor
+from qualiclip_hf import IMAGE_QUALITY_TASK
 from qualiclip_hf.explain import explain_image
 from qualiclip_hf.image_reader import array_to_chw, image_file_extensions, open_image
-from qualiclip_hf.loading import DEMO_MODEL_PATH
 from qualiclip_hf.scoring import collect_image_paths, read_image, score_files
 
-from .conftest import load_module_from_file, photo
+from .conftest import direct_scores, good_score, image_bytes, photo
 
-ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
 HEIGHT, WIDTH = 72, 96
 
@@ -36,20 +34,9 @@ HEIGHT, WIDTH = 72, 96
 
 
 @pytest.fixture(scope="module")
-def demo() -> tuple[QualiCLIPModel, QualiCLIPProcessor]:
-    return QualiCLIPModel.from_pretrained(DEMO_MODEL_PATH).eval(), QualiCLIPProcessor.from_pretrained(DEMO_MODEL_PATH)
-
-
-@pytest.fixture(scope="module")
 def judge(demo):
     model, processor = demo
     return pipeline(IMAGE_QUALITY_TASK, model=model, image_processor=processor.image_processor)
-
-
-@pytest.fixture(scope="module")
-def handler():
-    module = load_module_from_file(ROOT / "model_card" / "handler.py", "qualiclip_reader_test_handler")
-    return module.EndpointHandler(path=str(DEMO_MODEL_PATH))
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +51,7 @@ def plugin_net():
 def reference_score(demo, image: Image.Image, **options: Any) -> float:
     """The score of a plain 8-bit sRGB picture, through the processor."""
     assert image.mode == "RGB"
-    model, processor = demo
-    with torch.no_grad():
-        return model(**processor(images=image, return_tensors="pt", **options)).quality_score.item()
+    return direct_scores(*demo, image, **options).item()
 
 
 def outcomes_for_file(path: Path, demo, judge, handler, max_size: int | None = None) -> dict[str, float | str]:
@@ -79,7 +64,7 @@ def outcomes_for_file(path: Path, demo, judge, handler, max_size: int | None = N
     outcomes["processor"] = _attempt(lambda: _processor_score(demo, str(path), options))
     outcomes["pipeline"] = _attempt(lambda: judge(str(path), **options)[0]["score"])
     outcomes["app"] = _attempt(lambda: explain_image(read_image(path), model, processor, max_size=max_size).score)
-    outcomes["handler"] = _attempt(lambda: _good(handler({"inputs": path.read_bytes(), "parameters": options})))
+    outcomes["handler"] = _attempt(lambda: good_score(handler({"inputs": path.read_bytes(), "parameters": options})))
     return outcomes
 
 
@@ -102,13 +87,7 @@ def plugin_score(plugin_net, image: torch.Tensor) -> float:
 
 
 def _processor_score(demo, image: Any, options: dict) -> float:
-    model, processor = demo
-    with torch.no_grad():
-        return model(**processor(images=image, return_tensors="pt", **options)).quality_score.item()
-
-
-def _good(answer: list[dict]) -> float:
-    return next(entry["score"] for entry in answer if entry["label"] == "good")
+    return direct_scores(*demo, image, **options).item()
 
 
 def _attempt(score) -> float | str:
@@ -153,12 +132,6 @@ class WideSample:
     levels: np.ndarray = field(repr=False)
 
 
-def _saved(image: Image.Image, image_format: str, **options: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, image_format, **options)
-    return buffer.getvalue()
-
-
 def wide_samples() -> list[WideSample]:
     # Dark pictures (levels <= 40) make the old fault obvious: read as 8-bit values, 16-bit samples are 257 times too
     # bright. Samples are exact multiples of the 8-bit level where the width allows, so the equivalent is unique.
@@ -166,14 +139,14 @@ def wide_samples() -> list[WideSample]:
     mid = grey_levels(2)
     samples = [
         WideSample("dark.pgm", b"P5\n%d %d\n65535\n" % (WIDTH, HEIGHT) + (dark.astype(">u2") * 257).tobytes(), dark),
-        WideSample("dark16.png", _saved(Image.fromarray(dark.astype(np.uint16) * 257), "PNG"), dark),
-        WideSample("mid16.tif", _saved(Image.fromarray(mid.astype(np.uint16) * 257), "TIFF"), mid),
+        WideSample("dark16.png", image_bytes(Image.fromarray(dark.astype(np.uint16) * 257), "PNG"), dark),
+        WideSample("mid16.tif", image_bytes(Image.fromarray(mid.astype(np.uint16) * 257), "TIFF"), mid),
     ]
     # 32-bit signed integer TIFF (mode I): full white is 2**31 - 1, as its BitsPerSample and SampleFormat say.
     int32 = np.rint(mid.astype(np.float64) * (2**31 - 1) / 255).astype(np.int32)
-    samples.append(WideSample("mid32.tif", _saved(Image.fromarray(int32), "TIFF"), mid))
+    samples.append(WideSample("mid32.tif", image_bytes(Image.fromarray(int32), "TIFF"), mid))
     # 32-bit float TIFF (mode F): [0, 1].
-    samples.append(WideSample("midF.tif", _saved(Image.fromarray(mid.astype(np.float32) / 255), "TIFF"), mid))
+    samples.append(WideSample("midF.tif", image_bytes(Image.fromarray(mid.astype(np.float32) / 255), "TIFF"), mid))
     return samples
 
 
@@ -303,7 +276,7 @@ def test_icc_profiles_are_converted_to_srgb(demo, judge, handler, tmp_path):
     assert judge(str(path), convert_icc=False)[0]["score"] == pytest.approx(raw, abs=TOLERANCE)
     (result,) = score_files([path], model, processor, num_workers=0, convert_icc=False)
     assert result.score == pytest.approx(raw, abs=TOLERANCE)
-    assert _good(handler({"inputs": path.read_bytes(), "parameters": {"convert_icc": False}})) == pytest.approx(
+    assert good_score(handler({"inputs": path.read_bytes(), "parameters": {"convert_icc": False}})) == pytest.approx(
         raw, abs=TOLERANCE
     )
 
@@ -338,7 +311,7 @@ def test_animations_score_their_first_shown_frame(kind, demo, judge, handler, tm
 
 @pytest.fixture
 def jpeg_bytes() -> bytes:
-    return _saved(photo(HEIGHT, WIDTH, seed=7), "JPEG", quality=90)
+    return image_bytes(photo(HEIGHT, WIDTH, seed=7), "JPEG", quality=90)
 
 
 @pytest.mark.parametrize("load_truncated_images", [False, True])
@@ -396,7 +369,7 @@ def test_array_layout_is_inferred_from_the_possible_end(demo, judge):
 
 def test_a_broken_pil_image_gets_a_clear_message(demo, judge, handler, tmp_path):
     path = tmp_path / "broken.png"
-    data = _saved(photo(HEIGHT, WIDTH, seed=10), "PNG")
+    data = image_bytes(photo(HEIGHT, WIDTH, seed=10), "PNG")
     path.write_bytes(data[: len(data) // 2])
     model, processor = demo
 
@@ -407,7 +380,7 @@ def test_a_broken_pil_image_gets_a_clear_message(demo, judge, handler, tmp_path)
         "processor": _attempt(lambda: _processor_score(demo, opened(), {})),
         "pipeline": _attempt(lambda: judge(opened())[0]["score"]),
         "app": _attempt(lambda: explain_image(opened(), model, processor).score),
-        "handler": _attempt(lambda: _good(handler({"inputs": opened()}))),
+        "handler": _attempt(lambda: good_score(handler({"inputs": opened()}))),
     }
     assert_all_refuse(outcomes, f"{path}: truncated: the file ends before its image data do")
     # The same message as for the path itself.

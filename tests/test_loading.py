@@ -1,6 +1,5 @@
 """`qualiclip_hf.loading`: model names fail fast and say why; Hub names work offline from a local cache; devices."""
 
-import shutil
 import socket
 import time
 
@@ -17,7 +16,7 @@ from qualiclip_hf.loading import (
     select_device,
 )
 
-from .conftest import photo
+from .conftest import add_to_hub_cache, folder_files, photo
 
 
 @pytest.fixture
@@ -45,11 +44,7 @@ def hub_cache(monkeypatch, tmp_path, tiny_model_dir):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
 
     def add(repo_id: str) -> None:
-        repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
-        commit = "1" * 40
-        (repo / "refs").mkdir(parents=True)
-        (repo / "refs" / "main").write_text(commit)
-        shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+        add_to_hub_cache(home / "hub", repo_id, folder_files(tiny_model_dir), commit="1" * 40)
 
     return add
 

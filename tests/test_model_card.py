@@ -3,7 +3,6 @@
 import json
 import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +11,9 @@ from huggingface_hub import ModelCard, metadata_load
 from qualiclip_hf.hub.card import ModelCardError, make_model_card, read_results, write_model_card
 from qualiclip_hf.loading import DEMO_MODEL_PATH
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_RESULTS = [ROOT / "training/results/demo" / name for name in ("synthetic_eval.json", "training_summary.json")]
+from .conftest import REPO_ROOT
+
+DEMO_RESULTS = [REPO_ROOT / "training/results/demo" / name for name in ("synthetic_eval.json", "training_summary.json")]
 # A number standing alone: not part of a word, an identifier or a version ("RN50", "KonIQ-10k", "v1.2").
 NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.])")
 

@@ -4,13 +4,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from transformers import pipeline
 
 from qualiclip_hf import IMAGE_QUALITY_TASK, ImageQualityAssessmentPipeline, QualiCLIPImageProcessor
 
-from .conftest import photo
+from .conftest import direct_scores, photo
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +33,7 @@ def images(tmp_path_factory):
 
 
 def model_score(model, image_processor, image, **kwargs) -> float:
-    with torch.no_grad():
-        return model(**image_processor(images=image, return_tensors="pt", **kwargs)).quality_score.item()
+    return direct_scores(model, image_processor, image, **kwargs).item()
 
 
 def test_registry_builds_our_pipeline(judge):

@@ -5,10 +5,7 @@ from PIL import Image
 
 from qualiclip_hf import QualiCLIPImageProcessor, QualiCLIPProcessor
 
-from .conftest import photo
-
-CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
-CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+from .conftest import CLIP_MEAN, CLIP_STD, photo
 
 
 def to_tensor_01(image: Image.Image) -> torch.Tensor:

@@ -14,15 +14,15 @@ from PIL import Image
 from qualiclip_hf import QualiCLIPImageProcessor
 from qualiclip_hf.image_processing_qualiclip import MIN_IMAGE_SIZE
 
+from .conftest import CLIP_MEAN, CLIP_STD
+
 # Derandomised: CI runs the same examples every time; modest counts keep it to seconds.
 PROPERTY = settings(
     max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 MODES = ["L", "LA", "RGB", "RGBA", "P", "CMYK", "I;16", "I", "F"]
-MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 # Normalised [0, 1] pixels, with room for the slight overshoot of the bicubic downscaling of `max_size`.
-LOW, HIGH = (-0.02 - MEAN) / STD, (1.02 - MEAN) / STD
+LOW, HIGH = (-0.02 - CLIP_MEAN) / CLIP_STD, (1.02 - CLIP_MEAN) / CLIP_STD
 
 sizes = st.integers(min_value=1, max_value=600)
 # `max_size` below the model's minimum is refused when the processor is made (see `test_max_size_below_the_minimum`).

@@ -16,12 +16,12 @@ from huggingface_hub import HfApi, ModelCard, scan_cache_dir
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from qualiclip_hf import QualiCLIPModel, QualiCLIPProcessor, loading
+from qualiclip_hf import loading
 from qualiclip_hf.cli import main
 from qualiclip_hf.hub.card import write_model_card
 from qualiclip_hf.hub.push import PushError, stage_model_folder
 
-from .conftest import photo
+from .conftest import add_to_hub_cache, direct_scores, folder_files, photo
 
 REPO_ID = "someone/qualiclip-tiny"
 CODE_FILES = {
@@ -59,7 +59,7 @@ def images(tmp_path_factory):
 
 
 @pytest.fixture
-def offline_hub(monkeypatch):
+def recorded_hub_calls(monkeypatch):
     """Records what would reach the Hub; `HfApi`'s two network calls are the only things replaced."""
     calls = []
 
@@ -94,17 +94,19 @@ def test_staged_folder_has_weights_config_processor_code_and_card(staged, tiny_m
     assert "random weights" in ModelCard.load(folder / "README.md").text
 
 
-def test_dry_run_lists_the_files_and_uploads_nothing(tiny_model_dir, offline_hub, capsys):
+def test_dry_run_lists_the_files_and_uploads_nothing(tiny_model_dir, recorded_hub_calls, capsys):
     argv = ["push", "--model-dir", str(tiny_model_dir), "--repo-id", REPO_ID, "--weights", "random", "--dry-run"]
     assert main(argv) == 0
-    assert offline_hub == []
+    assert recorded_hub_calls == []
     listing = capsys.readouterr().out
     assert f"would upload {len(REPO_FILES)} files" in listing
     for name in REPO_FILES:
         assert f"  {name} " in listing
 
 
-def test_push_makes_one_commit_with_exactly_the_staged_files(tiny_model_dir, tiny_model, offline_hub, tmp_path, capsys):
+def test_push_makes_one_commit_with_exactly_the_staged_files(
+    tiny_model_dir, tiny_model, recorded_hub_calls, tmp_path, capsys
+):
     results = tmp_path / "koniq.json"
     results.write_text(json.dumps({"dataset": "koniq10k", "num_images": 9, "srcc": 0.61, "plcc": 0.65}))
     handler = tmp_path / "handler.py"
@@ -112,9 +114,9 @@ def test_push_makes_one_commit_with_exactly_the_staged_files(tiny_model_dir, tin
     argv = ["push", "--model-dir", str(tiny_model_dir), "--repo-id", REPO_ID, "--weights", "random", "--private"]
     assert main([*argv, "--results", str(results), "--include", str(handler)]) == 0
 
-    assert [call[0] for call in offline_hub] == ["create_repo", "create_commit"]
-    assert offline_hub[0][1] == REPO_ID and offline_hub[0][2]["private"] is True
-    _, repo_id, files, _ = offline_hub[1]
+    assert [call[0] for call in recorded_hub_calls] == ["create_repo", "create_commit"]
+    assert recorded_hub_calls[0][1] == REPO_ID and recorded_hub_calls[0][2]["private"] is True
+    _, repo_id, files, _ = recorded_hub_calls[1]
     assert repo_id == REPO_ID
     assert set(files) == REPO_FILES | {"handler.py"}
     assert files["handler.py"] == handler.read_bytes()
@@ -139,7 +141,9 @@ def test_a_folder_keeps_its_own_card_with_the_repository_filled_in(tiny_model_di
     assert staged_card == own.replace("ORG/NAME", REPO_ID)
 
 
-def test_folders_that_cannot_be_published_are_refused_with_the_cause(tiny_model_dir, tmp_path, offline_hub, capsys):
+def test_folders_that_cannot_be_published_are_refused_with_the_cause(
+    tiny_model_dir, tmp_path, recorded_hub_calls, capsys
+):
     missing = tmp_path / "missing"
     shutil.copytree(tiny_model_dir, missing)
     weights = load_file(missing / "model.safetensors")
@@ -154,28 +158,7 @@ def test_folders_that_cannot_be_published_are_refused_with_the_cause(tiny_model_
     assert "say what these weights are" in capsys.readouterr().err
     assert main(["push", "--model-dir", "demo", "--repo-id", REPO_ID, "--weights", "demo", "--dry-run"]) == 0
     assert "is uploaded as it is; --weights, --results" in capsys.readouterr().err  # the demo folder has its card
-    assert offline_hub == []
-
-
-def lay_out_hub_cache(folder: Path, cache: Path, repo_id: str, commit: str) -> None:
-    """
-    Puts `folder`'s files in `cache` the way huggingface_hub's downloads do: `blobs/<etag>` (SHA-256 for LFS files,
-    the git blob SHA-1 otherwise), `snapshots/<commit>/<path>` as relative symbolic links to them, `refs/main`.
-    """
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    (repo / "blobs").mkdir()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        data = path.read_bytes()
-        if path.suffix == ".safetensors":
-            etag = hashlib.sha256(data).hexdigest()
-        else:
-            etag = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-        (repo / "blobs" / etag).write_bytes(data)
-        link = repo / "snapshots" / commit / path.relative_to(folder)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(repo / "blobs" / etag, link.parent))
+    assert recorded_hub_calls == []
 
 
 _CHILD = r"""
@@ -210,7 +193,7 @@ def clean_process_report(staged, images, tmp_path_factory):
     folder, _ = staged
     root = tmp_path_factory.mktemp("hub")
     commit = hashlib.sha1(b"qualiclip push test").hexdigest()
-    lay_out_hub_cache(folder, root / "cache", REPO_ID, commit)
+    add_to_hub_cache(root / "cache", REPO_ID, folder_files(folder), commit)
     cached = scan_cache_dir(root / "cache")
     assert [(repo.repo_id, repo.refs["main"].commit_hash) for repo in cached.repos] == [(REPO_ID, commit)]
     (repo,) = cached.repos
@@ -227,11 +210,8 @@ def clean_process_report(staged, images, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def expected_scores(tiny_model_dir, images):
-    model = QualiCLIPModel.from_pretrained(tiny_model_dir).eval()
-    processor = QualiCLIPProcessor.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        return model(**processor(images=[Image.open(p) for p in images], return_tensors="pt")).quality_score
+def expected_scores(tiny, images):
+    return direct_scores(*tiny, [Image.open(p) for p in images])
 
 
 def check_source(result: dict, expected: torch.Tensor) -> None:

@@ -7,7 +7,6 @@ pointed at a TorchScript archive of openai-clip's `CLIP` with those weights, rea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import subprocess
@@ -32,7 +31,7 @@ from qualiclip_hf import QUALICLIP_PROMPT_PAIRS, QualiCLIPModel
 from qualiclip_hf.convert_qualiclip_checkpoint import CheckpointError, convert_checkpoint, convert_qualiclip_plus
 from qualiclip_hf.loading import OFFICIAL_FILENAME, OFFICIAL_REPO_ID, PLUS_FILENAMES
 
-from .conftest import photo, randomize_batchnorms
+from .conftest import CLIP_MEAN, CLIP_STD, add_to_hub_cache, photo, randomize_batchnorms
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -44,8 +43,6 @@ PLUS_METRICS = ["qualiclip+", "qualiclip+-clive", "qualiclip+-flive", "qualiclip
 ALL_METRICS = ["qualiclip", *PLUS_METRICS]
 # Not 100 nor openai-clip's initial 1/0.07: shows that the scale is read from the checkpoint.
 CLIP_LOGIT_SCALE = 37.0
-CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
@@ -304,41 +301,23 @@ def test_unknown_options_point_to_the_builtin(tiny_weights):
         )  # fmt: skip
 
 
-def _fake_hub_cache(cache: Path, files: dict[str, bytes]) -> None:
-    """Lays out `chaofengc/IQA-PyTorch-Weights` with `files` in a Hugging Face cache as the Hub client does."""
-    repo = cache / ("models--" + OFFICIAL_REPO_ID.replace("/", "--"))
-    commit = "0" * 40
-    for directory in ("blobs", "refs", f"snapshots/{commit}"):
-        (repo / directory).mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    for filename, data in files.items():
-        digest = hashlib.sha256(data).hexdigest()
-        (repo / "blobs" / digest).write_bytes(data)
-        (repo / "snapshots" / commit / filename).symlink_to(f"../../blobs/{digest}")
-
-
 @torch.no_grad()
-def test_official_weights_are_the_default_for_every_variant(tiny_weights, monkeypatch, tmp_path):
+def test_official_weights_are_the_default_for_every_variant(tiny_weights, offline_hf_home, monkeypatch):
     """With no `pretrained_model_name_or_path`, the metric downloads (here: finds in an offline Hub cache) the
     authors' QualiCLIP.pth and the variant's QualiCLIP+ file, converts them once, and scores like pyiqa."""
-    import huggingface_hub.constants as constants
-
-    home = tmp_path / "hf_home"
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HOME", str(home))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
     files = {
         name: tiny_weights.cached_file(metric)
         for name, metric in [(OFFICIAL_FILENAME, "qualiclip"), (PLUS_FILENAMES["spaq"], "qualiclip+-spaq")]
     }
-    _fake_hub_cache(home / "hub", {name: path.read_bytes() for name, path in files.items()})
+    contents = {name: path.read_bytes() for name, path in files.items()}
+    add_to_hub_cache(offline_hf_home / "hub", OFFICIAL_REPO_ID, contents)
     offline_pyiqa(monkeypatch, tiny_weights)
     images = rgb_images()
     for name in ("qualiclip", "qualiclip+-spaq"):
         ours = pyiqa.create_metric(name, device="cpu")(images)
         expected = pyiqa.create_metric(f"{name}-pyiqa", device="cpu")(images)
         assert (ours - expected).abs().max() <= 1e-5
-    assert len(list((home / "qualiclip_hf").iterdir())) == 2
+    assert len(list((offline_hf_home / "qualiclip_hf").iterdir())) == 2
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ the official weights, which cannot be downloaded where the tests run, so the dem
 """
 
 import re
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+from .conftest import REPO_ROOT
+
+README = REPO_ROOT / "README.md"
 SUBSTITUTIONS = {
     'pyiqa.create_metric("qualiclip", ': 'pyiqa.create_metric("qualiclip", pretrained_model_name_or_path="demo", ',
 }
@@ -33,7 +33,7 @@ def test_readme_python_block_runs(index, monkeypatch):
         pytest.importorskip("pyiqa")
     for written, substitute in SUBSTITUTIONS.items():
         code = code.replace(written, substitute)
-    monkeypatch.chdir(ROOT)
+    monkeypatch.chdir(REPO_ROOT)
     namespace: dict = {"__name__": f"readme_block_{index}"}
     exec(compile(code, f"README.md python block {index}", "exec"), namespace)
     if "scores" in namespace:  # the transformers block: what its comment promises

@@ -8,7 +8,7 @@ import torch
 
 from qualiclip_hf import QualiCLIPModel, QualiCLIPProcessor
 
-from .conftest import photo
+from .conftest import direct_scores, photo
 
 _CHILD = r"""
 import json, sys
@@ -31,7 +31,7 @@ print(json.dumps({
 """
 
 
-def test_folder_loads_with_remote_code_without_the_package(tiny_model_dir, tmp_path):
+def test_folder_loads_with_remote_code_without_the_package(tiny_model_dir, tiny, tmp_path):
     paths = []
     for index, (height, width) in enumerate([(64, 96), (80, 48)]):
         paths.append(tmp_path / f"image{index}.png")
@@ -46,12 +46,9 @@ def test_folder_loads_with_remote_code_without_the_package(tiny_model_dir, tmp_p
     assert result["model_module"].startswith("transformers_modules")
     assert result["processor"] == "QualiCLIPProcessor"
 
-    model = QualiCLIPModel.from_pretrained(tiny_model_dir).eval()
-    processor = QualiCLIPProcessor.from_pretrained(tiny_model_dir)
     from PIL import Image
 
-    with torch.no_grad():
-        here = model(**processor(images=[Image.open(p) for p in paths], return_tensors="pt")).quality_score
+    here = direct_scores(*tiny, [Image.open(p) for p in paths])
     assert torch.allclose(torch.tensor(result["scores"]), here, atol=1e-6, rtol=0)
 
 

@@ -16,9 +16,7 @@ from qualiclip_hf import QualiCLIPModel
 from training.data import DegradedBatches, load_pristine_stream, overlapping_crops, shard_for_process
 from training.losses import QualiCLIPLossWeights, qualiclip_losses
 
-from .conftest import TINY_TEXT, TINY_VISION, photo
-
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import REPO_ROOT, TINY_TEXT, TINY_VISION, photo
 
 
 def similarities_with(positive_by_level, negative_by_level, crop_gap=0.0):
@@ -150,7 +148,7 @@ def write_config(tmp_path: Path, pristine_folder: Path, **overrides) -> Path:
 _SINGLE_THREAD = {
     **os.environ,
     "OMP_NUM_THREADS": "1",
-    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
 }
 
 
@@ -341,7 +339,7 @@ def test_sigkill_mid_run_then_resume_gives_the_losses_of_an_uninterrupted_run(pr
     for (step, values), (_, reference_values) in zip(got, expected, strict=True):
         assert values == pytest.approx(reference_values, abs=1e-6), step
     final_config = QualiCLIPModel.from_pretrained(killed_run / "final").config
-    assert final_config.vision_config.embedding_size == TINY_VISION["width"]
+    assert final_config.vision_config.embedding_size == TINY_VISION["embedding_size"]
 
 
 def test_only_complete_checkpoints_are_resumed_from(tmp_path):
