@@ -25,7 +25,6 @@ from PIL import Image
 from qualiclip_hf import QualityScorer
 from qualiclip_hf.cli import main
 from qualiclip_hf.dataset_scoring import open_dataset, read_scores, score_dataset
-from qualiclip_hf.loading import load_model_and_processor
 from qualiclip_hf.scoring import score_files
 
 from .conftest import REPO_ROOT, image_bytes, photo
