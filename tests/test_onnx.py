@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from qualiclip_hf import QualiCLIPModel, QualiCLIPProcessor
+from qualiclip_hf import QualiCLIPProcessor
 from qualiclip_hf.cli import main
 from qualiclip_hf.loading import DEMO_MODEL_PATH
 
@@ -20,11 +20,6 @@ from qualiclip_hf.export import ONNX_FILENAME, OnnxQualiCLIP, export_onnx
 
 # Sizes that are not multiples of the tower's stride, the 32x32 minimum, and a batch of several images.
 SHAPES = [(1, 3, 32, 32), (3, 3, 100, 111), (2, 3, 224, 160), (1, 3, 63, 200)]
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return QualiCLIPModel.from_pretrained(DEMO_MODEL_PATH).eval(), QualiCLIPProcessor.from_pretrained(DEMO_MODEL_PATH)
 
 
 @pytest.fixture(scope="module")
