@@ -148,7 +148,7 @@ def _score_rows(
             continue
         scored.heights[index], scored.widths[index] = item.shape[:2]
         images.append((index, torch.from_numpy(item).permute(2, 0, 1)))
-    for index, error in _too_small(images, model.min_image_size, max_size, labels):
+    for index, error in _too_small(images, processor, max_size, labels):
         scored.errors[index] = error
     images = [(index, image) for index, image in images if scored.errors[index] is None]
     recorder = _EmbeddingRecorder(model) if save_embeddings else None
