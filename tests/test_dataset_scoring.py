@@ -220,7 +220,17 @@ def test_corrupt_rows_get_their_error_and_the_run_goes_on(photo_files, file_scor
     dataset = datasets.Dataset.from_dict({"image": rows}).cast_column("image", datasets.Image())
     write_parquet_folder(dataset, tmp_path / "data", files=1)
     status = main(
-        ["score", "--dataset", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--batch-size", "2"]
+        [
+            "score",
+            "--dataset",
+            str(tmp_path / "data"),
+            "--model",
+            "demo",
+            "--output",
+            str(tmp_path / "out"),
+            "--batch-size",
+            "2",
+        ]
     )
     assert status == 0  # the run is complete; the failures are in the error column
     assert "holds 8 rows, 4 failed" in capsys.readouterr().err
@@ -236,7 +246,7 @@ def test_corrupt_rows_get_their_error_and_the_run_goes_on(photo_files, file_scor
 
 def test_an_output_folder_is_not_overwritten_and_resume_checks_the_settings(photo_files, tmp_path, capsys):
     write_parquet_folder(image_table(photo_files[:2]), tmp_path / "data", files=1)
-    command = ["score", "--dataset", str(tmp_path / "data"), "--output", str(tmp_path / "out")]
+    command = ["score", "--dataset", str(tmp_path / "data"), "--model", "demo", "--output", str(tmp_path / "out")]
     assert main(command) == 0
     assert main(command) == 2
     assert "already holds a run; pass --resume" in capsys.readouterr().err
@@ -246,7 +256,10 @@ def test_an_output_folder_is_not_overwritten_and_resume_checks_the_settings(phot
     assert "scored 0 rows" in capsys.readouterr().err
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    assert main(["score", "--dataset", str(tmp_path / "data"), "--output", str(tmp_path / "other")]) == 2
+    assert (
+        main(["score", "--dataset", str(tmp_path / "data"), "--model", "demo", "--output", str(tmp_path / "other")])
+        == 2
+    )
     assert "is not empty and holds no run" in capsys.readouterr().err
 
 
@@ -269,6 +282,8 @@ def command_line(data: Path, output: Path, *extra: str) -> list[str]:
         "score",
         "--dataset",
         str(data),
+        "--model",
+        "demo",
         "--output",
         str(output),
         "--rows-per-file",
