@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -111,6 +112,12 @@ class _ImageFiles(Dataset):
             return _FileItem(index, error=str(error) if isinstance(error, ValueError) else f"{path}: {error}")
 
 
+def _ignore_interrupts(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: the main process answers it (one line, the results kept) and shuts the
+    # workers down; a worker of its own would print a traceback mid-transfer.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _is_plain_jpeg(path: Path, max_pixels: int | None, convert_icc: bool = True) -> bool:
     """
     Whether TorchCodec's decoder reads the file as the image reader does. Anything else (CMYK, an ICC profile to
@@ -167,6 +174,7 @@ def score_files(
         num_workers=num_workers,
         collate_fn=list,
         prefetch_factor=2 if num_workers > 0 else None,
+        worker_init_fn=_ignore_interrupts,
     )
     for batch in loader:
         results = {item.index: ScoreResult(str(paths[item.index]), error=item.error) for item in batch}
