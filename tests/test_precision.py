@@ -107,7 +107,7 @@ def test_int8_is_calibrated_once_per_model_and_calibration_set(tiny_model, tmp_p
     import onnx
 
     from qualiclip_hf import quantization
-    from qualiclip_hf.convert_qualiclip_checkpoint import build_clip_tokenizer, make_processor
+    from qualiclip_hf.build_processor import build_clip_tokenizer, make_processor
 
     monkeypatch.setenv("QUALICLIP_CACHE", str(tmp_path / "cache"))
     calibration = tmp_path / "calibration"

@@ -392,6 +392,7 @@ def test_every_setting_of_the_configuration_file_can_be_overridden_on_the_comman
         "text": ('{"num_hidden_layers": 2}', {"num_hidden_layers": 2}),
         "loss": ('{"margin_ranking": 0.1}', {"margin_ranking": 0.1}),
         "degrade_on": ("workers", "workers"),
+        "degradation_style": ("clean", "clean"),
         "lr_scheduler_type": ("cosine", "cosine"),
         "mixed_precision": ("bf16", "bf16"),
     }
