@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ class CommandError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries(args.verbose)
+    warnings.showwarning = _show_warning
     try:
         return args.handler(args)
     except CommandError as error:
@@ -273,6 +275,11 @@ def _non_negative_int(text: str) -> int:
     return _whole_number(text, 0)
 
 
+def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    """One line per warning, as the command's own messages are, instead of Python's file, line and source."""
+    print(f"qualiclip: warning: {message}", file=sys.stderr)
+
+
 def _quiet_libraries(verbose: bool) -> None:
     """
     Without --verbose, transformers and huggingface_hub show no progress bars or warnings, and libraries no Python
@@ -280,7 +287,6 @@ def _quiet_libraries(verbose: bool) -> None:
     """
     if verbose:
         return
-    import warnings
 
     for category in (UserWarning, FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
@@ -302,8 +308,10 @@ def _quiet_libraries(verbose: bool) -> None:
 
 def _score_command(args: argparse.Namespace) -> int:
     if args.dataset is not None or not args.paths:
+        from . import register_auto_classes
         from .dataset_scoring import score_dataset_command
 
+        register_auto_classes()  # a model folder's `auto_map` then needs no remote code
         return score_dataset_command(args)
     from .results import ResultWriter
 

@@ -52,6 +52,11 @@ class ResultWriter:
             raise ValueError(f"{self.path}: the results file must end with one of {', '.join(OUTPUT_FORMATS)}")
         self.model = model
         self.json_interval_s = json_interval_s
+        if not resume and self.path.is_file() and self.path.stat().st_size > 0:
+            raise ValueError(
+                f"{self.path} already holds results: --resume continues it; to start over, delete it or choose "
+                "another --output"
+            )
         self.rows: list[dict] = self._read_rows() if resume and self.path.exists() else []
         self.done = {os.path.abspath(row["path"]) for row in self.rows}
         self._last_dump = 0.0
@@ -104,6 +109,7 @@ class ResultWriter:
         """Writes `text` as the whole file, through a temporary file in the same folder and an atomic rename."""
         handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".partial")
         try:
+            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600, for a file the user meant to share
             with os.fdopen(handle, "w", newline="", encoding="utf-8") as file:
                 file.write(text)
             os.replace(temporary, self.path)
@@ -150,3 +156,9 @@ def _is_json_object(line: str) -> bool:
         return isinstance(json.loads(line), dict)
     except ValueError:
         return False
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -336,13 +336,12 @@ def test_cli_on_a_folder_of_good_and_bad_files(corpus, tiny, tiny_model_dir, tmp
 def test_cli_pixel_limit_can_be_lowered(corpus, tiny_model_dir, tmp_path):
     folder, _ = corpus
     photo_path = folder / "png_named.jpg"  # 80 x 64 = 5,120 pixels
-    output = tmp_path / "limited.json"
-    args = ["score", str(photo_path), "--model", str(tiny_model_dir), "--output", str(output)]
-    assert main([*args, "--max-pixels", "5000"]) == 1
-    (row,) = json.loads(output.read_text())
+    args = ["score", str(photo_path), "--model", str(tiny_model_dir), "--output"]
+    assert main([*args, str(tmp_path / "limited.json"), "--max-pixels", "5000"]) == 1
+    (row,) = json.loads((tmp_path / "limited.json").read_text())
     assert row["error"].startswith(f"{photo_path}: 80x64 = 5,120 pixels is more than the limit of 5,000")
-    assert main([*args, "--max-pixels", "5120"]) == 0
-    assert main([*args, "--max-pixels", "0"]) == 0  # no limit
+    assert main([*args, str(tmp_path / "at_limit.json"), "--max-pixels", "5120"]) == 0
+    assert main([*args, str(tmp_path / "no_limit.json"), "--max-pixels", "0"]) == 0
 
 
 def test_a_stricter_limit_set_on_pillow_holds_and_a_larger_one_asked_for_lifts_it(corpus, monkeypatch):

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 from qualiclip_hf import QualiCLIPModel
 from qualiclip_hf.cli import main
 
-from .conftest import direct_scores, photo
+from .conftest import REPO_ROOT, direct_scores, photo
 
 
 @pytest.fixture
@@ -85,17 +87,18 @@ def test_bad_arguments_are_explained(folder, tiny_model_dir, tmp_path, capsys):
 
 
 def test_max_size_is_applied(folder, tiny_model_dir, tmp_path):
-    output = tmp_path / "capped.json"
-    main(["score", str(folder / "a.jpg"), "--model", str(tiny_model_dir), "--max-size", "48", "--output", str(output)])
-    capped = json.loads(output.read_text())[0]["score"]
-    main(["score", str(folder / "a.jpg"), "--model", str(tiny_model_dir), "--output", str(output)])
-    full = json.loads(output.read_text())[0]["score"]
+    capped_path, full_path = tmp_path / "capped.json", tmp_path / "full.json"
+    options = ["--model", str(tiny_model_dir), "--output"]
+    main(["score", str(folder / "a.jpg"), "--max-size", "48", *options, str(capped_path)])
+    capped = json.loads(capped_path.read_text())[0]["score"]
+    main(["score", str(folder / "a.jpg"), *options, str(full_path)])
+    full = json.loads(full_path.read_text())[0]["score"]
     assert capped != pytest.approx(full, abs=1e-9)
 
 
 def test_precision_and_decode_place_reach_the_model(folder, tiny_model_dir, tmp_path):
     def scores(*options: str) -> dict[str, float | None]:
-        output = tmp_path / "scores.json"
+        output = tmp_path / f"scores{len(list(tmp_path.glob('scores*.json')))}.json"
         main(["score", str(folder), "--model", str(tiny_model_dir), "--output", str(output), *options])
         return {Path(row["path"]).name: row["score"] for row in json.loads(output.read_text())}
 
@@ -370,3 +373,35 @@ def test_score_sets_the_chosen_thread_count(good_folder, tiny_model_dir, monkeyp
     monkeypatch.setattr(torch, "set_num_threads", chosen.append)  # keeps this test process's own setting
     assert main(["score", str(good_folder), "--model", str(tiny_model_dir), "--device", "cpu", *options]) == 0
     assert chosen == [expected]
+
+
+def test_the_installed_command_scores_a_dataset_without_asking_for_remote_code(tmp_path):
+    # The console script registers the Auto classes lazily; the dataset path must register them too, or loading the
+    # demo folder (which declares `auto_map`) would stop at transformers' remote-code prompt.
+    pytest.importorskip("datasets")
+    output = tmp_path / "scores"
+    command = [str(QUALICLIP_SCRIPT), "score", "--dataset", str(REPO_ROOT / "examples/images"), "--model", "demo"]
+    done = subprocess.run([*command, "--output", str(output)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    from qualiclip_hf.dataset_scoring import read_scores
+
+    table = read_scores(output)
+    assert table.num_rows == len(list((REPO_ROOT / "examples/images").glob("*.jpg")))
+    assert all(score is not None for score in table.column("quality_score").to_pylist())
+
+
+def test_an_existing_results_file_is_never_replaced_silently(folder, tiny_model_dir, tmp_path, capsys):
+    output = tmp_path / "scores.csv"
+    assert main(["score", str(folder / "a.jpg"), "--model", str(tiny_model_dir), "--output", str(output)]) == 0
+    kept = output.read_text()
+    assert main(["score", str(folder), "--model", str(tiny_model_dir), "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds results" in err and "--resume" in err
+    assert output.read_text() == kept
+    assert oct(output.stat().st_mode & 0o777) == oct(0o666 & ~_current_umask())
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

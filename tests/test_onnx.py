@@ -94,7 +94,7 @@ def test_cli_export_and_onnxruntime_backend_score_as_torch(tiny_model_dir, tmp_p
         photo(70 + 10 * seed, 96, seed=seed).save(folder / f"{seed}.png")
 
     def scores(*options: str) -> list[float]:
-        output = tmp_path / "scores.json"
+        output = tmp_path / f"scores{len(list(tmp_path.glob('scores*.json')))}.json"  # results files are never replaced
         assert main(["score", str(folder), "--model", str(tiny_model_dir), "--output", str(output), *options]) == 0
         return [row["score"] for row in json.loads(output.read_text())]
 

@@ -178,7 +178,7 @@ def test_cli_int8_scores_follow_float32(tiny_model_dir, tmp_path, monkeypatch):
         photo(96, 96 + 16 * seed, seed=seed).save(folder / f"{seed}.png")
 
     def scores(*options: str) -> list[float]:
-        output = tmp_path / "scores.json"
+        output = tmp_path / f"scores{len(list(tmp_path.glob('scores*.json')))}.json"  # results files are never replaced
         assert main(["score", str(folder), "--model", str(tiny_model_dir), "--output", str(output), *options]) == 0
         return [row["score"] for row in json.loads(output.read_text())]
 
