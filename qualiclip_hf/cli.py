@@ -307,7 +307,10 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def _score_command(args: argparse.Namespace) -> int:
-    if args.dataset is not None or not args.paths:
+    # What to score is checked before anything is imported: on a busy machine importing torch takes seconds.
+    if (args.dataset is None) == (not args.paths):
+        raise CommandError("give image files or folders, or --dataset NAME_OR_FOLDER (not both)")
+    if args.dataset is not None:
         from . import register_auto_classes
         from .dataset_scoring import score_dataset_command
 

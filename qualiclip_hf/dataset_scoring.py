@@ -838,10 +838,6 @@ def score_dataset_command(args: Any) -> int:
         print(f"qualiclip: {message}", file=sys.stderr)
         return status
 
-    if args.dataset is None:
-        return fail("give image files or folders, or --dataset NAME_OR_FOLDER")
-    if args.paths:
-        return fail("give either image files and folders, or --dataset, not both")
     if args.output is None:
         return fail("--dataset needs --output FOLDER, where the Parquet files of scores go")
     # Without `cpu=True`, Accelerate treats processes launched on a machine without GPUs as independent single

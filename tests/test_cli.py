@@ -405,3 +405,9 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_nothing_to_score_is_said_at_once(capsys):
+    assert main(["score"]) == 2
+    assert main(["score", "a.jpg", "--dataset", "some/folder"]) == 2
+    assert capsys.readouterr().err.count("give image files or folders, or --dataset") == 2
