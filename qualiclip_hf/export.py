@@ -69,7 +69,7 @@ def _scoring_graph(model: QualiCLIPModel) -> torch.nn.Module:
     import torch
     import torch.nn.functional as F
 
-    from .precision import fold_batch_norms
+    from .fusion import fold_batch_norms
 
     class ScoringGraph(torch.nn.Module):
         def __init__(self) -> None:

@@ -136,45 +136,6 @@ def _onnxruntime_available() -> bool:
     return True
 
 
-class _FoldedBatchNorm(nn.Module):
-    """
-    Stands where a BatchNorm was once it has been folded into its convolution: the identity, with no running
-    statistics, so that the image tower applies it as a plain module after the convolution.
-    """
-
-    running_mean = None
-    running_var = None
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states
-
-
-def fold_batch_norms(vision_model: nn.Module) -> nn.Module:
-    """
-    Folds every eval-mode BatchNorm of the image tower into the convolution before it, in float32, in place
-    (`torch.nn.utils.fusion.fuse_conv_bn_eval`), and puts an identity in its place. The pairs are those of the
-    official layout: `convN` followed by `bnN`, and `downsample.conv` followed by `downsample.bn`.
-
-    Returns:
-        `vision_model`, whose output equals the original's up to float rounding (about 1e-6 relative).
-    """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    for parent in list(vision_model.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, nn.BatchNorm2d):
-                continue
-            conv_name = "conv" + name.removeprefix("bn")
-            conv = getattr(parent, conv_name, None)
-            if not isinstance(conv, nn.Conv2d):
-                raise ValueError(f"no convolution {conv_name} precedes the BatchNorm {name} of {type(parent).__name__}")
-            fused = fuse_conv_bn_eval(conv.float().eval(), child.float().eval())
-            fused.weight.data = fused.weight.data.contiguous(memory_format=torch.channels_last)
-            setattr(parent, conv_name, fused)
-            setattr(parent, name, _FoldedBatchNorm())
-    return vision_model
-
-
 class _CastInput(nn.Module):
     """Runs `module`, cast to `dtype`, on its input cast to `dtype`: where the image tower changes precision."""
 
@@ -199,6 +160,8 @@ def reduce_precision(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     Returns:
         `model`; it takes float32 `pixel_values` as before and returns float32 outputs.
     """
+    from .fusion import fold_batch_norms
+
     vision = model.vision_model
     fold_batch_norms(vision)
     vision.layer2 = _CastInput(vision.layer2, dtype)

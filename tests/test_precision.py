@@ -10,8 +10,8 @@ import torch
 
 from qualiclip_hf import precision
 from qualiclip_hf.cli import main
+from qualiclip_hf.fusion import fold_batch_norms
 from qualiclip_hf.precision import (
-    fold_batch_norms,
     native_formats,
     prepare_scorer,
     reduce_precision,

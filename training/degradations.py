@@ -586,6 +586,20 @@ _PATCH_RADIUS = 16
 _MAX_PATCHES = 100
 
 
+def _check_patch_room(h: int, w: int) -> int:
+    """The patch side, after checking that an `h` x `w` image holds one patch."""
+    if h < _PATCH_SIZE or w < _PATCH_SIZE:
+        raise ValueError(f"non_eccentricity_patch needs images of at least {_PATCH_SIZE}x{_PATCH_SIZE}, got {h}x{w}")
+    return _PATCH_SIZE
+
+
+def _patch_start(u: torch.Tensor, side: int) -> torch.Tensor:
+    """A patch's first row or column from uniform draws `u`: a 16 px margin from the border, clamped on small images."""
+    lo = min(_PATCH_RADIUS, side - _PATCH_SIZE)
+    hi = max(side - _PATCH_SIZE - _PATCH_RADIUS, lo)
+    return torch.round(u * (hi - lo)) + lo
+
+
 def non_eccentricity_patch(x: torch.Tensor, count: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Copy `count` random 16x16 patches onto a location up to 8 px away from where they were taken.
 
@@ -596,23 +610,16 @@ def non_eccentricity_patch(x: torch.Tensor, count: float, generator: torch.Gener
     """
     b, _, h, w = x.shape
     count = int(count)
-    size = _PATCH_SIZE
-    if h < size or w < size:
-        raise ValueError(f"non_eccentricity_patch needs images of at least {size}x{size}, got {h}x{w}")
+    size = _check_patch_room(h, w)
     # Always draw the maximum number of patches so that, for a fixed seed, lower levels are prefixes of higher ones.
     draws = _rand([b, max(count, _MAX_PATCHES), 4], generator, x).to(torch.float64)
-
-    def start(u: torch.Tensor, side: int) -> torch.Tensor:
-        lo = min(_PATCH_RADIUS, side - size)
-        hi = max(side - size - _PATCH_RADIUS, lo)
-        return torch.round(u * (hi - lo)) + lo
 
     batch = torch.arange(b, device=x.device).view(b, 1, 1)
     offsets = torch.arange(size, device=x.device)
     y = x.clone()
     for k in range(count):
-        src_h = start(draws[:, k, 0], h)
-        src_w = start(draws[:, k, 1], w)
+        src_h = _patch_start(draws[:, k, 0], h)
+        src_w = _patch_start(draws[:, k, 1], w)
         dst_h = torch.round((draws[:, k, 2] - 0.5) * _PATCH_RADIUS + src_h).clamp(0, h - size)
         dst_w = torch.round((draws[:, k, 3] - 0.5) * _PATCH_RADIUS + src_w).clamp(0, w - size)
         src_rows = (src_h.long().view(b, 1) + offsets).view(b, size, 1)
@@ -1032,22 +1039,15 @@ def _arniqa_non_eccentricity_patch(
     """
     b, _, h, w = x.shape
     count = int(count)
-    size = _PATCH_SIZE
-    if h < size or w < size:
-        raise ValueError(f"non_eccentricity_patch needs images of at least {size}x{size}, got {h}x{w}")
+    size = _check_patch_room(h, w)
     draws = _rand([b, max(count, _MAX_PATCHES), 4], generator, x).to(torch.float64)
-
-    def start(u: torch.Tensor, side: int) -> torch.Tensor:
-        lo = min(_PATCH_RADIUS, side - size)
-        hi = max(side - size - _PATCH_RADIUS, lo)
-        return torch.round(u * (hi - lo)) + lo
 
     batch = torch.arange(b, device=x.device).view(b, 1)
     offsets = torch.arange(size, device=x.device).view(1, size)
     y = x.clone()
     for k in range(count):
-        src_h = start(draws[:, k, 0], h).long()
-        src_w = start(draws[:, k, 1], w).long()
+        src_h = _patch_start(draws[:, k, 0], h).long()
+        src_w = _patch_start(draws[:, k, 1], w).long()
         dst_h = torch.round((draws[:, k, 2] - 0.5) * _PATCH_RADIUS + src_h).clamp(0, h - size).long()
         dst_w = torch.round((draws[:, k, 3] - 0.5) * _PATCH_RADIUS + src_w).clamp(0, w - size).long()
         src_cols = (src_w.view(b, 1) + offsets).to(x.device)  # [B, size]
