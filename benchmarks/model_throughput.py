@@ -41,7 +41,8 @@ from pyiqa.utils import download_util
 
 from pyiqa_plugin.qualiclip_arch import QualiCLIPHF
 from qualiclip_hf import QUALICLIP_PROMPT_PAIRS, QualiCLIPProcessor
-from qualiclip_hf.convert_qualiclip_checkpoint import OFFICIAL_FILENAME, convert_checkpoint
+from qualiclip_hf.convert_qualiclip_checkpoint import convert_checkpoint
+from qualiclip_hf.loading import OFFICIAL_FILENAME
 from qualiclip_hf.precision import cpu_description
 
 VARIANTS = ("auto", "bf16", "int8", "onnxruntime", "openvino")
