@@ -1,7 +1,7 @@
 """Model throughput: pyiqa's built-in QualiCLIP arch vs ours in each precision, same RN50 weights, same tensors.
 
     python benchmarks/model_throughput.py [--sizes 512x384 1024x768] [--batches 1 8] [--repeats 3]
-                                          [--variants auto bf16 int8 onnxruntime openvino] [--competing-load]
+                                          [--variants torch/auto openvino/bf16 ...] [--competing-load]
 
 The weights are random, in the official layout (no real weights exist offline): this measures speed, not quality.
 pyiqa's download is bypassed exactly as in tests/test_pyiqa_plugin.py (its cache points to a temporary folder, its
@@ -9,9 +9,10 @@ CLIP loader to a TorchScript archive of openai-clip's CLIP). Every variant takes
 `torch.inference_mode()` with pyiqa's score formula:
 
 - `pyiqa fp32`: pyiqa's own arch; `ours fp32`: ours through the pyiqa plugin (`QualiCLIPHF`), float32;
-- `auto`: what `--precision auto` picks on this machine (`qualiclip_hf.precision.resolve_precision`);
-- `bf16`: stages 2-4 of the tower in bfloat16 (`reduce_precision`); `int8`: the ONNX Runtime int8 graph;
-- `onnxruntime`: the fp32 ONNX graph in ONNX Runtime; `openvino`: reported as skipped when not installed.
+- `backend/precision`: `qualiclip score --backend B --precision P` (`qualiclip_hf.precision.prepare_scorer`):
+  `torch/bf16` is stages 2-4 of the tower in bfloat16 (`reduce_precision`), `onnxruntime/*` and `openvino/*` the
+  exported graph (int8: the ONNX Runtime-quantized graph) in that runtime, `*/auto` what `--precision auto` picks
+  on this machine with that backend. A runtime that is not installed is reported as skipped.
 
 The variants are timed in alternation, `--repeats` times each, and each figure is the median, so that a change of
 machine load hits all alike. `--competing-load` runs one CPU-bound process (a busy loop) beside the whole run. The
@@ -45,7 +46,16 @@ from qualiclip_hf.convert_qualiclip_checkpoint import convert_checkpoint
 from qualiclip_hf.loading import OFFICIAL_FILENAME
 from qualiclip_hf.precision import cpu_description
 
-VARIANTS = ("auto", "bf16", "int8", "onnxruntime", "openvino")
+VARIANTS = (
+    "torch/auto",
+    "torch/bf16",
+    "onnxruntime/fp32",
+    "onnxruntime/int8",
+    "openvino/auto",
+    "openvino/fp32",
+    "openvino/bf16",
+    "openvino/int8",
+)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -114,34 +124,30 @@ def timed(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -
 
 def fast_paths(ours: QualiCLIPHF, folder: Path, names: list[str]) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """
-    Our other ways to score the same [0, 1] images, each normalised as the plugin does, at the model's own logit
-    scale (100; the plugin's pyiqa formula uses 50, same speed): `auto` (what `--precision auto` picks on this
-    machine), `bf16`, `int8` (ONNX Runtime), `onnxruntime` (fp32 graph), `openvino` (skipped: not wired in).
+    Our other ways to score the same [0, 1] images, each `backend/precision` exactly as `qualiclip score --backend B
+    --precision P` prepares it (`prepare_scorer`), the images prepared as the plugin does (`prepare_pixels`), at the
+    model's own logit scale (100; the plugin's pyiqa formula uses 50, same speed). `auto` is labelled with what it
+    picked on this machine; a backend that is not installed is reported and skipped.
     """
     from qualiclip_hf.precision import prepare_scorer
 
     processor = QualiCLIPProcessor.from_pretrained(folder)
     paths = {}
     for name in names:
-        if name == "openvino":
-            try:
-                import openvino  # noqa: F401
-            except ImportError:
-                print("# openvino: not installed, skipped")
-                continue
-            print("# openvino: installed, but not wired into this benchmark yet")
+        backend, precision = name.split("/")
+        try:
+            scorer, chosen = prepare_scorer(copy.deepcopy(ours.model), processor, precision, backend)
+        except ImportError as error:
+            print(f"# {name}: skipped ({error})")
             continue
-        model = copy.deepcopy(ours.model)
-        precision, backend = {"onnxruntime": ("fp32", "onnxruntime")}.get(name, (name, "torch"))
-        scorer, chosen = prepare_scorer(model, processor, precision, backend)
-        label = f"auto ({chosen})" if name == "auto" else name
+        label = f"{backend}/auto ({chosen})" if precision == "auto" else name
         paths[label] = _normalising(scorer, ours)
     return paths
 
 
 def _normalising(scorer: Callable, ours: QualiCLIPHF) -> Callable[[torch.Tensor], torch.Tensor]:
     def score(images: torch.Tensor) -> torch.Tensor:
-        pixel_values = (images - ours.image_mean) / ours.image_std
+        pixel_values = ours.image_processor.prepare_pixels(images, ours.max_size)
         return scorer(pixel_values).quality_score[:, None]
 
     return score
@@ -163,7 +169,7 @@ def main() -> None:
         nargs="+",
         choices=VARIANTS,
         default=list(VARIANTS),
-        help="our fast paths timed beside pyiqa's and our fp32 (CPU: all; CUDA: auto, bf16 or fp16)",
+        help="our fast paths, backend/precision, timed beside pyiqa's and our fp32 (CUDA: torch/ ones only)",
     )
     parser.add_argument(
         "--competing-load", action="store_true", help="run one CPU-bound process beside the benchmark throughout"

@@ -1,31 +1,28 @@
 """Score drift of each fast path against float32: max |score difference| and SRCC, on two models and ~200 images.
 
-    python benchmarks/precision.py [--max-size 384] [--formats bf16 fp16 int8 onnx-fp32 bf16-autocast]
+    python benchmarks/precision.py [--max-size 384] [--paths torch/bf16 openvino/bf16 ...] [--models demo rn50-spread]
 
 Images (the same for both models): the README's example photos (`examples/images`), scikit-image's photos that the
 demo model never saw in training (`training/prepare_demo_data.py`'s held-out set), and each of those held-out photos
-under every distortion of `training/degradations.py` at levels 1 and 3 (of 0-4): 4 + 4 x 24 x 2 + 6 = 202 images,
+under every distortion of `training/degradations.py` at levels 1 and 3 (of 0-4): 6 + 4 x (1 + 24 x 2) = 202 images,
 scored one at a time, longest side at most `--max-size`.
 
 Models:
 
 - `demo`: the small model embedded in the package (trained here; not the real QualiCLIP);
-- `rn50-random`: the full RN50 image tower in the official layout, loaded through the converter, with random
-  weights and random BatchNorm statistics (as the parity tests make them), so that its scores spread over [0, 1];
+- `rn50-spread`: the full RN50 image tower in the official layout, loaded through the converter, with random
+  weights and BatchNorm statistics, and prompts fitted so that its scores spread over [0, 1] (`rn50_spread`);
   random weights: this measures rounding, not quality.
 
-Fast paths, each against the float32 PyTorch scores of the same model: `bf16` / `fp16` (`qualiclip_hf.precision.
-reduce_precision`: BatchNorms folded in float32, convolutions in that dtype, attention pool and head in float32),
-`int8` (ONNX Runtime static quantization, calibrated on the example photos: `qualiclip_hf.quantization`),
-`onnx-fp32` (the exported graph in ONNX Runtime) and `bf16-autocast` (`torch.autocast` over the whole model, for
-comparison). The bar `auto` applies (`qualiclip_hf.precision.DRIFT_BAR`): SRCC >= 0.999 and max diff <= 0.01 on both
-models. SRCC is `scipy.stats.spearmanr`.
+Fast paths, `backend/precision`, each exactly as `qualiclip score --backend B --precision P` prepares it
+(`qualiclip_hf.precision.prepare_scorer`), against the float32 PyTorch scores of the same model. A backend that is
+not installed is reported, not run. The bar `auto` applies (`qualiclip_hf.precision.DRIFT_BAR`): SRCC >= 0.999 and
+max diff <= 0.01 on both models. SRCC is `scipy.stats.spearmanr`.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import tempfile
@@ -38,49 +35,140 @@ from scipy.stats import spearmanr
 from skimage import data as skimage_data
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))  # training/ is not an installed package
+
+from model_throughput import _cache_in  # noqa: E402
 
 from qualiclip_hf import QualiCLIPModel, QualiCLIPProcessor  # noqa: E402
-from qualiclip_hf.export import OnnxQualiCLIP, export_onnx  # noqa: E402
 from qualiclip_hf.loading import DEMO_MODEL_PATH  # noqa: E402
-from qualiclip_hf.precision import DRIFT_BAR, cpu_description, reduce_precision  # noqa: E402
-from qualiclip_hf.quantization import default_calibration_images, quantize_onnx  # noqa: E402
+from qualiclip_hf.precision import DRIFT_BAR, cpu_description, prepare_scorer  # noqa: E402
+from qualiclip_hf.quantization import default_calibration_images  # noqa: E402
 from qualiclip_hf.scoring import read_image  # noqa: E402
 from training.degradations import ALL_DISTORTIONS, apply_distortion  # noqa: E402
 from training.prepare_demo_data import HELDOUT, SKIMAGE_PHOTOS  # noqa: E402
 
-FORMATS = ("bf16", "fp16", "int8", "onnx-fp32", "bf16-autocast")
+# Each fast path is `backend/precision`, as `qualiclip score --backend B --precision P` runs it (`prepare_scorer`);
+# `torch/bf16-autocast` (autocast over the whole model) is there for comparison only.
+PATHS = (
+    "torch/bf16",
+    "torch/fp16",
+    "onnxruntime/fp32",
+    "onnxruntime/int8",
+    "openvino/fp32",
+    "openvino/bf16",
+    "openvino/int8",
+    "torch/bf16-autocast",
+)
+MODELS = ("demo", "rn50-spread")
 LEVELS = (1, 3)
+# The standard deviation of each prompt pair's logit difference over the fitting images of `rn50_spread`: a pair's
+# softmax then ranges over about [0.05, 0.95] for most images, as the scores of a trained QualiCLIP do.
+FITTED_LOGIT_STD = 3.0
 
 
-def drift_images(max_size: int) -> list[tuple[str, torch.Tensor]]:
-    """`(name, (3, H, W) uint8)` for the examples, the held-out photos and their degraded versions."""
-    images = [(path.name, read_image(path)) for path in default_calibration_images()]
-    generator = torch.Generator().manual_seed(0)
-    for name in (name for name in SKIMAGE_PHOTOS if name in HELDOUT):
-        photo = torch.from_numpy(np.asarray(getattr(skimage_data, name)())).permute(2, 0, 1)[:3]
-        scale = min(1.0, max_size / max(photo.shape[1:]))
-        size = [round(side * scale) for side in photo.shape[1:]]
-        pristine = torch.nn.functional.interpolate(photo[None].float() / 255, size=size, mode="area", antialias=False)
+def photo(name: str, max_size: int) -> torch.Tensor:
+    """A scikit-image photo as `(1, 3, H, W)` float in [0, 1], longest side at most `max_size`."""
+    image = torch.from_numpy(np.asarray(getattr(skimage_data, name)())).permute(2, 0, 1)[:3]
+    scale = min(1.0, max_size / max(image.shape[1:]))
+    size = [round(side * scale) for side in image.shape[1:]]
+    return torch.nn.functional.interpolate(image[None].float() / 255, size=size, mode="area")
+
+
+def degraded_set(names: list[str], levels: tuple[int, ...], max_size: int, seed: int) -> list[tuple[str, torch.Tensor]]:
+    """`(name, (3, H, W) uint8)` for each photo of `names` and its versions under every distortion at `levels`."""
+    images = []
+    generator = torch.Generator().manual_seed(seed)
+    for name in names:
+        pristine = photo(name, max_size)
         images.append((name, (pristine[0] * 255).round().to(torch.uint8)))
         for distortion in ALL_DISTORTIONS:
-            for level in LEVELS:
+            for level in levels:
                 degraded = apply_distortion(pristine, distortion, level, generator)
                 images.append((f"{name}/{distortion.name}/{level}", (degraded[0] * 255).round().to(torch.uint8)))
     return images
 
 
-def rn50_random(workdir: Path) -> Path:
+def drift_images(max_size: int) -> list[tuple[str, torch.Tensor]]:
+    """The example photos, the held-out photos and their degraded versions (levels 1 and 3)."""
+    examples = [(path.name, read_image(path)) for path in default_calibration_images()]
+    heldout = [name for name in SKIMAGE_PHOTOS if name in HELDOUT]
+    return examples + degraded_set(heldout, LEVELS, max_size, seed=0)
+
+
+def fitting_images(max_size: int) -> list[tuple[str, torch.Tensor]]:
+    """Photos disjoint from `drift_images`: the demo data's training photos, degraded at levels 0, 2 and 4."""
+    return degraded_set([name for name in SKIMAGE_PHOTOS if name not in HELDOUT], (0, 2, 4), max_size, seed=1)
+
+
+def rn50_spread(workdir: Path, max_size: int) -> Path:
+    """
+    The RN50 image tower in the official layout (random weights, converted from the official checkpoint layout), its
+    BatchNorm statistics measured on `fitting_images` (disjoint from the drift images) and its prompt embeddings
+    fitted to its own image embeddings, so that its scores spread over [0, 1] as a trained model's do; saved to
+    `workdir/rn50-spread`.
+
+    With random statistics and prompts every image scores nearly the same (0.653-0.655 in an earlier run): the image
+    embeddings hardly differ, and not along the prompts. Here every prompt pair is the same (p, n), built so that
+    the logit difference is proportional to an image's coordinate along the direction from the pristine fitting
+    photos' mean embedding to that of their most degraded versions, centred on 0 and with a standard deviation of
+    `FITTED_LOGIT_STD` over the fitting images at the model's logit scale. It measures how rounding moves scores that
+    vary as much as a real model's do; it says nothing about quality.
+    """
     from model_throughput import official_rn50_folder  # needs openai-clip, as that benchmark does
 
-    return official_rn50_folder(workdir, random_statistics=True)
+    folder = official_rn50_folder(workdir, random_statistics=True)
+    model = QualiCLIPModel.from_pretrained(folder).eval()
+    processor = QualiCLIPProcessor.from_pretrained(folder)
+    fitting = fitting_images(max_size)
+    names = [name for name, _ in fitting]
+    # BatchNorm statistics of the fitting images themselves, as training sets them: with random statistics every
+    # image gets nearly the same embedding (cosine 0.99998 between any two), with these 0.47-1.0, as CLIP's are.
+    batch_norms = [module for module in model.modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    for module in batch_norms:
+        module.reset_running_stats()
+        module.momentum = None  # a plain average over the images
+        module.train()
+    with torch.no_grad():
+        for _, image in fitting:
+            model(**processor(images=[image], return_tensors="pt", max_size=max_size))
+    model.eval()
+    with torch.inference_mode():
+        embeds = torch.cat(
+            [
+                model(**processor(images=[image], return_tensors="pt", max_size=max_size)).image_embeds
+                for _, image in fitting
+            ]
+        ).double()
+    mean = embeds.mean(dim=0)
+    mean = mean / mean.norm()
+    # The direction from the pristine photos' mean embedding to that of their most degraded versions (level 4), made
+    # orthogonal to the mean: like a trained model's quality axis, it separates clean from distorted pictures.
+    degraded = torch.tensor([name.endswith("/4") for name in names])
+    direction = embeds[~degraded].mean(dim=0) - embeds[degraded].mean(dim=0)
+    direction = direction - (direction @ mean) * mean
+    direction = direction / direction.norm()
+    # The pair (p, n) = normalize(c ± k w / 2) with w = direction - g * mean and c = normalize(mean + g * direction)
+    # (so c is orthogonal to w) gives the logit difference scale * K * (x . w), K = k / sqrt(1 + k^2 |w|^2 / 4):
+    # g centres it on 0 over the fitting images (score 0.5), K sets its standard deviation to FITTED_LOGIT_STD.
+    g = (embeds @ direction).mean() / (embeds @ mean).mean()
+    w = direction - g * mean
+    c = (mean + g * direction) / (mean + g * direction).norm()
+    gain = FITTED_LOGIT_STD / (model.config.logit_scale * (embeds @ w).std())
+    k = gain / (1 - gain**2 * (w @ w) / 4) ** 0.5
+    positive, negative = c + k * w / 2, c - k * w / 2
+    prompts = [positive, negative] * model.config.num_prompt_pairs
+    with torch.no_grad():
+        model.prompt_embeds.copy_(torch.nn.functional.normalize(torch.stack(prompts), dim=-1).float())
+    model.save_pretrained(workdir / "rn50-spread")
+    processor.save_pretrained(workdir / "rn50-spread")
+    return workdir / "rn50-spread"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-size", type=int, default=384, help="longest side the images are scored at")
-    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS), help="fast paths to compare")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     args = parser.parse_args()
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"# CPU: {cpu_description()}")
@@ -92,38 +180,40 @@ def main() -> None:
         "| meets bar |"
     )
     print("| --- | --- | ---: | --- | ---: | ---: | ---: | --- |")
-    with tempfile.TemporaryDirectory() as workdir:
-        folders = {"demo": DEMO_MODEL_PATH, "rn50-random": rn50_random(Path(workdir))}
-        for name, folder in folders.items():
-            model = QualiCLIPModel.from_pretrained(folder).eval()
+    with tempfile.TemporaryDirectory() as workdir, _cache_in(Path(workdir) / "cache"):
+        for name in args.models:
+            folder = DEMO_MODEL_PATH if name == "demo" else rn50_spread(Path(workdir), args.max_size)
             processor = QualiCLIPProcessor.from_pretrained(folder)
             inputs = [processor(images=[image], return_tensors="pt", max_size=args.max_size) for _, image in images]
-            reference = score_all(model, inputs)
+            reference = score_all(QualiCLIPModel.from_pretrained(folder).eval(), inputs)
             spread = f"{reference.min():.3f} / {np.median(reference):.3f} / {reference.max():.3f}"
-            for fmt in args.formats:
-                scorer = fast_path(fmt, model, processor, Path(workdir) / name)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fmt == "bf16-autocast"):
+            for path in args.paths:
+                scorer = fast_path(path, QualiCLIPModel.from_pretrained(folder).eval(), processor)
+                if scorer is None:
+                    print(f"| {name} | {path} | - | {spread} | - | - | - | not run: {path.split('/')[0]} missing |")
+                    continue
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=path == "torch/bf16-autocast"):
                     scores = score_all(scorer, inputs)
                 diff = np.abs(scores - reference)
                 srcc = spearmanr(reference, scores).statistic
                 meets = srcc >= DRIFT_BAR["min_srcc"] and diff.max() <= DRIFT_BAR["max_abs_diff"]
                 print(
-                    f"| {name} | {fmt} | {len(images)} | {spread} | {diff.max():.4f} | {diff.mean():.4f} "
+                    f"| {name} | {path} | {len(images)} | {spread} | {diff.max():.4f} | {diff.mean():.4f} "
                     f"| {srcc:.5f} | {'yes' if meets else 'no'} |",
                     flush=True,
                 )
     print(f"\n# load average after: {' '.join(f'{value:.2f}' for value in os.getloadavg())}")
 
 
-def fast_path(fmt: str, model: QualiCLIPModel, processor: QualiCLIPProcessor, workdir: Path):
-    if fmt in ("bf16", "fp16"):
-        return reduce_precision(copy.deepcopy(model), {"bf16": torch.bfloat16, "fp16": torch.float16}[fmt])
-    if fmt == "bf16-autocast":
+def fast_path(path: str, model: QualiCLIPModel, processor: QualiCLIPProcessor):
+    """The scorer `qualiclip score --backend B --precision P` would use for `path` = "B/P" (None: B not installed)."""
+    backend, precision = path.split("/")
+    if precision == "bf16-autocast":
         return model
-    fp32_path = export_onnx(model, workdir, processor)
-    if fmt == "onnx-fp32":
-        return OnnxQualiCLIP(fp32_path)
-    return OnnxQualiCLIP(quantize_onnx(fp32_path, workdir / "model_int8.onnx", default_calibration_images(), processor))
+    try:
+        return prepare_scorer(model, processor, precision, backend)[0]
+    except ImportError:
+        return None
 
 
 @torch.inference_mode()

@@ -200,15 +200,17 @@ def _add_precision_options(parser: argparse.ArgumentParser) -> None:
         default="fp32",
         help="number format: 'auto' takes a faster one only where the hardware runs it natively and its score drift "
         "met the bar of benchmarks/precision.py, else fp32; bf16/fp16 run stages 2-4 of the image tower in that "
-        "dtype (the rest in fp32); int8 runs an int8 graph with ONNX Runtime on the CPU (needs the [onnx] extra). "
+        "dtype (the rest in fp32); int8 runs an int8 graph on the CPU (ONNX Runtime, or OpenVINO with --backend "
+        "openvino; needs the [onnx] extra). "
         "See benchmarks/RESULTS.md (default: fp32)",
     )
     parser.add_argument(
         "--backend",
         choices=BACKENDS,
         default="torch",
-        help="'onnxruntime': the model exported to ONNX once (cached) and run by ONNX Runtime on the CPU, fp32 or "
-        "int8 (needs the [onnx] extra) (default: torch)",
+        help="'onnxruntime' / 'openvino': the model exported to ONNX once (cached) and run by that runtime on the CPU "
+        "(ONNX Runtime: fp32 or int8, the [onnx] extra; OpenVINO: fp32, bf16 or int8, the [openvino] extra) "
+        "(default: torch)",
     )
     parser.add_argument(
         "--calibration-images",
@@ -419,8 +421,8 @@ def _scorer_in_precision(args: argparse.Namespace, model: Any, processor: Any) -
         scorer, chosen = prepare_scorer(model, processor, args.precision, args.backend, args.calibration_images)
     except (ImportError, OSError, ValueError) as error:
         raise CommandError(f"--precision {args.precision} --backend {args.backend}: {error}") from None
-    backend = "torch" if scorer is model else "onnxruntime"
-    print(f"{describe_choice(args.precision, chosen, model.device)}; backend: {backend}", file=sys.stderr)
+    runtime = "torch" if scorer is model else scorer.runtime
+    print(f"{describe_choice(args.precision, chosen, model.device, args.backend)}; runs in {runtime}", file=sys.stderr)
     if scorer is model and chosen == "fp32":
         from .fusion import fuse_for_inference
 

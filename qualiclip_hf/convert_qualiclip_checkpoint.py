@@ -144,9 +144,7 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor], **overrides: Any
         "vocab_size": state_dict["token_embedding.weight"].shape[0],
         "hidden_size": text_width,
         "num_attention_heads": text_width // 64,
-        "num_hidden_layers": len(
-            {key.split(".")[2] for key in state_dict if key.startswith("transformer.resblocks.")}
-        ),
+        "num_hidden_layers": len({key.split(".")[2] for key in state_dict if key.startswith("transformer.resblocks.")}),
         "projection_dim": output_dim,
     }
     vision_config.update(overrides.pop("vision_config", {}))

@@ -1,4 +1,4 @@
-"""ONNX export of QualiCLIP, and scoring with ONNX Runtime (no PyTorch in the forward pass).
+"""ONNX export of QualiCLIP, and scoring with ONNX Runtime or OpenVINO (no PyTorch in the forward pass).
 
 The exported graph is the image tower plus the fixed-prompt head, one graph:
 
@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 ONNX_FILENAME = "model.onnx"
 ONNX_OPSET = 18
 OUTPUT_NAMES = ("quality_score", "logits_per_prompt", "image_embeds")
+# The runtimes that run the exported graph on the CPU, and the formats each computes it in (int8 is a graph of its
+# own: `qualiclip_hf.quantization`).
+RUNTIMES = ("onnxruntime", "openvino")
+RUNTIME_PRECISIONS = {"onnxruntime": ("fp32",), "openvino": ("fp32", "bf16")}
 # The smallest height and width the graph accepts: the image tower's total stride (`QualiCLIPModel.min_image_size`).
 MIN_IMAGE_SIZE = 32
 
@@ -150,7 +154,7 @@ def export_onnx(model: QualiCLIPModel, output: str | Path, processor: Any = None
 
 class OnnxQualiCLIP:
     """
-    QualiCLIP scores from an exported graph with ONNX Runtime on the CPU.
+    QualiCLIP scores from an exported graph on the CPU, run by ONNX Runtime or OpenVINO.
 
     `score(pixel_values)` works on NumPy arrays and needs neither PyTorch nor transformers. Calling the object as a
     model (`model(pixel_values=..., image_sizes=...)`, torch tensors in, a `QualiCLIPOutput` out) lets it stand in
@@ -158,26 +162,46 @@ class OnnxQualiCLIP:
 
     Args:
         path: an ONNX file written by [`export_onnx`] (or its int8 version), or the folder holding `model.onnx`.
-        num_threads: ONNX Runtime's intra-op threads (default: its own, one per physical core).
+        num_threads: the runtime's threads (default: its own choice, one per physical core).
+        runtime: `"onnxruntime"` or `"openvino"` (OpenVINO reads the ONNX file itself; its int8 kernels run the int8
+            graph's quantized convolutions).
+        inference_precision: `"fp32"`, or with OpenVINO `"bf16"`: OpenVINO's `INFERENCE_PRECISION_HINT`, the
+            format it computes the float operations in (bf16 only where the CPU has bf16 instructions; OpenVINO
+            keeps some operations, e.g. the softmax, in fp32 on its own).
+
+    Raises:
+        FileNotFoundError: no graph at `path`.
+        ValueError: an unknown runtime, or bf16 asked of ONNX Runtime.
+        ImportError: the runtime is not installed.
     """
 
     min_image_size = MIN_IMAGE_SIZE
 
-    def __init__(self, path: str | Path, num_threads: int | None = None) -> None:
-        import onnxruntime
-
+    def __init__(
+        self,
+        path: str | Path,
+        num_threads: int | None = None,
+        runtime: str = "onnxruntime",
+        inference_precision: str = "fp32",
+    ) -> None:
         path = Path(path)
         if path.is_dir():
             path = path / ONNX_FILENAME
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no ONNX graph there (qualiclip export onnx writes one)")
-        options = onnxruntime.SessionOptions()
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if num_threads is not None:
-            options.intra_op_num_threads = num_threads
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        if inference_precision not in RUNTIME_PRECISIONS[runtime]:
+            raise ValueError(
+                f"{runtime} runs this graph in {' or '.join(RUNTIME_PRECISIONS[runtime])}, not {inference_precision}"
+            )
         self.path = path
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.runtime = runtime
+        if runtime == "onnxruntime":
+            self._run = _onnxruntime_session(path, num_threads)
+        else:
+            self._run = _openvino_session(path, num_threads, inference_precision)
+        self.metadata = _graph_metadata(path)
 
     def run(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         """
@@ -202,8 +226,7 @@ class OnnxQualiCLIP:
                 f"an image of {height}x{width} pixels is smaller than the {self.min_image_size}x{self.min_image_size}"
                 " minimum of the image tower (its total stride); upscale it first"
             )
-        outputs = self.session.run(list(OUTPUT_NAMES), {"pixel_values": pixel_values})
-        return dict(zip(OUTPUT_NAMES, outputs, strict=True))
+        return self._run(pixel_values)
 
     def score(self, pixel_values: np.ndarray) -> np.ndarray:
         """Quality scores in [0, 1], `(batch_size,)`, of same-size CLIP-normalised images `(batch_size, 3, H, W)`."""
@@ -235,6 +258,54 @@ class OnnxQualiCLIP:
                     results[name] = np.empty((len(pixels), *value.shape[1:]), dtype=value.dtype)
                 results[name][indices] = value
         return QualiCLIPOutput(**{name: torch.from_numpy(value) for name, value in results.items()})
+
+
+def _onnxruntime_session(path: Path, num_threads: int | None) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if num_threads is not None:
+        options.intra_op_num_threads = num_threads
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = session.run(list(OUTPUT_NAMES), {"pixel_values": pixel_values})
+        return dict(zip(OUTPUT_NAMES, outputs, strict=True))
+
+    return run
+
+
+def _openvino_session(
+    path: Path, num_threads: int | None, inference_precision: str
+) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    import openvino
+
+    config = {
+        # One request at a time, all cores on it: scoring runs one batch after another.
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[inference_precision],
+    }
+    if num_threads is not None:
+        config["INFERENCE_NUM_THREADS"] = num_threads
+    compiled = openvino.Core().compile_model(str(path), "CPU", config)
+    request = compiled.create_infer_request()
+    ports = {name: compiled.output(name) for name in OUTPUT_NAMES}
+
+    def run(pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        results = request.infer({"pixel_values": pixel_values})
+        # `infer` returns views of the request's buffers, which the next call overwrites.
+        return {name: np.array(results[port], copy=True) for name, port in ports.items()}
+
+    return run
+
+
+def _graph_metadata(path: Path) -> dict[str, str]:
+    """The metadata `export_onnx` writes into the graph (model type, logit scale, prompts, minimum size)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {entry.key: entry.value for entry in proto.metadata_props}
 
 
 def _sizes(image_sizes: Any) -> list[tuple[int, int]]:

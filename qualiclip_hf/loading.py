@@ -40,10 +40,10 @@ DEMO_MODEL_PATH = Path(__file__).parent / "demo_model"
 MODEL_NAMES = ("official", "demo")
 # `select_device` choices; "auto" tries the others in this order.
 DEVICES = ("auto", "cuda", "mps", "cpu")
-# `--precision` and pyiqa-style names: the torch dtype a model is loaded in (`from_pretrained(dtype=...)`).
-# The number formats and runtimes a model can score in (`qualiclip_hf.precision.prepare_scorer`).
+# The number formats and runtimes a model can score in (`qualiclip_hf.precision.prepare_scorer`); which format each
+# backend runs is `qualiclip_hf.precision.BACKEND_PRECISIONS`.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "openvino")
 
 OFFICIAL_REPO_ID = "chaofengc/IQA-PyTorch-Weights"
 OFFICIAL_FILENAME = "QualiCLIP.pth"

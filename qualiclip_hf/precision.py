@@ -6,14 +6,21 @@
 - `bf16` / `fp16`: stages 2-4 of the image tower in that dtype, with each BatchNorm folded into its convolution in
   float32 first (so the normalisation statistics are not rounded); the stem, stage 1, the attention pool and the
   score head in float32 (see `reduce_precision`).
-- `int8`: the image tower quantized to int8 by ONNX Runtime (`qualiclip_hf.quantization`), run by ONNX Runtime.
-- `auto`: the fastest reduced format that the device runs natively *and* whose score drift met the bar of
-  `DRIFT_BAR` on the drift benchmark (`benchmarks/precision.py`, figures in `benchmarks/RESULTS.md`); fp32 otherwise.
+- `int8`: the image tower quantized to int8 by ONNX Runtime (`qualiclip_hf.quantization`), run by ONNX Runtime
+  (or OpenVINO with `backend="openvino"`).
+- `auto`: the fastest reduced format that the device runs natively *and* whose score drift, with that backend, met
+  the bar of `DRIFT_BAR` on the drift benchmark (`benchmarks/precision.py`, figures in `benchmarks/RESULTS.md`); fp32
+  otherwise.
+
+`--backend` / `backend=` takes `torch` (the model itself), `onnxruntime` or `openvino` (the exported ONNX graph,
+`qualiclip_hf.export`, run by that runtime on the CPU, no PyTorch in the forward pass). With OpenVINO, bf16 is
+OpenVINO's own inference precision over the whole graph (`OnnxQualiCLIP`), not `reduce_precision`'s split.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,9 +37,16 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 # benchmarks/precision.py (the demo model on photos and their degraded versions, and an RN50 in the official layout
 # whose scores spread over [0, 1]): Spearman rank correlation (SRCC) and the largest absolute score difference.
 DRIFT_BAR = {"min_srcc": 0.999, "max_abs_diff": 0.01}
-# The formats that met `DRIFT_BAR` on both models in the last run of benchmarks/precision.py (RESULTS.md, section
-# "Precision past fp32 on the CPU"), fastest first. Re-run the benchmark after changing how a format is computed.
-FORMATS_MEETING_DRIFT_BAR: tuple[str, ...] = ()
+# The formats each backend runs (torch runs int8 through ONNX Runtime: PyTorch has no int8 path kept here).
+BACKEND_PRECISIONS = {
+    "torch": ("fp32", "bf16", "fp16", "int8"),
+    "onnxruntime": ("fp32", "int8"),
+    "openvino": ("fp32", "bf16", "int8"),
+}
+# Per backend, the formats that met `DRIFT_BAR` on both models in the last run of benchmarks/precision.py
+# (RESULTS.md, section "Precision past fp32 on the CPU"), fastest first. Re-run the benchmark after changing how a
+# format is computed.
+FORMATS_MEETING_DRIFT_BAR: dict[str, tuple[str, ...]] = {"torch": (), "onnxruntime": (), "openvino": ()}
 
 # /proc/cpuinfo flags of the x86 instructions that run each format natively (Intel's and AMD's names, as Linux
 # prints them): bf16 dot products (AVX512_BF16, AMX-BF16), fp16 arithmetic (AVX512_FP16, AMX-FP16), int8 dot products
@@ -93,44 +107,61 @@ def native_formats(device: torch.device | str = "cpu") -> set[str]:
 
 def resolve_precision(requested: str, device: torch.device | str = "cpu", backend: str = "torch") -> str:
     """
-    The format to run: `requested` itself, or for `"auto"` the first of `FORMATS_MEETING_DRIFT_BAR` that `device` runs
-    natively (int8 also needs ONNX Runtime installed; with the `"onnxruntime"` backend only int8 counts), else
+    The format to run: `requested` itself, or for `"auto"` the first of `FORMATS_MEETING_DRIFT_BAR[backend]` that
+    `device` runs natively and whose runtime is installed (int8 needs ONNX Runtime with the torch backend), else
     `"fp32"`.
 
     Raises:
-        ValueError: an unknown name, or int8 on a device other than the CPU.
+        ValueError: an unknown name or backend, a format the backend does not run (`BACKEND_PRECISIONS`), or int8 or
+            an ONNX backend on a device other than the CPU.
     """
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     device = torch.device(device)
+    if backend != "torch" and device.type != "cpu":
+        raise ValueError(f"the {backend} backend runs on the CPU; use --device cpu")
     if requested == "int8" and device.type != "cpu":
-        raise ValueError("int8 runs on the CPU (through ONNX Runtime); use fp16 or bf16 on a GPU")
+        raise ValueError("int8 runs on the CPU (through ONNX Runtime or OpenVINO); use fp16 or bf16 on a GPU")
     if requested != "auto":
+        if requested not in BACKEND_PRECISIONS[backend]:
+            runs = ", ".join(BACKEND_PRECISIONS[backend])
+            raise ValueError(f"the {backend} backend runs {runs}, not {requested}")
         return requested
     native = native_formats(device)
-    for fmt in FORMATS_MEETING_DRIFT_BAR:
-        runs = _onnxruntime_available() if fmt == "int8" else backend == "torch"
-        if fmt in native and runs:
+    for fmt in FORMATS_MEETING_DRIFT_BAR[backend]:
+        if fmt in native and _runtime_available(_runtime(backend, fmt)):
             return fmt
     return "fp32"
 
 
-def describe_choice(requested: str, chosen: str, device: torch.device | str = "cpu") -> str:
+def describe_choice(requested: str, chosen: str, device: torch.device | str = "cpu", backend: str = "torch") -> str:
     """The line printed once when a precision is chosen: what runs, and why for `auto`."""
     device = torch.device(device)
     if requested != "auto":
         return f"precision: {chosen}"
     native = sorted(native_formats(device)) or ["none"]
-    passing = list(FORMATS_MEETING_DRIFT_BAR) or ["none"]
+    passing = list(FORMATS_MEETING_DRIFT_BAR[backend]) or ["none"]
     return (
         f"precision: {chosen} (auto: native on this {device.type}: {', '.join(native)}; within the drift bar "
-        f"SRCC >= {DRIFT_BAR['min_srcc']}, max score diff <= {DRIFT_BAR['max_abs_diff']}: {', '.join(passing)})"
+        f"SRCC >= {DRIFT_BAR['min_srcc']}, max score diff <= {DRIFT_BAR['max_abs_diff']} with {backend}: "
+        f"{', '.join(passing)})"
     )
 
 
-def _onnxruntime_available() -> bool:
+def _runtime(backend: str, precision: str) -> str:
+    """What runs `precision` for `backend`: PyTorch, or the runtime that runs the exported graph."""
+    if backend == "torch":
+        return "onnxruntime" if precision == "int8" else "torch"
+    return backend
+
+
+def _runtime_available(runtime: str) -> bool:
+    if runtime == "torch":
+        return True
     try:
-        import onnxruntime  # noqa: F401
+        importlib.import_module(runtime)
     except ImportError:
         return False
     return True
@@ -181,38 +212,36 @@ def prepare_scorer(
     """
     Turns a float32 `QualiCLIPModel` (eval mode, on its device) into what scores in `precision`: the model itself
     (fp32), the model reduced in place (bf16/fp16, `reduce_precision`), or an `OnnxQualiCLIP` running the exported
-    graph with ONNX Runtime (`backend="onnxruntime"`, and int8 whatever the backend), exported and quantized once per
-    model into the cache (`qualiclip_hf.quantization.cached_onnx`). Both kinds take `model(**processor_outputs)`
-    and work with `qualiclip_hf.scoring.score_files`.
+    graph with ONNX Runtime or OpenVINO (`backend="onnxruntime"` or `"openvino"`; int8 with the torch backend runs
+    in ONNX Runtime), exported and quantized once per model into the cache (`qualiclip_hf.quantization.cached_onnx`).
+    Both kinds take `model(**processor_outputs)` and work with `qualiclip_hf.scoring.score_files`.
 
     Args:
         precision: one of `PRECISIONS`; `"auto"` as `resolve_precision` decides.
-        backend: `"torch"` or `"onnxruntime"` (CPU; fp32 or int8).
+        backend: `"torch"`, `"onnxruntime"` or `"openvino"` (CPU; the formats of `BACKEND_PRECISIONS`).
         calibration_images: a folder of photos to calibrate int8 on (default: the bundled examples).
 
     Returns:
         `(scorer, chosen precision)`.
 
     Raises:
-        ValueError: an unknown precision or backend, or a combination that does not run (int8 off the CPU,
-            bf16/fp16 with ONNX Runtime).
-        ImportError: ONNX Runtime is needed and not installed (`pip install "qualiclip-hf[onnx]"`).
+        ValueError: an unknown precision or backend, or a combination that does not run (int8 or an ONNX backend
+            off the CPU, a format the backend does not run).
+        ImportError: the runtime is needed and not installed (the `[onnx]` or `[openvino]` extra).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     device = next(model.parameters()).device
     chosen = resolve_precision(precision, device, backend)
-    if backend == "onnxruntime" or chosen == "int8":
-        if device.type != "cpu":
-            raise ValueError("the ONNX Runtime backend runs on the CPU; use --device cpu")
-        if chosen not in ("fp32", "int8"):
-            raise ValueError(f"the ONNX Runtime backend runs fp32 or int8, not {chosen}")
-        if not _onnxruntime_available():
-            raise ImportError('ONNX Runtime is not installed: pip install "qualiclip-hf[onnx]"')
+    runtime = _runtime(backend, chosen)
+    if runtime != "torch":
+        if not _runtime_available(runtime):
+            extra = "onnx" if runtime == "onnxruntime" else "openvino"
+            raise ImportError(f'{runtime} is not installed: pip install "qualiclip-hf[{extra}]"')
         from .export import OnnxQualiCLIP
         from .quantization import cached_onnx
 
-        return OnnxQualiCLIP(cached_onnx(model, processor, chosen, calibration_images)), chosen
+        graph = cached_onnx(model, processor, "int8" if chosen == "int8" else "fp32", calibration_images)
+        inference_precision = "bf16" if chosen == "bf16" else "fp32"  # int8: the float operations left in fp32
+        return OnnxQualiCLIP(graph, runtime=runtime, inference_precision=inference_precision), chosen
     if chosen in ("bf16", "fp16"):
         reduce_precision(model, TORCH_DTYPES[chosen])
     return model, chosen

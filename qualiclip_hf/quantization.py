@@ -12,7 +12,9 @@ attention pool and the score head stay in float32.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -84,7 +86,7 @@ def quantize_onnx(fp32_path: str | Path, output: str | Path, images: Sequence[Pa
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".quantize-") as staging:
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".quantize-") as staging, _quiet_onnxruntime_logs():
         staged = Path(staging) / output.name
         quantize_static(
             str(fp32_path),
@@ -99,6 +101,24 @@ def quantize_onnx(fp32_path: str | Path, output: str | Path, images: Sequence[Pa
         )
         os.replace(staged, output)
     return output
+
+
+@contextlib.contextmanager
+def _quiet_onnxruntime_logs() -> Iterator[None]:
+    """
+    Drops the quantizer's advice, which it logs on the root logger, one line per convolution ("Please consider
+    pre-processing before quantization", "Expected bias ... to be an initializer"): it says nothing a user can act
+    on. Other loggers' records pass.
+    """
+
+    def not_from_onnxruntime(record: logging.LogRecord) -> bool:
+        return "onnxruntime" not in record.pathname
+
+    logging.root.addFilter(not_from_onnxruntime)
+    try:
+        yield
+    finally:
+        logging.root.removeFilter(not_from_onnxruntime)
 
 
 def _images_key(paths: Sequence[Path]) -> str:

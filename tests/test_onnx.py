@@ -1,7 +1,9 @@
-"""ONNX export and ONNX Runtime scoring: the graph gives PyTorch's scores at any batch size and image size."""
+"""ONNX export, and scoring with ONNX Runtime and OpenVINO: the graph gives PyTorch's scores at any batch size and image
+size."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -17,6 +19,16 @@ from .conftest import photo
 
 pytest.importorskip("onnxruntime")
 from qualiclip_hf.export import ONNX_FILENAME, OnnxQualiCLIP, export_onnx
+from qualiclip_hf.precision import native_formats
+
+# OpenVINO is the [openvino] extra (in [test]); without it its cases skip, ONNX Runtime's still run.
+RUNTIMES = [
+    "onnxruntime",
+    pytest.param(
+        "openvino",
+        marks=pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="OpenVINO not installed"),
+    ),
+]
 
 # Sizes that are not multiples of the tower's stride, the 32x32 minimum, and a batch of several images.
 SHAPES = [(1, 3, 32, 32), (3, 3, 100, 111), (2, 3, 224, 160), (1, 3, 63, 200)]
@@ -34,10 +46,13 @@ def tiny_onnx(tiny_model, tmp_path_factory) -> Path:
     return export_onnx(tiny_model, tmp_path_factory.mktemp("tiny_onnx"))
 
 
+@pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize("which", ["demo", "tiny"])
-def test_onnx_scores_equal_pytorch_at_every_batch_and_image_size(which, demo, demo_onnx, tiny_model, tiny_onnx):
+def test_onnx_scores_equal_pytorch_at_every_batch_and_image_size(
+    which, runtime, demo, demo_onnx, tiny_model, tiny_onnx
+):
     model, path = (demo[0], demo_onnx) if which == "demo" else (tiny_model, tiny_onnx)
-    runner = OnnxQualiCLIP(path)
+    runner = OnnxQualiCLIP(path, runtime=runtime)
     generator = torch.Generator().manual_seed(0)
     for shape in SHAPES:
         pixel_values = torch.randn(shape, generator=generator)
@@ -57,15 +72,38 @@ def test_tiny_model_scores_vary_so_the_equality_bites(tiny_model, tiny_onnx):
     assert np.ptp(scores) > 1e-4  # 50 times the tolerance of the equality above
 
 
-def test_a_padded_batch_of_mixed_sizes_scores_as_pytorch(demo, demo_onnx):
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_padded_batch_of_mixed_sizes_scores_as_pytorch(runtime, demo, demo_onnx):
     model, processor = demo
     images = [photo(90, 140, seed=1), photo(200, 64, seed=2), photo(90, 140, seed=3)]
     inputs = processor(images=images, return_tensors="pt")
     assert inputs["image_sizes"] is not None
     with torch.inference_mode():
         expected = model(**inputs).quality_score
-    got = OnnxQualiCLIP(demo_onnx)(**inputs).quality_score
+    got = OnnxQualiCLIP(demo_onnx, runtime=runtime)(**inputs).quality_score
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="OpenVINO not installed")
+def test_openvino_bf16_computes_in_bf16_where_the_cpu_has_it_and_stays_near_fp32(demo, demo_onnx):
+    processor = demo[1]
+    inputs = processor(images=[photo(160, 224, seed=seed) for seed in range(4)], return_tensors="pt")
+    fp32 = OnnxQualiCLIP(demo_onnx, runtime="openvino")(**inputs)
+    bf16 = OnnxQualiCLIP(demo_onnx, runtime="openvino", inference_precision="bf16")(**inputs)
+    embedding_change = (bf16.image_embeds - fp32.image_embeds).abs().max().item()
+    if "bf16" in native_formats("cpu"):
+        assert embedding_change > 1e-4  # rounded to bf16's 8 significant bits, not computed in fp32
+    else:
+        assert embedding_change < 1e-5  # OpenVINO computes in fp32 where the CPU has no bf16
+    # Loose: the drift bar is judged on ~200 images by benchmarks/precision.py, not here.
+    torch.testing.assert_close(bf16.quality_score, fp32.quality_score, rtol=0, atol=0.05)
+
+
+def test_runtime_choices_are_checked(demo_onnx):
+    with pytest.raises(ValueError, match="runtime must be one of onnxruntime, openvino"):
+        OnnxQualiCLIP(demo_onnx, runtime="tensorrt")
+    with pytest.raises(ValueError, match="onnxruntime runs this graph in fp32, not bf16"):
+        OnnxQualiCLIP(demo_onnx, inference_precision="bf16")
 
 
 def test_the_export_folder_carries_the_processor_and_the_prompts(demo_onnx, demo):
@@ -100,11 +138,15 @@ def test_cli_export_and_onnxruntime_backend_score_as_torch(tiny_model_dir, tmp_p
 
     expected = scores()
     assert scores("--backend", "onnxruntime") == pytest.approx(expected, abs=1e-5)
-    assert "backend: onnxruntime" in capsys.readouterr().err
+    assert "runs in onnxruntime" in capsys.readouterr().err
     cached = list((tmp_path / "cache").glob(f"*/{ONNX_FILENAME}"))
     assert len(cached) == 1  # keyed by the model: a second run reuses it
     assert scores("--backend", "onnxruntime") == pytest.approx(expected, abs=1e-5)
     assert list((tmp_path / "cache").glob(f"*/{ONNX_FILENAME}")) == cached
+    if importlib.util.find_spec("openvino") is not None:
+        assert scores("--backend", "openvino") == pytest.approx(expected, abs=1e-5)
+        assert "runs in openvino" in capsys.readouterr().err
+        assert list((tmp_path / "cache").glob(f"*/{ONNX_FILENAME}")) == cached  # the same graph
 
     out = tmp_path / "exported"
     assert main(["export", "onnx", "--model", str(tiny_model_dir), "--output", str(out)]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 
 import pytest
@@ -44,17 +45,30 @@ def test_native_formats_follow_the_cpu_flags(cpu):
     assert native_formats("cpu") == {"int8"}
 
 
-def test_auto_takes_only_a_native_format_that_met_the_drift_bar(cpu, monkeypatch):
-    monkeypatch.setattr(precision, "FORMATS_MEETING_DRIFT_BAR", ("bf16",))
+def passing(**formats: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """`FORMATS_MEETING_DRIFT_BAR` with the given backends' formats, none for the others."""
+    return {backend: formats.get(backend, ()) for backend in precision.BACKEND_PRECISIONS}
+
+
+def test_auto_takes_only_a_native_format_that_met_the_drift_bar_with_that_backend(cpu, monkeypatch):
+    monkeypatch.setattr(precision, "FORMATS_MEETING_DRIFT_BAR", passing(torch=("bf16",), onnxruntime=("int8",)))
     cpu(AVX512_BF16_VNNI)
     assert resolve_precision("auto", "cpu") == "bf16"
-    assert resolve_precision("auto", "cpu", backend="onnxruntime") == "fp32"  # ONNX Runtime runs no bf16 here
+    assert resolve_precision("auto", "cpu", backend="openvino") == "fp32"  # bf16 passed with torch, not openvino
     cpu(AVX2_ONLY, "AVX2")
     assert resolve_precision("auto", "cpu") == "fp32"  # never an emulated format: slower than fp32
-    monkeypatch.setattr(precision, "FORMATS_MEETING_DRIFT_BAR", ())
+    assert resolve_precision("auto", "cpu", backend="onnxruntime") == "fp32"  # no VNNI: int8 not native
+    monkeypatch.setattr(precision, "FORMATS_MEETING_DRIFT_BAR", passing())
     cpu(AVX512_BF16_VNNI)
     assert resolve_precision("auto", "cpu") == "fp32"  # native, but its scores moved too much
     assert resolve_precision("bf16", "cpu") == "bf16"  # an explicit choice is obeyed
+
+
+def test_auto_skips_a_format_whose_runtime_is_not_installed(cpu, monkeypatch):
+    monkeypatch.setattr(precision, "FORMATS_MEETING_DRIFT_BAR", passing(torch=("int8", "bf16")))
+    monkeypatch.setattr(precision, "_runtime_available", lambda runtime: runtime != "onnxruntime")
+    cpu(AVX512_BF16_VNNI)
+    assert resolve_precision("auto", "cpu") == "bf16"  # int8 would run in ONNX Runtime, missing here
 
 
 def test_impossible_choices_are_refused():
@@ -62,6 +76,14 @@ def test_impossible_choices_are_refused():
         resolve_precision("int4", "cpu")
     with pytest.raises(ValueError, match="int8 runs on the CPU"):
         resolve_precision("int8", "cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_precision("fp32", "cpu", backend="tensorrt")
+    with pytest.raises(ValueError, match="the onnxruntime backend runs fp32, int8, not bf16"):
+        resolve_precision("bf16", "cpu", backend="onnxruntime")
+    with pytest.raises(ValueError, match="the openvino backend runs fp32, bf16, int8, not fp16"):
+        resolve_precision("fp16", "cpu", backend="openvino")
+    with pytest.raises(ValueError, match="the openvino backend runs on the CPU"):
+        resolve_precision("fp32", "cuda", backend="openvino")
 
 
 def test_folding_batch_norms_keeps_the_outputs(tiny_model):
@@ -90,7 +112,7 @@ def test_reduced_precision_runs_late_stages_in_it_and_keeps_the_rest_in_float32(
 
 
 def test_cli_prints_the_choice_once(tiny_model_dir, tmp_path, capsys, cpu, monkeypatch):
-    monkeypatch.setattr(precision, "FORMATS_MEETING_DRIFT_BAR", ("bf16",))
+    monkeypatch.setattr(precision, "FORMATS_MEETING_DRIFT_BAR", passing(torch=("bf16",)))
     cpu(AVX512_BF16_VNNI)
     for seed in range(3):
         photo(64, 80, seed=seed).save(tmp_path / f"{seed}.png")
@@ -170,7 +192,7 @@ def test_calibration_folder_without_images_is_named(tiny_model, tmp_path, monkey
     assert f"no calibration images in {empty}" in capsys.readouterr().err
 
 
-def test_cli_int8_scores_follow_float32(tiny_model_dir, tmp_path, monkeypatch):
+def test_cli_int8_scores_follow_float32(tiny_model_dir, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("QUALICLIP_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -185,3 +207,9 @@ def test_cli_int8_scores_follow_float32(tiny_model_dir, tmp_path, monkeypatch):
     full, int8 = scores(), scores("--precision", "int8", "--calibration-images", str(folder))
     assert int8 != full
     assert int8 == pytest.approx(full, abs=0.1)
+    # The quantizer's per-convolution advice on the root logger ("Expected bias ... to be an initializer") is dropped.
+    assert [record.getMessage() for record in caplog.records if "onnxruntime" in record.pathname] == []
+    if importlib.util.find_spec("openvino") is not None:  # the same int8 graph, run by OpenVINO's int8 kernels
+        openvino_int8 = scores("--precision", "int8", "--backend", "openvino", "--calibration-images", str(folder))
+        assert openvino_int8 != full
+        assert openvino_int8 == pytest.approx(int8, abs=0.05)
