@@ -100,19 +100,21 @@ def fitting_images(max_size: int) -> list[tuple[str, torch.Tensor]]:
     return degraded_set([name for name in SKIMAGE_PHOTOS if name not in HELDOUT], (0, 2, 4), max_size, seed=1)
 
 
-def rn50_spread(workdir: Path, max_size: int) -> Path:
+def rn50_spread(workdir: Path, max_size: int, measured: list[tuple[str, torch.Tensor]]) -> Path:
     """
     The RN50 image tower in the official layout (random weights, converted from the official checkpoint layout), its
     BatchNorm statistics measured on `fitting_images` (disjoint from the drift images) and its prompt embeddings
-    fitted to its own image embeddings, so that its scores spread over [0, 1] as a trained model's do; saved to
-    `workdir/rn50-spread`.
+    fitted to its own image embeddings, so that the scores of the `measured` images spread over [0, 1] as a trained
+    model's would; saved to `workdir/rn50-spread`.
 
     With random statistics and prompts every image scores nearly the same (0.653-0.655 in an earlier run): the image
     embeddings hardly differ, and not along the prompts. Here every prompt pair is the same (p, n), built so that
     the logit difference is proportional to an image's coordinate along the direction from the pristine fitting
-    photos' mean embedding to that of their most degraded versions, centred on 0 and with a standard deviation of
-    `FITTED_LOGIT_STD` over the fitting images at the model's logit scale. It measures how rounding moves scores that
-    vary as much as a real model's do; it says nothing about quality.
+    photos' mean embedding to that of their most degraded versions (the score axis, learned from other photos), with
+    its offset and scale set on the `measured` images (median at score 0.5, logit standard deviation
+    `FITTED_LOGIT_STD` at the model's logit scale): scores centred on the steep middle of the softmax, where rounding
+    moves them most. It measures how rounding moves scores that vary as much as a real model's do; it says nothing
+    about quality.
     """
     from model_throughput import official_rn50_folder  # needs openai-clip, as that benchmark does
 
@@ -132,13 +134,17 @@ def rn50_spread(workdir: Path, max_size: int) -> Path:
         for _, image in fitting:
             model(**processor(images=[image], return_tensors="pt", max_size=max_size))
     model.eval()
-    with torch.inference_mode():
-        embeds = torch.cat(
-            [
-                model(**processor(images=[image], return_tensors="pt", max_size=max_size)).image_embeds
-                for _, image in fitting
-            ]
-        ).double()
+
+    def embed(images: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.cat(
+                [
+                    model(**processor(images=[image], return_tensors="pt", max_size=max_size)).image_embeds
+                    for _, image in images
+                ]
+            ).double()
+
+    embeds, measured_embeds = embed(fitting), embed(measured)
     mean = embeds.mean(dim=0)
     mean = mean / mean.norm()
     # The direction from the pristine photos' mean embedding to that of their most degraded versions (level 4), made
@@ -149,14 +155,17 @@ def rn50_spread(workdir: Path, max_size: int) -> Path:
     direction = direction / direction.norm()
     # The pair (p, n) = normalize(c ± k w / 2) with w = direction - g * mean and c = normalize(mean + g * direction)
     # (so c is orthogonal to w) gives the logit difference scale * K * (x . w), K = k / sqrt(1 + k^2 |w|^2 / 4):
-    # g centres it on 0 over the fitting images (score 0.5), K sets its standard deviation to FITTED_LOGIT_STD.
-    g = (embeds @ direction).mean() / (embeds @ mean).mean()
+    # g centres it on 0 over the measured images (median score 0.5), K sets its standard deviation over them to
+    # FITTED_LOGIT_STD.
+    g = (measured_embeds @ direction).median() / (measured_embeds @ mean).median()
     w = direction - g * mean
     c = (mean + g * direction) / (mean + g * direction).norm()
-    gain = FITTED_LOGIT_STD / (model.config.logit_scale * (embeds @ w).std())
+    gain = FITTED_LOGIT_STD / (model.config.logit_scale * (measured_embeds @ w).std())
     k = gain / (1 - gain**2 * (w @ w) / 4) ** 0.5
     positive, negative = c + k * w / 2, c - k * w / 2
     prompts = [positive, negative] * model.config.num_prompt_pairs
+    distance = (positive / positive.norm() - negative / negative.norm()).norm().item()
+    print(f"# rn50-spread: fitted prompt pair |p - n| = {distance:.3f} (the demo model's pairs: 0.14-1.28)")
     with torch.no_grad():
         model.prompt_embeds.copy_(torch.nn.functional.normalize(torch.stack(prompts), dim=-1).float())
     model.save_pretrained(workdir / "rn50-spread")
@@ -182,7 +191,7 @@ def main() -> None:
     print("| --- | --- | ---: | --- | ---: | ---: | ---: | --- |")
     with tempfile.TemporaryDirectory() as workdir, _cache_in(Path(workdir) / "cache"):
         for name in args.models:
-            folder = DEMO_MODEL_PATH if name == "demo" else rn50_spread(Path(workdir), args.max_size)
+            folder = DEMO_MODEL_PATH if name == "demo" else rn50_spread(Path(workdir), args.max_size, images)
             processor = QualiCLIPProcessor.from_pretrained(folder)
             inputs = [processor(images=[image], return_tensors="pt", max_size=args.max_size) for _, image in images]
             reference = score_all(QualiCLIPModel.from_pretrained(folder).eval(), inputs)
