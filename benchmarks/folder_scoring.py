@@ -1,7 +1,8 @@
 """End-to-end folder scoring (`qualiclip score DIR`): where the time goes, decoding vs the model.
 
     python benchmarks/folder_scoring.py [--images 1000] [--model demo|rn50-random] [--batch-size 4] [--workers N]
-                                        [--device cpu|cuda] [--decode-on workers|device] [--precision fp32|bf16|fp16]
+                                        [--device cpu|cuda] [--decode-on workers|device] [--precision fp32|bf16|...]
+                                        [--backend torch|onnxruntime|openvino]
     python benchmarks/folder_scoring.py --competing-load [--images 60]
 
 Writes `--images` JPEG photos of mixed sizes (crops of scikit-image's photos, 320 to 1280 px on the long side) to a
@@ -43,7 +44,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qualiclip_hf import QualiCLIPConfig, QualiCLIPModel, QualiCLIPProcessor
-from qualiclip_hf.loading import PRECISIONS, resolve_pretrained
+from qualiclip_hf.loading import BACKENDS, PRECISIONS, resolve_pretrained
 from qualiclip_hf.precision import prepare_scorer
 from qualiclip_hf.scoring import (
     _decode_jpegs,
@@ -184,6 +185,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--decode-on", choices=("workers", "device"), default="workers")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="as `qualiclip score --precision`")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch", help="as `qualiclip score --backend`")
     parser.add_argument(
         "--competing-load",
         action="store_true",
@@ -195,11 +197,12 @@ def main() -> None:
     workers = args.workers if args.workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
 
     model, processor = load_model(args.model)
-    model, _ = prepare_scorer(model.to(device), processor, args.precision)
+    model, _ = prepare_scorer(model.to(device), processor, args.precision, args.backend)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"# torch {torch.__version__}, {where}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-        f"{workers} workers, JPEGs decoded on {args.decode_on}, {args.precision}, {time.strftime('%Y-%m-%d')}; "
+        f"{workers} workers, JPEGs decoded on {args.decode_on}, {args.precision} on {args.backend}, "
+        f"{time.strftime('%Y-%m-%d')}; "
         f"model {args.model}, batch {args.batch_size}, {args.images} JPEG photos of mixed sizes\n"
     )
     print(
