@@ -344,8 +344,21 @@ def _score_command(args: argparse.Namespace) -> int:
     if args.output is not None:
         try:
             writer = ResultWriter(args.output, resolved.name, resume=args.resume)
+            # The settings the arguments fix are checked now, before the model loads (minutes, for `official`); the
+            # precision `auto` chooses, and the runtime, once it is loaded (`writer.start`).
+            writer.check_settings(
+                {"max_size": args.max_size, **({"precision": args.precision} if args.precision != "auto" else {})}
+            )
         except (OSError, ValueError) as error:
             raise CommandError(f"cannot write --output {args.output}: {error}") from None
+        if writer.unrecorded:
+            rows = f"{writer.unrecorded} row{'s' if writer.unrecorded > 1 else ''}"
+            print(
+                f"qualiclip: warning: {rows} of {args.output} came from an earlier version, without the settings that "
+                "change scores (--precision, --backend, --max-size): they cannot be checked and are taken to match "
+                "this run's",
+                file=sys.stderr,
+            )
         paths = [path for path in paths if os.path.abspath(path) not in writer.done]
         if writer.done:
             print(f"{len(writer.done)} files already in {args.output}; {len(paths)} to score", file=sys.stderr)
@@ -356,7 +369,12 @@ def _score_command(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         torch.set_num_threads(args.threads or threads)
     model, processor = _load(resolved, device)
-    model = _scorer_in_precision(args, model, processor)
+    model, precision, runtime = _scorer_in_precision(args, model, processor)
+    if writer is not None:
+        try:
+            writer.start({"precision": precision, "backend": runtime, "max_size": args.max_size})
+        except (OSError, ValueError) as error:
+            raise CommandError(f"cannot write --output {args.output}: {error}") from None
     batch_size = args.batch_size or (1 if device.type == "cpu" else 8)
     results = _score_with_progress(args, paths, model, processor, batch_size, workers, writer)
     if writer is None:
@@ -413,8 +431,11 @@ def _score_with_progress(args, paths, model, processor, batch_size, workers, wri
     return results
 
 
-def _scorer_in_precision(args: argparse.Namespace, model: Any, processor: Any) -> Any:
-    """What scores in `--precision` / `--backend` (`precision.prepare_scorer`), the choice printed once."""
+def _scorer_in_precision(args: argparse.Namespace, model: Any, processor: Any) -> tuple[Any, str, str]:
+    """
+    What scores in `--precision` / `--backend` (`precision.prepare_scorer`), the choice printed once; with the
+    precision chosen (`auto` resolved) and what runs the model (`torch`, `onnxruntime` or `openvino`).
+    """
     from .precision import describe_choice, prepare_scorer
 
     try:
@@ -428,7 +449,7 @@ def _scorer_in_precision(args: argparse.Namespace, model: Any, processor: Any) -
 
         # Bulk scoring is where the speed layer pays (BatchNorm folded, CPU chunks); scores move by float rounding.
         scorer = fuse_for_inference(model)
-    return scorer
+    return scorer, chosen, runtime
 
 
 def _export_onnx_command(args: argparse.Namespace) -> int:
