@@ -340,6 +340,13 @@ def _score_command(args: argparse.Namespace) -> int:
         )
     paths = _image_paths(args.paths, args.recursive, collect_image_paths)
     device = _device(args.device)
+    if args.decode_on == "device" and device.type == "cpu":
+        print(
+            "qualiclip: warning: --decode-on device decodes on the CPU, because the device is the CPU: TorchCodec "
+            "decodes JPEGs in the main process, not in the worker processes (--decode-on workers, the default, "
+            "decodes them in parallel)",
+            file=sys.stderr,
+        )
     writer = None
     if args.output is not None:
         try:

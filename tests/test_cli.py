@@ -509,3 +509,14 @@ def test_resume_accepts_a_file_of_an_earlier_version_without_settings(good_folde
     assert len(rows) == 6 and rows["0.png"]["score"] == "0.5"
     assert (rows["0.png"]["precision"], rows["0.png"]["max_size"]) == ("", "")  # still unknown
     assert {(rows[f"{i}.png"]["precision"], rows[f"{i}.png"]["max_size"]) for i in range(1, 6)} == {("fp32", "64")}
+
+
+def test_decoding_on_the_device_says_when_that_device_is_the_cpu(folder, tiny_model_dir, capsys):
+    command = ["score", str(folder / "a.jpg"), "--model", str(tiny_model_dir), "--device", "cpu"]
+    assert main([*command, "--decode-on", "device"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1
+    assert "--decode-on device" in warnings[0] and "decodes on the CPU" in warnings[0]
+    assert "the device is the CPU" in warnings[0]
+    assert main(command) == 0
+    assert "decodes on the CPU" not in capsys.readouterr().err
