@@ -483,8 +483,11 @@ def _export_onnx_command(args: argparse.Namespace) -> int:
 
 
 def _image_paths(inputs: Sequence[str], recursive: bool, collect: Callable[..., list[Path]]) -> list[Path]:
-    """The files to score; a missing folder, or folders without images, stop the command with a hint."""
-    from .image_reader import image_file_extensions
+    """
+    The files to score (`collect`, which warns of the files it skips); a missing folder, or folders without images,
+    stop the command with a hint.
+    """
+    from .image_reader import find_image_files, image_file_extensions
 
     extensions = image_file_extensions()
     for item in map(Path, inputs):
@@ -494,7 +497,8 @@ def _image_paths(inputs: Sequence[str], recursive: bool, collect: Callable[..., 
     if paths:
         return paths
     hint = f"looked for the {len(extensions)} extensions the installed readers open: .jpg, .png, .webp, .tif, ..."
-    if not recursive and collect(inputs, recursive=True):
+    # Only folders are left (a file is always collected); looked into quietly: `collect` has warned of their files.
+    if not recursive and any(find_image_files(item, recursive=True)[0] for item in map(Path, inputs)):
         hint = "there are images in subfolders: add --recursive to score them"
     raise CommandError(f"no image files found in {' '.join(inputs)} ({hint})", status=1)
 

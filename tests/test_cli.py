@@ -520,3 +520,18 @@ def test_decoding_on_the_device_says_when_that_device_is_the_cpu(folder, tiny_mo
     assert "the device is the CPU" in warnings[0]
     assert main(command) == 0
     assert "decodes on the CPU" not in capsys.readouterr().err
+
+
+def test_files_skipped_in_a_folder_are_reported_once(tmp_path, caplog, capsys):
+    import logging
+
+    folder = tmp_path / "only_sub"
+    (folder / "inner").mkdir(parents=True)
+    photo(40, 40).save(folder / "inner" / "a.png")
+    (folder / "notes.txt").write_text("not an image")
+    with caplog.at_level(logging.WARNING):
+        assert main(["score", str(folder), "--model", "demo"]) == 1
+    skipped = [record.getMessage() for record in caplog.records if "skipped" in record.getMessage()]
+    assert len(skipped) == 1, skipped
+    assert "skipped 1 file(s) that are not images (notes.txt)" in skipped[0]
+    assert "add --recursive" in capsys.readouterr().err
