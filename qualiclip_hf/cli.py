@@ -340,12 +340,32 @@ def _score_command(args: argparse.Namespace) -> int:
         )
     paths = _image_paths(args.paths, args.recursive, collect_image_paths)
     device = _device(args.device)
+    if args.decode_on == "device" and device.type == "cpu":
+        print(
+            "qualiclip: warning: --decode-on device decodes on the CPU, because the device is the CPU: TorchCodec "
+            "decodes JPEGs in the main process, not in the worker processes (--decode-on workers, the default, "
+            "decodes them in parallel)",
+            file=sys.stderr,
+        )
     writer = None
     if args.output is not None:
         try:
             writer = ResultWriter(args.output, resolved.name, resume=args.resume)
+            # The settings the arguments fix are checked now, before the model loads (minutes, for `official`); the
+            # precision `auto` chooses, and the runtime, once it is loaded (`writer.start`).
+            writer.check_settings(
+                {"max_size": args.max_size, **({"precision": args.precision} if args.precision != "auto" else {})}
+            )
         except (OSError, ValueError) as error:
             raise CommandError(f"cannot write --output {args.output}: {error}") from None
+        if writer.unrecorded:
+            rows = f"{writer.unrecorded} row{'s' if writer.unrecorded > 1 else ''}"
+            print(
+                f"qualiclip: warning: {rows} of {args.output} came from an earlier version, without the settings that "
+                "change scores (--precision, --backend, --max-size): they cannot be checked and are taken to match "
+                "this run's",
+                file=sys.stderr,
+            )
         paths = [path for path in paths if os.path.abspath(path) not in writer.done]
         if writer.done:
             print(f"{len(writer.done)} files already in {args.output}; {len(paths)} to score", file=sys.stderr)
@@ -356,7 +376,12 @@ def _score_command(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         torch.set_num_threads(args.threads or threads)
     model, processor = _load(resolved, device)
-    model = _scorer_in_precision(args, model, processor)
+    model, precision, runtime = _scorer_in_precision(args, model, processor)
+    if writer is not None:
+        try:
+            writer.start({"precision": precision, "backend": runtime, "max_size": args.max_size})
+        except (OSError, ValueError) as error:
+            raise CommandError(f"cannot write --output {args.output}: {error}") from None
     batch_size = args.batch_size or (1 if device.type == "cpu" else 8)
     results = _score_with_progress(args, paths, model, processor, batch_size, workers, writer)
     if writer is None:
@@ -413,8 +438,11 @@ def _score_with_progress(args, paths, model, processor, batch_size, workers, wri
     return results
 
 
-def _scorer_in_precision(args: argparse.Namespace, model: Any, processor: Any) -> Any:
-    """What scores in `--precision` / `--backend` (`precision.prepare_scorer`), the choice printed once."""
+def _scorer_in_precision(args: argparse.Namespace, model: Any, processor: Any) -> tuple[Any, str, str]:
+    """
+    What scores in `--precision` / `--backend` (`precision.prepare_scorer`), the choice printed once; with the
+    precision chosen (`auto` resolved) and what runs the model (`torch`, `onnxruntime` or `openvino`).
+    """
     from .precision import describe_choice, prepare_scorer
 
     try:
@@ -428,7 +456,7 @@ def _scorer_in_precision(args: argparse.Namespace, model: Any, processor: Any) -
 
         # Bulk scoring is where the speed layer pays (BatchNorm folded, CPU chunks); scores move by float rounding.
         scorer = fuse_for_inference(model)
-    return scorer
+    return scorer, chosen, runtime
 
 
 def _export_onnx_command(args: argparse.Namespace) -> int:
@@ -455,8 +483,11 @@ def _export_onnx_command(args: argparse.Namespace) -> int:
 
 
 def _image_paths(inputs: Sequence[str], recursive: bool, collect: Callable[..., list[Path]]) -> list[Path]:
-    """The files to score; a missing folder, or folders without images, stop the command with a hint."""
-    from .image_reader import image_file_extensions
+    """
+    The files to score (`collect`, which warns of the files it skips); a missing folder, or folders without images,
+    stop the command with a hint.
+    """
+    from .image_reader import find_image_files, image_file_extensions
 
     extensions = image_file_extensions()
     for item in map(Path, inputs):
@@ -466,7 +497,8 @@ def _image_paths(inputs: Sequence[str], recursive: bool, collect: Callable[..., 
     if paths:
         return paths
     hint = f"looked for the {len(extensions)} extensions the installed readers open: .jpg, .png, .webp, .tif, ..."
-    if not recursive and collect(inputs, recursive=True):
+    # Only folders are left (a file is always collected); looked into quietly: `collect` has warned of their files.
+    if not recursive and any(find_image_files(item, recursive=True)[0] for item in map(Path, inputs)):
         hint = "there are images in subfolders: add --recursive to score them"
     raise CommandError(f"no image files found in {' '.join(inputs)} ({hint})", status=1)
 

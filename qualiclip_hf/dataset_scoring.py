@@ -13,9 +13,15 @@ most `rows_per_file` rows. Each unit is read with `datasets.distributed.split_da
 world_size=num_units)`, and process `rank` of `world_size` takes the units `unit % world_size == rank`; Accelerate
 does no sharding of its own (both together would shard twice and lose rows). Each unit is written as
 `part-UUUUUU-KKKKKK.parquet` files of `rows_per_file` rows, each written to a temporary name and renamed, and a
-`manifest/unit-UUUUUU.json` marks the unit complete. Since names, row order and batch boundaries depend only on the
+`.manifest/unit-UUUUUU.json` marks the unit complete. Since names, row order and batch boundaries depend only on the
 dataset, the files in name order are the dataset's rows in order, the same for any number of processes, and a run
 killed at any moment and resumed (`resume=True`, `--resume`) ends with the same files as one never interrupted.
+
+The run's bookkeeping (`.run.json`, `.manifest/`, `.manifest.json`, `.progress/`) has names that start with a dot, so
+that the folder reads as one Parquet dataset: `pyarrow.parquet.read_table(folder)`, `pandas.read_parquet(folder)` and
+`datasets.load_dataset("parquet", data_dir=folder)` skip hidden files (pyarrow also those starting with `_`, datasets
+does not). A folder written under the previous names (`run.json`, `manifest/`, `manifest.json`) is read, and its
+files are renamed when it is resumed.
 """
 
 from __future__ import annotations
@@ -48,10 +54,14 @@ __all__ = ["DatasetScoringSummary", "QualityScorer", "open_dataset", "read_score
 
 # Columns a dataset carries as its own row key (WebDataset's sample key); the first one present is the default id.
 KEY_COLUMNS = ("__key__",)
-RUN_FILE = "run.json"
-MANIFEST_DIR = "manifest"
-SUMMARY_FILE = "manifest.json"
-_PROGRESS_DIR = "_progress"
+RUN_FILE = ".run.json"
+MANIFEST_DIR = ".manifest"
+SUMMARY_FILE = ".manifest.json"
+_PROGRESS_DIR = ".progress"
+# The previous version's names, which readers of the folder took for data files: read, and renamed on resume (the
+# run file last, so that a rename cut short is done again).
+_OLD_RUN_FILE, _OLD_SUMMARY_FILE, _OLD_PROGRESS_DIR = "run.json", "manifest.json", "_progress"
+_OLD_NAMES = {"manifest": MANIFEST_DIR, _OLD_SUMMARY_FILE: SUMMARY_FILE, _OLD_RUN_FILE: RUN_FILE}
 
 
 # ------------------------------------------------------------------------------------------------------ decoding
@@ -518,9 +528,11 @@ def score_dataset(
     Output (see the module's docstring for the layout): `part-UUUUUU-KKKKKK.parquet` files with the columns `id`,
     `quality_score` (float32 in [0, 1], null on error), `error` (null, or the cause naming the row), `height`,
     `width` (of the decoded image, before `max_size`), and with `save_embeddings` `image_embeds` (fixed-size lists of
-    float32); `manifest/unit-UUUUUU.json` for each complete unit; `run.json` with the run's settings; and, when all
-    units are complete, `manifest.json` with the totals and the file list. [`read_scores`] reads them back in the
-    dataset's order.
+    float32); `.manifest/unit-UUUUUU.json` for each complete unit; `.run.json` with the run's settings; and, when all
+    units are complete, `.manifest.json` with the totals and the file list. Those names start with a dot, so the
+    folder also reads as one Parquet dataset (`pyarrow.parquet.read_table(folder)`, `pandas.read_parquet`,
+    `datasets.load_dataset("parquet", data_dir=folder)`), in an order of its own; [`read_scores`] reads the scores
+    back in the dataset's order.
 
     Args:
         dataset: A `datasets.Dataset` or `datasets.IterableDataset` (see [`open_dataset`]).
@@ -538,8 +550,9 @@ def score_dataset(
         max_pixels: Refuse images of more pixels before decoding them (`None`: no limit).
         save_embeddings: Also write the image embeddings.
         resume: Finish a run that stopped: complete units and part files are kept, the rest is scored. The settings
-            must be those of the stopped run.
-        settings: Extra settings recorded in `run.json` and checked on resume (the CLI passes the dataset's name,
+            must be those of the stopped run. A run of the previous version (`run.json`, `manifest/`) is resumed
+            too; its files are renamed.
+        settings: Extra settings recorded in `.run.json` and checked on resume (the CLI passes the dataset's name,
             split and the model's name).
         progress: Show a progress bar (on the main process only, counting the rows of all processes).
 
@@ -604,10 +617,12 @@ def score_dataset(
 
 def _start_run(output_dir: Path, run: dict, resume: bool, state: Any) -> None:
     run_file = output_dir / RUN_FILE
+    old_run_file = output_dir / _OLD_RUN_FILE
     error = None
     if state.is_main_process:
-        if run_file.is_file():
-            stored = json.loads(run_file.read_text(encoding="utf-8"))
+        found = run_file if run_file.is_file() else old_run_file if old_run_file.is_file() else None
+        if found is not None:
+            stored = json.loads(found.read_text(encoding="utf-8"))
             if not resume:
                 error = f"{output_dir} already holds a run; pass --resume (resume=True) to finish it, or use a new one"
             elif stored != json.loads(json.dumps(run)):
@@ -617,16 +632,27 @@ def _start_run(output_dir: Path, run: dict, resume: bool, state: Any) -> None:
                     + "; ".join(f"{key} was {stored.get(key)!r}, now {run.get(key)!r}" for key in changed)
                     + "); resume it with its settings, or use a new folder"
                 )
+            elif found == old_run_file:
+                _rename_old_files(output_dir)
         elif output_dir.is_dir() and any(output_dir.iterdir()):
             error = f"{output_dir} is not empty and holds no run ({RUN_FILE}); use an empty or new folder"
         else:
             (output_dir / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
             _write_json(run_file, run)
-    # Every process learns the verdict of the main one, which alone reads and writes run.json.
+    # Every process learns the verdict of the main one, which alone reads and writes the run file.
     error = _broadcast(error, state)
     if error is not None:
         raise ValueError(error)
     (output_dir / _PROGRESS_DIR).mkdir(exist_ok=True)
+
+
+def _rename_old_files(output_dir: Path) -> None:
+    """Gives a run of the previous version this version's names (`_OLD_NAMES`); its progress counts are dropped."""
+    shutil.rmtree(output_dir / _OLD_PROGRESS_DIR, ignore_errors=True)
+    for old, new in _OLD_NAMES.items():
+        if (output_dir / old).exists() and not (output_dir / new).exists():
+            os.replace(output_dir / old, output_dir / new)
+    (output_dir / MANIFEST_DIR).mkdir(exist_ok=True)
 
 
 def _broadcast(value: Any, state: Any) -> Any:
@@ -811,7 +837,8 @@ def read_scores(output_dir: str | os.PathLike, require_complete: bool = True) ->
     import pyarrow.parquet as pq
 
     output_dir = Path(output_dir)
-    if require_complete and not (output_dir / SUMMARY_FILE).is_file():
+    complete = (output_dir / SUMMARY_FILE).is_file() or (output_dir / _OLD_SUMMARY_FILE).is_file()
+    if require_complete and not complete:
         raise ValueError(f"{output_dir}: the run is not complete (no {SUMMARY_FILE}); finish it with --resume")
     parts = sorted(output_dir.glob("part-*.parquet"))
     if not parts:

@@ -18,38 +18,63 @@ if TYPE_CHECKING:
     from .scoring import ScoreResult
 
 OUTPUT_FORMATS = (".csv", ".json", ".jsonl")
-RESULT_FIELDS = ("path", "score", "error", "model")
+# The settings that change a score, recorded in every row and checked on resume, with the option that sets each.
+SETTING_OPTIONS = {"precision": "--precision", "backend": "--backend", "max_size": "--max-size"}
+RESULT_FIELDS = ("path", "score", "error", "model", *SETTING_OPTIONS)
 
 
 class ResultWriter:
     """
     Writes [`ScoreResult`]s to a results file as they come, so that an interrupted run keeps what it scored.
 
-    The format follows the extension: `.csv` (a header, then `path,score,error,model`), `.jsonl` (one object per
-    line) or `.json` (a list of objects). CSV and JSON lines are appended and flushed row by row. A JSON list is only
-    valid once complete, so it is rewritten whole, into a temporary file renamed over the output (atomic), at most
-    every `json_interval_s` seconds and on `close`: the file on disk is always a complete JSON list. Every row names
-    the model that scored it.
+    The format follows the extension: `.csv` (a header, then `path,score,error,model,precision,backend,max_size`),
+    `.jsonl` (one object per line) or `.json` (a list of objects). CSV and JSON lines are appended and flushed row by
+    row. A JSON list is only valid once complete, so it is rewritten whole, into a temporary file renamed over the
+    output (atomic), at most every `json_interval_s` seconds and on `close`: the file on disk is always a complete JSON
+    list. Every row names the model that scored it and the settings that change a score (`SETTING_OPTIONS`): the
+    precision that ran (the one `auto` chose, never `auto`), the backend that ran the model (`torch`, `onnxruntime` or
+    `openvino`) and `max_size` (empty in CSV, `null` in JSON: full resolution). Not recorded: `--max-pixels`, which
+    only decides which files are refused (their rows have an error), and the device, batch size and `--decode-on`,
+    which move scores by float rounding (nvJPEG's decoding, by small pixel differences).
+
+    The file is checked when the writer is made: its extension, that it can be created, and with `resume=True` that
+    its rows parse and name this model. It is written from [`start`] on, once the settings are known (after the model
+    is loaded and its precision chosen); until then it is left as it was.
 
     With `resume=True`, the rows already in the file are kept and [`done`] holds their paths, so a run can skip them;
-    a last CSV row or JSON line cut off by a crash (no newline) is dropped, and its file is scored again.
+    a last CSV row or JSON line cut off by a crash (no newline) is dropped, and its file is scored again. [`start`]
+    (and [`check_settings`], to refuse early) refuses rows recorded with other settings, so that a file never mixes
+    scores computed two ways. Rows written by an earlier version record no settings (no `precision`): they cannot be
+    checked and are accepted, taken to have been scored with this run's settings; [`unrecorded`] counts them, so the
+    caller can say so. They keep empty settings when the file is rewritten.
 
     Args:
         path: The results file; its folder is created.
         model: The model's name, written in every row.
         resume: Keep the rows of an existing file instead of replacing it.
         json_interval_s: The shortest time between two rewrites of a JSON file.
+        settings: This run's settings (keys of `SETTING_OPTIONS`): when given, [`start`] is called at once.
 
     Raises:
-        ValueError: an unknown extension; a file to resume that does not parse, or whose rows name another model.
-        OSError: the folder cannot be created, or the file cannot be written.
+        ValueError: an unknown extension; a file to resume that does not parse, or whose rows name another model
+            (or, with `settings`, were scored with other settings).
+        OSError: the folder cannot be created, or a file cannot be written in it.
     """
 
-    def __init__(self, path: str | Path, model: str, resume: bool = False, json_interval_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        model: str,
+        resume: bool = False,
+        json_interval_s: float = 2.0,
+        settings: dict | None = None,
+    ) -> None:
         self.path = Path(path)
         self.format = self.path.suffix.lower()
         if self.format not in OUTPUT_FORMATS:
             raise ValueError(f"{self.path}: the results file must end with one of {', '.join(OUTPUT_FORMATS)}")
+        if self.path.is_dir():
+            raise ValueError(f"{self.path} is a folder; name a file")
         self.model = model
         self.json_interval_s = json_interval_s
         if not resume and self.path.is_file() and self.path.stat().st_size > 0:
@@ -59,11 +84,51 @@ class ResultWriter:
             )
         self.rows: list[dict] = self._read_rows() if resume and self.path.exists() else []
         self.done = {os.path.abspath(row["path"]) for row in self.rows}
+        self.unrecorded = sum(row["precision"] is None for row in self.rows)
+        self.settings: dict | None = None
         self._last_dump = 0.0
+        self._file = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Rewritten in full first: the header of a new CSV, or what remains of a resumed file without a cut-off line.
+        # Nothing is written before `start`, but whether it can be is known now, before a model is loaded.
+        handle, probe = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".partial")
+        os.close(handle)
+        os.unlink(probe)
+        if settings is not None:
+            self.start(settings)
+
+    def check_settings(self, settings: dict) -> None:
+        """
+        Refuses resumed rows recorded with other values of the given settings (any of `SETTING_OPTIONS`; those not
+        given are not checked): a `ValueError` of one line naming each setting, the file's value and this run's, and
+        the options that continue the file. Rows without recorded settings (an earlier version's) are accepted.
+        """
+        for row in self.rows:
+            if row["precision"] is None:
+                continue
+            changed = [key for key in SETTING_OPTIONS if key in settings and row[key] != settings[key]]
+            if changed:
+                theirs = " and ".join(_as_option(key, row[key]) for key in changed)
+                ours = " and ".join(_as_option(key, settings[key]) for key in changed)
+                advice = _options_to_continue({key: row[key] for key in changed})
+                raise ValueError(
+                    f"{self.path} holds scores computed with {theirs}, and this run uses {ours}: continue it "
+                    f"{advice}, or write to another --output"
+                )
+
+    def start(self, settings: dict) -> None:
+        """
+        Checks the resumed rows against this run's `settings` (every key of `SETTING_OPTIONS`; see
+        [`check_settings`]), then writes the file: the header of a new CSV, or the resumed rows without a cut-off
+        line. Rows written from now on record `settings`.
+        """
+        missing = set(SETTING_OPTIONS) - set(settings)
+        if missing:
+            raise ValueError(f"the settings lack {', '.join(sorted(missing))}")
+        self.check_settings(settings)
+        self.settings = {key: settings[key] for key in SETTING_OPTIONS}
         self._replace(self._serialise(self.rows))
-        self._file = None if self.format == ".json" else open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
+        if self.format != ".json":
+            self._file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
 
     @property
     def failed(self) -> int:
@@ -71,7 +136,9 @@ class ResultWriter:
         return sum(row["error"] is not None for row in self.rows)
 
     def write(self, result: ScoreResult) -> None:
-        row = {"path": result.path, "score": result.score, "error": result.error, "model": self.model}
+        if self.settings is None:
+            raise RuntimeError("ResultWriter.start(settings) comes before the first row")
+        row = {"path": result.path, "score": result.score, "error": result.error, "model": self.model, **self.settings}
         self.rows.append(row)
         if self._file is not None:
             self._file.write(self._serialise([row], header=False))
@@ -84,7 +151,7 @@ class ResultWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-        elif self.format == ".json":
+        elif self.format == ".json" and self.settings is not None:  # never started: the file is left as it was
             self._replace(self._serialise(self.rows))
 
     def __enter__(self) -> ResultWriter:
@@ -135,6 +202,7 @@ class ResultWriter:
                     rows = [{key: row.get(key) or None for key in RESULT_FIELDS} for row in csv.DictReader(lines)]
                     for row in rows:
                         row["score"] = None if row["score"] is None else float(row["score"])
+                        row["max_size"] = None if row["max_size"] is None else int(row["max_size"])
             rows = [{key: row.get(key) for key in RESULT_FIELDS} for row in rows]
         except (ValueError, TypeError, AttributeError) as error:  # JSON, float() or a row that is no object
             raise ValueError(
@@ -149,6 +217,18 @@ class ResultWriter:
                 f"with --model {others[0]}, or write to another --output"
             )
         return rows
+
+
+def _as_option(key: str, value: object) -> str:
+    """A setting as the command line gives it: `--precision bf16`, or `no --max-size` (full resolution)."""
+    return f"no {SETTING_OPTIONS[key]}" if value is None else f"{SETTING_OPTIONS[key]} {value}"
+
+
+def _options_to_continue(settings: dict) -> str:
+    """How to run with `settings`: `with --precision bf16 and without --max-size`."""
+    given = " ".join(_as_option(key, value) for key, value in settings.items() if value is not None)
+    absent = " ".join(SETTING_OPTIONS[key] for key, value in settings.items() if value is None)
+    return " and ".join(([f"with {given}"] if given else []) + ([f"without {absent}"] if absent else []))
 
 
 def _is_json_object(line: str) -> bool:

@@ -411,3 +411,127 @@ def test_nothing_to_score_is_said_at_once(capsys):
     assert main(["score"]) == 2
     assert main(["score", "a.jpg", "--dataset", "some/folder"]) == 2
     assert capsys.readouterr().err.count("give image files or folders, or --dataset") == 2
+
+
+def _command(folder: Path, model_dir: Path, output: Path, *options: str) -> list[str]:
+    return ["score", str(folder), "--model", str(model_dir), "--output", str(output), *options]
+
+
+def _resume_command(folder: Path, model_dir: Path, output: Path, *options: str) -> list[str]:
+    return _command(folder, model_dir, output, "--resume", *options)
+
+
+def test_rows_record_the_settings_that_change_scores(good_folder, tiny_model_dir, tmp_path):
+    from qualiclip_hf.precision import resolve_precision
+
+    for suffix in (".csv", ".jsonl", ".json"):
+        output = tmp_path / f"scores{suffix}"
+        assert main(_command(good_folder, tiny_model_dir, output, "--max-size", "48", "--precision", "bf16")) == 0
+        rows = _rows(output)
+        assert len(rows) == 6
+        assert {(row["precision"], row["backend"], str(row["max_size"])) for row in rows} == {("bf16", "torch", "48")}
+    # `auto` is recorded as the format it chose, never as "auto"; no --max-size as full resolution (null).
+    output = tmp_path / "auto.json"
+    assert main(_command(good_folder, tiny_model_dir, output, "--precision", "auto")) == 0
+    chosen = resolve_precision("auto", "cpu", "torch")
+    assert chosen != "auto"
+    assert {(row["precision"], row["max_size"]) for row in _rows(output)} == {(chosen, None)}
+
+
+def test_resume_refuses_a_file_scored_with_another_max_size(good_folder, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from qualiclip_hf import loading
+
+    output = tmp_path / "scores.csv"
+    _interrupt_after(monkeypatch, 2)
+    assert main(_command(good_folder, tiny_model_dir, output, "--max-size", "48")) == 130
+    monkeypatch.undo()
+    kept = output.read_text()
+    capsys.readouterr()
+
+    # Refused before the model loads: the arguments say what the run would use.
+    load = loading.load_model_and_processor
+    monkeypatch.setattr(loading, "load_model_and_processor", lambda *a, **k: pytest.fail("loaded the model"))
+    assert main(_resume_command(good_folder, tiny_model_dir, output)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("model: ")  # the model line, then one line that says why
+    assert "computed with --max-size 48, and this run uses no --max-size" in err[1]
+    assert "continue it with --max-size 48" in err[1]
+    assert main(_resume_command(good_folder, tiny_model_dir, output, "--max-size", "64")) == 2
+    assert "with --max-size 48, and this run uses --max-size 64" in capsys.readouterr().err
+    assert output.read_text() == kept  # untouched
+
+    monkeypatch.setattr(loading, "load_model_and_processor", load)
+    assert main(_resume_command(good_folder, tiny_model_dir, output, "--max-size", "48")) == 0
+    rows = _rows(output)
+    assert sorted(Path(row["path"]).name for row in rows) == [f"{i}.png" for i in range(6)]
+    assert {row["max_size"] for row in rows} == {"48"}
+
+
+def test_resume_refuses_a_file_scored_in_another_precision(good_folder, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from qualiclip_hf.precision import resolve_precision
+
+    output = tmp_path / "scores.json"
+    _interrupt_after(monkeypatch, 2)
+    assert main(_command(good_folder, tiny_model_dir, output, "--precision", "bf16")) == 130
+    monkeypatch.undo()
+    kept = output.read_text()
+    capsys.readouterr()
+    refused = [[], ["--precision", "fp32"]]
+    if resolve_precision("auto", "cpu", "torch") == "fp32":
+        refused.append(["--precision", "auto"])  # refused once the model is loaded and auto has chosen fp32
+    for options in refused:
+        assert main(_resume_command(good_folder, tiny_model_dir, output, *options)) == 2
+        err = capsys.readouterr().err
+        assert "computed with --precision bf16, and this run uses --precision fp32" in err, options
+        assert "continue it with --precision bf16" in err
+        assert output.read_text() == kept
+    assert main(_resume_command(good_folder, tiny_model_dir, output, "--precision", "bf16")) == 0
+    assert len(_rows(output)) == 6
+
+
+def test_resume_refuses_a_file_scored_by_another_backend(good_folder, tiny_model_dir, tmp_path, capsys):
+    output = tmp_path / "scores.jsonl"
+    row = {"path": str(good_folder / "0.png"), "score": 0.5, "error": None, "model": str(tiny_model_dir)}
+    output.write_text(json.dumps({**row, "precision": "fp32", "backend": "openvino", "max_size": None}) + "\n")
+    kept = output.read_text()
+    assert main(_resume_command(good_folder, tiny_model_dir, output)) == 2
+    assert "computed with --backend openvino, and this run uses --backend torch" in capsys.readouterr().err
+    assert output.read_text() == kept
+
+
+def test_resume_accepts_a_file_of_an_earlier_version_without_settings(good_folder, tiny_model_dir, tmp_path, capsys):
+    output = tmp_path / "scores.csv"
+    output.write_text(f"path,score,error,model\n{good_folder / '0.png'},0.5,,{tiny_model_dir}\n")
+    assert main(_resume_command(good_folder, tiny_model_dir, output, "--max-size", "64")) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "1 row of" in err and "without the settings" in err
+    rows = {Path(row["path"]).name: row for row in _rows(output)}
+    assert len(rows) == 6 and rows["0.png"]["score"] == "0.5"
+    assert (rows["0.png"]["precision"], rows["0.png"]["max_size"]) == ("", "")  # still unknown
+    assert {(rows[f"{i}.png"]["precision"], rows[f"{i}.png"]["max_size"]) for i in range(1, 6)} == {("fp32", "64")}
+
+
+def test_decoding_on_the_device_says_when_that_device_is_the_cpu(folder, tiny_model_dir, capsys):
+    command = ["score", str(folder / "a.jpg"), "--model", str(tiny_model_dir), "--device", "cpu"]
+    assert main([*command, "--decode-on", "device"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1
+    assert "--decode-on device" in warnings[0] and "decodes on the CPU" in warnings[0]
+    assert "the device is the CPU" in warnings[0]
+    assert main(command) == 0
+    assert "decodes on the CPU" not in capsys.readouterr().err
+
+
+def test_files_skipped_in_a_folder_are_reported_once(tmp_path, caplog, capsys):
+    import logging
+
+    folder = tmp_path / "only_sub"
+    (folder / "inner").mkdir(parents=True)
+    photo(40, 40).save(folder / "inner" / "a.png")
+    (folder / "notes.txt").write_text("not an image")
+    with caplog.at_level(logging.WARNING):
+        assert main(["score", str(folder), "--model", "demo"]) == 1
+    skipped = [record.getMessage() for record in caplog.records if "skipped" in record.getMessage()]
+    assert len(skipped) == 1, skipped
+    assert "skipped 1 file(s) that are not images (notes.txt)" in skipped[0]
+    assert "add --recursive" in capsys.readouterr().err

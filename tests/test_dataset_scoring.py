@@ -366,7 +366,7 @@ def test_killed_and_resumed_gives_the_uninterrupted_result(many_rows, uninterrup
     wait_for_parts(output, 4, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (output / "manifest.json").exists(), "the run ended before it was killed"
+    assert not (output / ".manifest.json").exists(), "the run ended before it was killed"
     kept = {path.name: path.stat().st_mtime_ns for path in output.glob("part-*.parquet")}
     assert 4 <= len(kept) < 15
     done = run([*CLI, *command_line(many_rows, output, "--resume")], tmp_path)
@@ -397,7 +397,7 @@ def test_two_processes_give_the_one_process_result_also_after_one_rank_is_killed
     os.kill(rank_pid(marker, rank=1), signal.SIGKILL)
     launcher.wait(timeout=120)
     assert launcher.returncode != 0
-    assert not (output / "manifest.json").exists(), "the run ended before rank 1 was killed"
+    assert not (output / ".manifest.json").exists(), "the run ended before rank 1 was killed"
     run(accelerate_launch(*command_line(many_rows, output, "--resume")), tmp_path)
     assert read_scores(output).equals(read_scores(uninterrupted))
 
@@ -428,3 +428,55 @@ def test_saved_embeddings_are_the_models_and_null_for_failed_rows(photo_files, d
     assert embeds.type.list_size == expected.numel()
     np.testing.assert_allclose(embeds[0].as_py(), expected.numpy(), atol=1e-5)
     assert embeds[1].as_py() is None
+
+
+# --------------------------------------------------------------------------------------- the output folder as data
+
+
+def test_the_output_folder_reads_as_one_parquet_dataset(photo_files, demo, tmp_path):
+    # pyarrow, pandas and `datasets` read every file of a folder as data, except names that start with "." (and "_"
+    # for pyarrow): the run's bookkeeping must not trip them.
+    import pandas as pd
+
+    model, processor = demo
+    output = tmp_path / "out"
+    options = {"rows_per_file": 3, "batch_size": 2, "num_workers": 0, "progress": False}
+    score_dataset(image_table(photo_files), output, model, processor, **options)
+    expected = read_scores(output)
+    assert expected.num_rows == len(photo_files)
+    assert pq.read_table(output).sort_by("id").equals(expected.sort_by("id"))
+    assert sorted(pd.read_parquet(output)["id"]) == list(range(len(photo_files)))
+    loaded = datasets.load_dataset("parquet", data_dir=str(output), split="train", cache_dir=str(tmp_path / "cache"))
+    assert sorted(loaded["id"]) == list(range(len(photo_files)))
+
+
+def test_a_run_of_the_previous_version_resumes_from_its_file_names(photo_files, demo, tmp_path):
+    model, processor = demo
+    dataset = image_table(photo_files)
+    options = {"rows_per_file": 2, "batch_size": 2, "num_workers": 0, "progress": False}
+    reference = tmp_path / "reference"
+    score_dataset(dataset, reference, model, processor, **options)
+
+    # The previous version's names: run.json, manifest/unit-UUUUUU.json and, once complete, manifest.json.
+    old = tmp_path / "old"
+    score_dataset(dataset, old, model, processor, **options)
+    for name in ("run.json", "manifest", "manifest.json"):
+        (old / f".{name}").rename(old / name)
+    assert read_scores(old).equals(read_scores(reference))  # a complete run of the previous version reads
+    with pytest.raises(ValueError, match="already holds a run"):
+        score_dataset(dataset, old, model, processor, **options)
+
+    # Stopped half-way: units 0 and 1 (of 4) complete, 2 and 3 not begun.
+    for unit in (2, 3):
+        (old / "manifest" / f"unit-{unit:06d}.json").unlink()
+        for part in old.glob(f"part-{unit:06d}-*.parquet"):
+            part.unlink()
+    (old / "manifest.json").unlink()
+    kept = {path.name: path.stat().st_mtime_ns for path in old.glob("part-*.parquet")}
+    assert len(kept) == 2
+    summary = score_dataset(dataset, old, model, processor, resume=True, **options)
+    assert summary.rows_this_run == 4  # the complete units of the previous run were kept, not scored again
+    assert {name: (old / name).stat().st_mtime_ns for name in kept} == kept
+    assert read_scores(old).equals(read_scores(reference))
+    assert not any((old / name).exists() for name in ("run.json", "manifest", "manifest.json"))
+    assert pq.read_table(old).num_rows == len(photo_files)
