@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         nargs="+",
-        choices=VARIANTS,
+        choices=(*VARIANTS, "torch/fp16"),
         default=list(VARIANTS),
         help="our fast paths, backend/precision, timed beside pyiqa's and our fp32 (CUDA: torch/ ones only)",
     )
