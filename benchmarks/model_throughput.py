@@ -101,7 +101,10 @@ def official_rn50_folder(workdir: Path, random_statistics: bool = False) -> Path
 
 def build_both(workdir: Path, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     """pyiqa's built-in QualiCLIP arch and ours (the pyiqa plugin's arch), on the same random RN50 weights."""
-    folder = official_rn50_folder(workdir)
+    # Random BatchNorm statistics: with the default ones (zero shift) every folded convolution has the same zero
+    # bias, the ONNX exporter shares one initializer among them, and ONNX Runtime's quantizer then leaves those
+    # convolutions in float (measured: int8 1.1x fp32 instead of 2x). Real weights have distinct biases.
+    folder = official_rn50_folder(workdir, random_statistics=True)
     download_util.DEFAULT_CACHE_DIR = str(workdir / "pyiqa")
     archive = workdir / "RN50.pt"
     pyiqa_qualiclip_arch.load = lambda name, device="cpu", *a, **k: pyiqa_clip_model.load(str(archive), device)
@@ -125,9 +128,10 @@ def timed(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -
 def fast_paths(ours: QualiCLIPHF, folder: Path, names: list[str]) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """
     Our other ways to score the same [0, 1] images, each `backend/precision` exactly as `qualiclip score --backend B
-    --precision P` prepares it (`prepare_scorer`), the images prepared as the plugin does (`prepare_pixels`), at the
-    model's own logit scale (100; the plugin's pyiqa formula uses 50, same speed). `auto` is labelled with what it
-    picked on this machine; a backend that is not installed is reported and skipped.
+    --precision P` prepares it (`prepare_scorer(..., fuse=True)`: fp32 in torch is `fuse_for_inference`'s model),
+    the images prepared as the plugin does (`prepare_pixels`), at the model's own logit scale (100; the plugin's pyiqa
+    formula uses 50, same speed). `auto` is labelled with what it picked on this machine; a backend that is not
+    installed is reported and skipped.
     """
     from qualiclip_hf.precision import prepare_scorer
 
@@ -136,7 +140,7 @@ def fast_paths(ours: QualiCLIPHF, folder: Path, names: list[str]) -> dict[str, C
     for name in names:
         backend, precision = name.split("/")
         try:
-            scorer, chosen = prepare_scorer(copy.deepcopy(ours.model), processor, precision, backend)
+            scorer, chosen = prepare_scorer(copy.deepcopy(ours.model), processor, precision, backend, fuse=True)
         except ImportError as error:
             print(f"# {name}: skipped ({error})")
             continue

@@ -446,16 +446,14 @@ def _scorer_in_precision(args: argparse.Namespace, model: Any, processor: Any) -
     from .precision import describe_choice, prepare_scorer
 
     try:
-        scorer, chosen = prepare_scorer(model, processor, args.precision, args.backend, args.calibration_images)
+        # Bulk scoring is where the speed layer pays (fuse: BatchNorms folded, CPU chunks).
+        scorer, chosen = prepare_scorer(
+            model, processor, args.precision, args.backend, args.calibration_images, fuse=True
+        )
     except (ImportError, OSError, ValueError) as error:
         raise CommandError(f"--precision {args.precision} --backend {args.backend}: {error}") from None
     runtime = "torch" if scorer is model else scorer.runtime
     print(f"{describe_choice(args.precision, chosen, model.device, args.backend)}; runs in {runtime}", file=sys.stderr)
-    if scorer is model and chosen == "fp32":
-        from .fusion import fuse_for_inference
-
-        # Bulk scoring is where the speed layer pays (BatchNorm folded, CPU chunks); scores move by float rounding.
-        scorer = fuse_for_inference(model)
     return scorer, chosen, runtime
 
 

@@ -208,6 +208,7 @@ def prepare_scorer(
     precision: str = "auto",
     backend: str = "torch",
     calibration_images: str | Path | None = None,
+    fuse: bool = False,
 ) -> tuple[Any, str]:
     """
     Turns a float32 `QualiCLIPModel` (eval mode, on its device) into what scores in `precision`: the model itself
@@ -220,6 +221,8 @@ def prepare_scorer(
         precision: one of `PRECISIONS`; `"auto"` as `resolve_precision` decides.
         backend: `"torch"`, `"onnxruntime"` or `"openvino"` (CPU; the formats of `BACKEND_PRECISIONS`).
         calibration_images: a folder of photos to calibrate int8 on (default: the bundled examples).
+        fuse: when the model itself scores in fp32, apply `qualiclip_hf.fusion.fuse_for_inference` (BatchNorms
+            folded, CPU batches in chunks), as `qualiclip score` does: scores move by float rounding only.
 
     Returns:
         `(scorer, chosen precision)`.
@@ -244,4 +247,8 @@ def prepare_scorer(
         return OnnxQualiCLIP(graph, runtime=runtime, inference_precision=inference_precision), chosen
     if chosen in ("bf16", "fp16"):
         reduce_precision(model, TORCH_DTYPES[chosen])
+    elif fuse:
+        from .fusion import fuse_for_inference
+
+        fuse_for_inference(model)
     return model, chosen

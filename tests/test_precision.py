@@ -94,6 +94,20 @@ def test_folding_batch_norms_keeps_the_outputs(tiny_model):
         torch.testing.assert_close(folded(pixel_values), tiny_model.vision_model(pixel_values), rtol=1e-5, atol=1e-5)
 
 
+def test_fuse_folds_the_fp32_model_only_and_keeps_its_scores(tiny_model):
+    pixel_values = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = tiny_model(pixel_values).quality_score
+    fused, chosen = prepare_scorer(copy.deepcopy(tiny_model), None, "fp32", fuse=True)
+    assert chosen == "fp32" and fused.is_fused
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in fused.modules())
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(pixel_values).quality_score, expected, rtol=0, atol=1e-5)
+    assert not prepare_scorer(copy.deepcopy(tiny_model), None, "fp32")[0].is_fused  # fuse is asked for, never implied
+    reduced, _ = prepare_scorer(copy.deepcopy(tiny_model), None, "bf16", fuse=True)
+    assert not reduced.is_fused  # reduce_precision folds its own way; no CPU chunking in bf16
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reduced_precision_runs_late_stages_in_it_and_keeps_the_rest_in_float32(tiny_model, dtype):
     reduced = reduce_precision(copy.deepcopy(tiny_model), dtype)
