@@ -12,7 +12,9 @@ Models:
 - `demo`: the small model embedded in the package (trained here; not the real QualiCLIP);
 - `rn50-spread`: the full RN50 image tower in the official layout, loaded through the converter, with random
   weights and BatchNorm statistics, and prompts fitted so that its scores spread over [0, 1] (`rn50_spread`);
-  random weights: this measures rounding, not quality.
+  random weights: this measures rounding, not quality;
+- any model folder, e.g. the official weights converted by `qualiclip convert`: the measurement that decides
+  `FORMATS_MEETING_DRIFT_BAR` for the real model.
 
 Fast paths, `backend/precision`, each exactly as `qualiclip score --backend B --precision P` prepares it
 (`qualiclip_hf.precision.prepare_scorer`), against the float32 PyTorch scores of the same model. A backend that is
@@ -177,8 +179,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-size", type=int, default=384, help="longest side the images are scored at")
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS), help="fast paths to compare")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=list(MODELS),
+        help="'demo', 'rn50-spread', or a model folder (e.g. the official weights after `qualiclip convert`)",
+    )
     args = parser.parse_args()
+    for name in args.models:
+        if name not in MODELS and not Path(name, "config.json").is_file():
+            parser.error(f"--models: {name!r} is neither {' nor '.join(MODELS)} nor a model folder")
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"# CPU: {cpu_description()}")
     print(f"# load average before: {' '.join(f'{value:.2f}' for value in os.getloadavg())}")
@@ -191,7 +201,12 @@ def main() -> None:
     print("| --- | --- | ---: | --- | ---: | ---: | ---: | --- |")
     with tempfile.TemporaryDirectory() as workdir, _cache_in(Path(workdir) / "cache"):
         for name in args.models:
-            folder = DEMO_MODEL_PATH if name == "demo" else rn50_spread(Path(workdir), args.max_size, images)
+            if name == "demo":
+                folder = DEMO_MODEL_PATH
+            elif name == "rn50-spread":
+                folder = rn50_spread(Path(workdir), args.max_size, images)
+            else:
+                folder = Path(name)
             processor = QualiCLIPProcessor.from_pretrained(folder)
             inputs = [processor(images=[image], return_tensors="pt", max_size=args.max_size) for _, image in images]
             reference = score_all(QualiCLIPModel.from_pretrained(folder).eval(), inputs)
