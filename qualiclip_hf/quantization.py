@@ -140,12 +140,20 @@ def cached_onnx(
     Raises:
         FileNotFoundError: no calibration photos.
         ValueError: an unknown precision, or a calibration photo that cannot be read (naming it).
+        OSError: the cache folder cannot be written (naming it and `QUALICLIP_CACHE`).
     """
     if precision not in ("fp32", "int8"):
         raise ValueError(f"ONNX graphs are cached in fp32 or int8, not {precision!r}")
     images = calibration_images(calibration_folder) if precision == "int8" else []  # refused before any work
     folder = cache_dir() / model_cache_key(model)
     fp32_path = folder / ONNX_FILENAME
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = error.strerror or error
+        raise OSError(
+            f"cannot write the graph cache {folder}: {reason}; set QUALICLIP_CACHE to a writable folder"
+        ) from None
     if not fp32_path.is_file():
         export_onnx(model, folder, processor)
     if precision == "fp32":

@@ -185,6 +185,17 @@ def _inputs_upstream(graph, node) -> set[str]:
     return set(weight.input) if weight is not None and weight.op_type == "DequantizeLinear" else set()
 
 
+def test_an_unwritable_cache_is_named_with_the_fix(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("QUALICLIP_CACHE", str(blocker / "cache"))
+    photo(64, 64, seed=0).save(tmp_path / "0.png")
+    assert main(["score", str(tmp_path / "0.png"), "--model", str(tiny_model_dir), "--backend", "onnxruntime"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2  # the model line, then one line that says why and what to do
+    assert f"cannot write the graph cache {blocker / 'cache'}" in err[1] and "set QUALICLIP_CACHE" in err[1]
+
+
 def test_calibration_folder_without_images_is_named(tiny_model, tmp_path, monkeypatch, tiny_model_dir, capsys):
     monkeypatch.setenv("QUALICLIP_CACHE", str(tmp_path / "cache"))
     empty = tmp_path / "empty"
