@@ -339,7 +339,9 @@ def _score_command(args: argparse.Namespace) -> int:
             "image would be refused"
         )
     paths = _image_paths(args.paths, args.recursive, collect_image_paths)
-    device = _device(args.device)
+    # ONNX Runtime, OpenVINO and int8 run on the CPU: `--device auto` means the CPU for them, even beside a GPU.
+    runs_on_cpu = args.backend != "torch" or args.precision == "int8"
+    device = _device("cpu" if runs_on_cpu and args.device == "auto" else args.device)
     if args.decode_on == "device" and device.type == "cpu":
         print(
             "qualiclip: warning: --decode-on device decodes on the CPU, because the device is the CPU: TorchCodec "
@@ -461,6 +463,7 @@ def _export_onnx_command(args: argparse.Namespace) -> int:
     import shutil
 
     resolved = _resolve_model(args.model)
+    print(f"model: {resolved.name} ({resolved.description})", file=sys.stderr)
     model, processor = _load(resolved, "cpu")
     try:
         from .export import ONNX_FILENAME, export_onnx

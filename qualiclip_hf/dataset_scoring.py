@@ -275,6 +275,9 @@ def open_dataset(source: str, split: str = "train", streaming: bool | None = Non
     import datasets
 
     local = Path(source)
+    if not local.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        # A path, not a Hub id (NAME or ORG/NAME): datasets would ask the Hub for it all the same.
+        raise ValueError(f"cannot open dataset {source!r}: no such file or folder")
     if streaming is None:
         streaming = not local.exists()
     try:
@@ -284,7 +287,8 @@ def open_dataset(source: str, split: str = "train", streaming: bool | None = Non
                 raise ValueError(f"{source}: a file given as --dataset must be .parquet, .arrow or .tar")
             return datasets.load_dataset(builder, data_files={split: str(local)}, split=split, streaming=streaming)
         return datasets.load_dataset(source, split=split, streaming=streaming)
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
+    except (FileNotFoundError, ValueError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
+        # ConnectionError: a Hub id with the Hub unreachable (offline mode, no network, not in the cache).
         raise ValueError(f"cannot open dataset {source!r} (split {split!r}): {error}") from None
 
 

@@ -213,13 +213,22 @@ class OnnxQualiCLIP:
             "image_embeds": (batch_size, output_dim)}`, float32.
 
         Raises:
-            ValueError: a wrong shape, or an image smaller than 32x32.
+            ValueError: not floats (e.g. raw uint8 pixels), a wrong shape, an empty batch, NaN or infinite values, or
+                an image smaller than 32x32.
         """
+        dtype = np.asarray(pixel_values).dtype
+        if not np.issubdtype(dtype, np.floating):
+            raise ValueError(f"pixel_values must be CLIP-normalised floats (the processor's output), got {dtype}")
         pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(
                 f"pixel_values must be a (batch_size, 3, height, width) array, got shape {pixel_values.shape}"
             )
+        if pixel_values.shape[0] == 0:
+            # An empty batch would reach the runtime, and OpenVINO's request stays broken after it.
+            raise ValueError("pixel_values holds no image (batch_size 0)")
+        if not np.isfinite(pixel_values).all():
+            raise ValueError("pixel_values holds NaN or infinite values")
         if min(pixel_values.shape[2:]) < self.min_image_size:
             height, width = pixel_values.shape[2:]
             raise ValueError(

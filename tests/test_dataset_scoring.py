@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -480,3 +481,12 @@ def test_a_run_of_the_previous_version_resumes_from_its_file_names(photo_files, 
     assert read_scores(old).equals(read_scores(reference))
     assert not any((old / name).exists() for name in ("run.json", "manifest", "manifest.json"))
     assert pq.read_table(old).num_rows == len(photo_files)
+
+
+def test_a_missing_dataset_is_one_line_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
+    for source in (str(tmp_path / "nonexistent"), "./nonexistent", "someorg/not-in-the-cache"):
+        with pytest.raises(ValueError, match=f"cannot open dataset '{re.escape(source)}'"):
+            open_dataset(source)

@@ -114,8 +114,17 @@ def test_the_export_folder_carries_the_processor_and_the_prompts(demo_onnx, demo
     assert float(metadata["logit_scale"]) == demo[0].config.logit_scale
 
 
-def test_bad_inputs_get_clear_errors(demo_onnx, tmp_path):
-    runner = OnnxQualiCLIP(demo_onnx)
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_bad_inputs_get_clear_errors(runtime, demo_onnx, tmp_path):
+    runner = OnnxQualiCLIP(demo_onnx, runtime=runtime)
+    good = np.zeros((1, 3, 64, 64), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"must be CLIP-normalised floats .* got uint8"):
+        runner.run(np.zeros((1, 3, 64, 64), dtype=np.uint8))  # raw pixels would score, wrongly
+    with pytest.raises(ValueError, match="no image"):
+        runner.run(np.zeros((0, 3, 64, 64), dtype=np.float32))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        runner.run(np.full((1, 3, 64, 64), np.nan, dtype=np.float32))
+    assert runner.run(good)["quality_score"].shape == (1,)  # the runner still works after refusing
     with pytest.raises(ValueError, match="31x40 pixels is smaller than the 32x32"):
         runner.run(np.zeros((1, 3, 31, 40), dtype=np.float32))
     with pytest.raises(ValueError, match=r"\(batch_size, 3, height, width\)"):
@@ -152,6 +161,24 @@ def test_cli_export_and_onnxruntime_backend_score_as_torch(tiny_model_dir, tmp_p
     assert main(["export", "onnx", "--model", str(tiny_model_dir), "--output", str(out)]) == 0
     assert OnnxQualiCLIP(out).score(np.zeros((1, 3, 64, 64), dtype=np.float32)).shape == (1,)
     QualiCLIPProcessor.from_pretrained(out)  # the processor travels with the graph
+
+
+def test_device_auto_means_the_cpu_for_the_onnx_backends_and_int8(tiny_model_dir, tmp_path, monkeypatch):
+    from qualiclip_hf import loading
+
+    asked = []
+
+    def select_device(choice: str) -> torch.device:  # as on a machine with a GPU, where auto would pick it
+        asked.append(choice)
+        return torch.device("cpu")
+
+    monkeypatch.setattr(loading, "select_device", select_device)
+    monkeypatch.setenv("QUALICLIP_CACHE", str(tmp_path / "cache"))
+    photo(64, 64, seed=0).save(tmp_path / "0.png")
+    image = str(tmp_path / "0.png")
+    assert main(["score", image, "--model", str(tiny_model_dir), "--backend", "onnxruntime"]) == 0
+    assert main(["score", image, "--model", str(tiny_model_dir)]) == 0
+    assert asked == ["cpu", "auto"]
 
 
 def test_the_onnx_file_can_be_pushed_at_the_repository_root(demo_onnx, tmp_path):
