@@ -381,7 +381,13 @@ def _score_command(args: argparse.Namespace) -> int:
     model, precision, runtime = _scorer_in_precision(args, model, processor)
     if writer is not None:
         try:
-            writer.start({"precision": precision, "backend": runtime, "max_size": args.max_size})
+            calibration = None
+            if precision == "int8":
+                from .quantization import calibration_key
+
+                calibration = calibration_key(args.calibration_images)
+            settings = {"precision": precision, "backend": runtime, "max_size": args.max_size}
+            writer.start({**settings, "calibration": calibration})
         except (OSError, ValueError) as error:
             raise CommandError(f"cannot write --output {args.output}: {error}") from None
     batch_size = args.batch_size or (1 if device.type == "cpu" else 8)

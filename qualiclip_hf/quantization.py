@@ -121,6 +121,17 @@ def _quiet_onnxruntime_logs() -> Iterator[None]:
         logging.root.removeFilter(not_from_onnxruntime)
 
 
+def calibration_key(folder: str | Path | None = None) -> str:
+    """
+    A hash of the calibration photos of `folder` (default: the bundled examples), 12 hex digits: the same photos
+    give the same int8 graph. Results files record it (`qualiclip_hf.results.SETTING_OPTIONS`).
+
+    Raises:
+        FileNotFoundError: no calibration photos.
+    """
+    return _images_key(calibration_images(folder))
+
+
 def _images_key(paths: Sequence[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:

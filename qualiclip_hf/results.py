@@ -19,7 +19,14 @@ if TYPE_CHECKING:
 
 OUTPUT_FORMATS = (".csv", ".json", ".jsonl")
 # The settings that change a score, recorded in every row and checked on resume, with the option that sets each.
-SETTING_OPTIONS = {"precision": "--precision", "backend": "--backend", "max_size": "--max-size"}
+SETTING_OPTIONS = {
+    "precision": "--precision",
+    "backend": "--backend",
+    "max_size": "--max-size",
+    # int8 only: a hash of the calibration photos (`qualiclip_hf.quantization.calibration_key`), since other photos
+    # give other int8 scores.
+    "calibration": "--calibration-images",
+}
 RESULT_FIELDS = ("path", "score", "error", "model", *SETTING_OPTIONS)
 
 
@@ -27,15 +34,16 @@ class ResultWriter:
     """
     Writes [`ScoreResult`]s to a results file as they come, so that an interrupted run keeps what it scored.
 
-    The format follows the extension: `.csv` (a header, then `path,score,error,model,precision,backend,max_size`),
+    The format follows the extension: `.csv` (a header, then `path,score,error,model,` and the settings),
     `.jsonl` (one object per line) or `.json` (a list of objects). CSV and JSON lines are appended and flushed row by
     row. A JSON list is only valid once complete, so it is rewritten whole, into a temporary file renamed over the
     output (atomic), at most every `json_interval_s` seconds and on `close`: the file on disk is always a complete JSON
     list. Every row names the model that scored it and the settings that change a score (`SETTING_OPTIONS`): the
     precision that ran (the one `auto` chose, never `auto`), the backend that ran the model (`torch`, `onnxruntime` or
-    `openvino`) and `max_size` (empty in CSV, `null` in JSON: full resolution). Not recorded: `--max-pixels`, which
-    only decides which files are refused (their rows have an error), and the device, batch size and `--decode-on`,
-    which move scores by float rounding (nvJPEG's decoding, by small pixel differences).
+    `openvino`), `max_size` (empty in CSV, `null` in JSON: full resolution) and, for int8, `calibration` (a hash of
+    the calibration photos). Not recorded: `--max-pixels`, which only decides which files are refused (their rows
+    have an error), the device, batch size and `--decode-on`, which move scores by float rounding (nvJPEG's decoding,
+    by small pixel differences), and the model's weights: the model is known by its name.
 
     The file is checked when the writer is made: its extension, that it can be created, and with `resume=True` that
     its rows parse and name this model. It is written from [`start`] on, once the settings are known (after the model
@@ -221,11 +229,21 @@ class ResultWriter:
 
 def _as_option(key: str, value: object) -> str:
     """A setting as the command line gives it: `--precision bf16`, or `no --max-size` (full resolution)."""
+    if key == "calibration":
+        return "no int8 calibration" if value is None else f"int8 calibration photos of hash {value}"
     return f"no {SETTING_OPTIONS[key]}" if value is None else f"{SETTING_OPTIONS[key]} {value}"
 
 
 def _options_to_continue(settings: dict) -> str:
     """How to run with `settings`: `with --precision bf16 and without --max-size`."""
+    if "calibration" in settings:  # a hash names no folder: say which photos
+        settings = dict(settings)
+        calibration = settings.pop("calibration")
+        advice = _options_to_continue(settings) if settings else ""
+        if calibration is None:
+            return advice or "as it was started (its int8 calibration photos are not recorded)"
+        photos = f"--calibration-images set to the photos of hash {calibration}"
+        return f"{advice} and {photos}" if advice else f"with {photos}"
     given = " ".join(_as_option(key, value) for key, value in settings.items() if value is not None)
     absent = " ".join(SETTING_OPTIONS[key] for key, value in settings.items() if value is None)
     return " and ".join(([f"with {given}"] if given else []) + ([f"without {absent}"] if absent else []))

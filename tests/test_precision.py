@@ -217,7 +217,7 @@ def test_calibration_folder_without_images_is_named(tiny_model, tmp_path, monkey
     assert f"no calibration images in {empty}" in capsys.readouterr().err
 
 
-def test_cli_int8_scores_follow_float32(tiny_model_dir, tmp_path, monkeypatch, caplog):
+def test_cli_int8_scores_follow_float32(tiny_model_dir, tmp_path, monkeypatch, caplog, capsys):
     monkeypatch.setenv("QUALICLIP_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -234,6 +234,45 @@ def test_cli_int8_scores_follow_float32(tiny_model_dir, tmp_path, monkeypatch, c
     assert int8 == pytest.approx(full, abs=0.1)
     # The quantizer's per-convolution advice on the root logger ("Expected bias ... to be an initializer") is dropped.
     assert [record.getMessage() for record in caplog.records if "onnxruntime" in record.pathname] == []
+    # A results file records the calibration photos: resuming it with other photos is refused, in one line.
+    output = tmp_path / "int8.csv"
+    assert (
+        main(
+            [
+                "score",
+                str(folder / "0.png"),
+                "--model",
+                str(tiny_model_dir),
+                "--output",
+                str(output),
+                "--precision",
+                "int8",
+                "--calibration-images",
+                str(folder),
+            ]
+        )
+        == 0
+    )
+    other = tmp_path / "other-photos"
+    other.mkdir()
+    photo(100, 90, seed=9).save(other / "9.png")
+    resume = [
+        "score",
+        str(folder),
+        "--model",
+        str(tiny_model_dir),
+        "--output",
+        str(output),
+        "--resume",
+        "--precision",
+        "int8",
+    ]
+    kept = output.read_text()
+    assert main([*resume, "--calibration-images", str(other)]) == 2
+    assert "computed with int8 calibration photos of hash" in capsys.readouterr().err
+    assert output.read_text() == kept
+    assert main([*resume, "--calibration-images", str(folder)]) == 0
+    assert len(output.read_text().splitlines()) == 1 + 3
     if importlib.util.find_spec("openvino") is not None:  # the same int8 graph, run by OpenVINO's int8 kernels
         openvino_int8 = scores("--precision", "int8", "--backend", "openvino", "--calibration-images", str(folder))
         assert openvino_int8 != full
