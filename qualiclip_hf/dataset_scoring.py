@@ -861,7 +861,6 @@ def score_dataset_command(args: Any) -> int:
     """
     from accelerate import PartialState
 
-    from .fusion import fuse_for_inference
     from .loading import load_model_and_processor, resolve_model
     from .precision import prepare_scorer
 
@@ -888,13 +887,12 @@ def score_dataset_command(args: Any) -> int:
         if state.is_main_process:
             print(f"model: {resolved.name} ({resolved.description})", file=sys.stderr)
         model, processor = load_model_and_processor(resolved, state.device)
-        model, chosen = prepare_scorer(model, processor, "fp32" if args.precision == "auto" else args.precision)
+        # Bulk scoring, as `qualiclip score` on files (fuse: BatchNorm folded, CPU chunks in fp32).
+        model, chosen = prepare_scorer(model, processor, args.precision, fuse=True)
     except (OSError, ValueError) as error:
         return fail(f"cannot load model {args.model!r}: {error}")
-    if chosen == "fp32":
-        # Bulk scoring, as `qualiclip score` on files: BatchNorm folded, CPU chunks; scores move by float rounding.
-        model = fuse_for_inference(model)
-    settings = {"dataset": args.dataset, "split": args.split, "model": args.model, "precision": args.precision}
+    # The precision that runs, never "auto": a resumed run must compute its rows the same way.
+    settings = {"dataset": args.dataset, "split": args.split, "model": args.model, "precision": chosen}
     try:
         summary = score_dataset(
             dataset,

@@ -5,6 +5,7 @@ reference scores are those of `score_files` on the same images saved as files.""
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -25,7 +26,8 @@ from PIL import Image
 
 from qualiclip_hf import QualityScorer
 from qualiclip_hf.cli import main
-from qualiclip_hf.dataset_scoring import open_dataset, read_scores, score_dataset
+from qualiclip_hf.dataset_scoring import RUN_FILE, open_dataset, read_scores, score_dataset
+from qualiclip_hf.precision import resolve_precision
 from qualiclip_hf.scoring import score_files
 
 from .conftest import REPO_ROOT, image_bytes, photo
@@ -255,6 +257,10 @@ def test_an_output_folder_is_not_overwritten_and_resume_checks_the_settings(phot
     assert "max_size was None, now 64" in capsys.readouterr().err
     assert main([*command, "--resume"]) == 0  # complete: nothing left to do
     assert "scored 0 rows" in capsys.readouterr().err
+    # `auto` is the precision it chooses: fp32 here, so it continues an fp32 run, and the run records no "auto".
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert main([*command, "--resume", "--precision", "auto"]) == 0
+    assert json.loads((tmp_path / "out" / RUN_FILE).read_text())["precision"] == "fp32"
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     assert (
