@@ -339,8 +339,10 @@ def _score_command(args: argparse.Namespace) -> int:
             "image would be refused"
         )
     paths = _image_paths(args.paths, args.recursive, collect_image_paths)
-    # ONNX Runtime, OpenVINO and int8 run on the CPU: `--device auto` means the CPU for them, even beside a GPU.
-    runs_on_cpu = args.backend != "torch" or args.precision == "int8"
+    from .precision import runtime_for
+
+    # The exported graph runs on the CPU: `--device auto` means the CPU for it, even beside a GPU.
+    runs_on_cpu = runtime_for(args.backend, args.precision) != "torch"
     device = _device("cpu" if runs_on_cpu and args.device == "auto" else args.device)
     if args.decode_on == "device" and device.type == "cpu":
         print(

@@ -862,7 +862,7 @@ def score_dataset_command(args: Any) -> int:
     from accelerate import PartialState
 
     from .loading import load_model_and_processor, resolve_model
-    from .precision import prepare_scorer
+    from .precision import prepare_scorer, runtime_for
 
     def fail(message: str, status: int = 2) -> int:
         print(f"qualiclip: {message}", file=sys.stderr)
@@ -880,7 +880,7 @@ def score_dataset_command(args: Any) -> int:
             dataset = open_dataset(args.dataset, args.split, streaming=True if args.streaming else None)
         except ValueError as error:
             return fail(str(error))
-    if args.backend != "torch" or args.precision == "int8":
+    if runtime_for(args.backend, args.precision) != "torch":
         return fail("--dataset runs the PyTorch model: --precision fp32, bf16, fp16 or auto, --backend torch")
     try:
         resolved = resolve_model(args.model)

@@ -16,6 +16,7 @@ so that the normalisation travels with the graph.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -201,7 +202,14 @@ class OnnxQualiCLIP:
             self._run = _onnxruntime_session(path, num_threads)
         else:
             self._run = _openvino_session(path, num_threads, inference_precision)
-        self.metadata = _graph_metadata(path)
+
+    @functools.cached_property
+    def metadata(self) -> dict[str, str]:
+        """
+        The metadata `export_onnx` writes into the graph (model type, logit scale, prompts, minimum size). Read on
+        first use: it means parsing the whole file, weights included, which scoring does not need.
+        """
+        return _graph_metadata(self.path)
 
     def run(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         """

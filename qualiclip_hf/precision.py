@@ -131,7 +131,7 @@ def resolve_precision(requested: str, device: torch.device | str = "cpu", backen
         return requested
     native = native_formats(device)
     for fmt in FORMATS_MEETING_DRIFT_BAR[backend]:
-        if fmt in native and _runtime_available(_runtime(backend, fmt)):
+        if fmt in native and _runtime_available(runtime_for(backend, fmt)):
             return fmt
     return "fp32"
 
@@ -150,8 +150,11 @@ def describe_choice(requested: str, chosen: str, device: torch.device | str = "c
     )
 
 
-def _runtime(backend: str, precision: str) -> str:
-    """What runs `precision` for `backend`: PyTorch, or the runtime that runs the exported graph."""
+def runtime_for(backend: str, precision: str) -> str:
+    """
+    What runs `precision` with `backend`: `"torch"` (the model itself), or the runtime of the exported graph
+    (`"onnxruntime"`, `"openvino"`), which runs on the CPU. int8 with the torch backend runs in ONNX Runtime.
+    """
     if backend == "torch":
         return "onnxruntime" if precision == "int8" else "torch"
     return backend
@@ -234,7 +237,7 @@ def prepare_scorer(
     """
     device = next(model.parameters()).device
     chosen = resolve_precision(precision, device, backend)
-    runtime = _runtime(backend, chosen)
+    runtime = runtime_for(backend, chosen)
     if runtime != "torch":
         if not _runtime_available(runtime):
             extra = "onnx" if runtime == "onnxruntime" else "openvino"

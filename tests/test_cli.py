@@ -421,6 +421,15 @@ def _resume_command(folder: Path, model_dir: Path, output: Path, *options: str) 
     return _command(folder, model_dir, output, "--resume", *options)
 
 
+def _interrupted_run(folder: Path, model_dir: Path, output: Path, monkeypatch, capsys, *options: str) -> str:
+    """Scores `folder` into `output` with `options`, Ctrl-C after two files; returns what the file then holds."""
+    _interrupt_after(monkeypatch, 2)
+    assert main(_command(folder, model_dir, output, *options)) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    return output.read_text()
+
+
 def test_rows_record_the_settings_that_change_scores(good_folder, tiny_model_dir, tmp_path):
     from qualiclip_hf.precision import resolve_precision
 
@@ -442,11 +451,7 @@ def test_resume_refuses_a_file_scored_with_another_max_size(good_folder, tiny_mo
     from qualiclip_hf import loading
 
     output = tmp_path / "scores.csv"
-    _interrupt_after(monkeypatch, 2)
-    assert main(_command(good_folder, tiny_model_dir, output, "--max-size", "48")) == 130
-    monkeypatch.undo()
-    kept = output.read_text()
-    capsys.readouterr()
+    kept = _interrupted_run(good_folder, tiny_model_dir, output, monkeypatch, capsys, "--max-size", "48")
 
     # Refused before the model loads: the arguments say what the run would use.
     load = loading.load_model_and_processor
@@ -471,11 +476,7 @@ def test_resume_refuses_a_file_scored_in_another_precision(good_folder, tiny_mod
     from qualiclip_hf.precision import resolve_precision
 
     output = tmp_path / "scores.json"
-    _interrupt_after(monkeypatch, 2)
-    assert main(_command(good_folder, tiny_model_dir, output, "--precision", "bf16")) == 130
-    monkeypatch.undo()
-    kept = output.read_text()
-    capsys.readouterr()
+    kept = _interrupted_run(good_folder, tiny_model_dir, output, monkeypatch, capsys, "--precision", "bf16")
     refused = [[], ["--precision", "fp32"]]
     if resolve_precision("auto", "cpu", "torch") == "fp32":
         refused.append(["--precision", "auto"])  # refused once the model is loaded and auto has chosen fp32
