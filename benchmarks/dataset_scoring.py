@@ -40,9 +40,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qualiclip_hf.dataset_scoring import (
+from qualiclip_hf.image_reader import open_image_value
+from qualiclip_hf.loading import load_model_and_processor
+from qualiclip_hf.scoring.dataset import (
     _batches,
-    _decode,
     _Decoder,
     _image_column,
     _units,
@@ -50,7 +51,6 @@ from qualiclip_hf.dataset_scoring import (
     open_dataset,
     score_dataset,
 )
-from qualiclip_hf.loading import load_model_and_processor
 
 REPO = Path(__file__).resolve().parents[1]
 LONG_SIDES = (128, 192, 256, 320, 384, 448, 512)
@@ -115,7 +115,7 @@ def decode_only(dataset: object, batch_size: int, output: Path) -> float:
 
 @torch.inference_mode()
 def model_only(rows: list[bytes], model: object, processor: object, batch_size: int) -> float:
-    images = [torch.from_numpy(np.array(_decode(row))).permute(2, 0, 1) for row in rows]
+    images = [torch.from_numpy(np.array(open_image_value(row))).permute(2, 0, 1) for row in rows]
     started = time.perf_counter()
     for start in range(0, len(images), batch_size):
         inputs = processor(images=images[start : start + batch_size], return_tensors="pt").to(model.device)

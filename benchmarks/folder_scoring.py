@@ -44,18 +44,11 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qualiclip_hf import QualiCLIPConfig, QualiCLIPModel, QualiCLIPProcessor
+from qualiclip_hf.backends.precision import prepare_scorer
 from qualiclip_hf.loading import BACKENDS, PRECISIONS, resolve_pretrained
-from qualiclip_hf.precision import prepare_scorer
-from qualiclip_hf.scoring import (
-    _decode_jpegs,
-    _device_jpeg_decoder,
-    _ImageFiles,
-    choose_thread_counts,
-    read_image,
-    runnable_elsewhere,
-    score_files,
-    usable_cores,
-)
+from qualiclip_hf.scoring import choose_thread_counts, read_image, score_files, usable_cores
+from qualiclip_hf.scoring.files import _decode_jpegs, _device_jpeg_decoder, _ImageFiles
+from qualiclip_hf.scoring.resources import runnable_elsewhere
 
 SOURCES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "colorwheel")
 LONG_SIDES = (320, 480, 640, 800, 1024, 1280)

@@ -1,4 +1,4 @@
-"""The speed layer (`qualiclip_hf.fusion.fuse_for_inference`) against the model as loaded, on the CPU or a GPU.
+"""The speed layer (`qualiclip_hf.backends.fusion.fuse_for_inference`) against the model as loaded, on the CPU or a GPU.
 
     python benchmarks/fusion_throughput.py [--sizes 224x224 512x384] [--batches 8] [--repeats 3]
 
@@ -19,8 +19,8 @@ import torch
 from model_throughput import timed
 
 from qualiclip_hf import QualiCLIPConfig, QualiCLIPModel
-from qualiclip_hf.fusion import fuse_for_inference
-from qualiclip_hf.precision import cpu_description
+from qualiclip_hf.backends.fusion import fuse_for_inference
+from qualiclip_hf.backends.precision import cpu_description
 
 
 def fusion_table(args: argparse.Namespace, device: torch.device) -> None:

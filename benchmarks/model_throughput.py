@@ -9,7 +9,7 @@ CLIP loader to a TorchScript archive of openai-clip's CLIP). Every variant takes
 `torch.inference_mode()` with pyiqa's score formula:
 
 - `pyiqa fp32`: pyiqa's own arch; `ours fp32`: ours through the pyiqa plugin (`QualiCLIPHF`), float32;
-- `backend/precision`: `qualiclip score --backend B --precision P` (`qualiclip_hf.precision.prepare_scorer`):
+- `backend/precision`: `qualiclip score --backend B --precision P` (`qualiclip_hf.backends.precision.prepare_scorer`):
   `torch/bf16` is stages 2-4 of the tower in bfloat16 (`reduce_precision`), `onnxruntime/*` and `openvino/*` the
   exported graph (int8: the ONNX Runtime-quantized graph) in that runtime, `*/auto` what `--precision auto` picks
   on this machine with that backend. A runtime that is not installed is reported as skipped.
@@ -42,9 +42,9 @@ from pyiqa.utils import download_util
 
 from pyiqa_plugin.qualiclip_arch import QualiCLIPHF
 from qualiclip_hf import QUALICLIP_PROMPT_PAIRS, QualiCLIPProcessor
+from qualiclip_hf.backends.precision import cpu_description
 from qualiclip_hf.convert_qualiclip_checkpoint import convert_checkpoint
 from qualiclip_hf.loading import OFFICIAL_FILENAME
-from qualiclip_hf.precision import cpu_description
 
 VARIANTS = (
     "torch/auto",
@@ -133,7 +133,7 @@ def fast_paths(ours: QualiCLIPHF, folder: Path, names: list[str]) -> dict[str, C
     formula uses 50, same speed). `auto` is labelled with what it picked on this machine; a backend that is not
     installed is reported and skipped.
     """
-    from qualiclip_hf.precision import prepare_scorer
+    from qualiclip_hf.backends.precision import prepare_scorer
 
     processor = QualiCLIPProcessor.from_pretrained(folder)
     paths = {}

@@ -17,9 +17,10 @@ Models:
   `FORMATS_MEETING_DRIFT_BAR` for the real model.
 
 Fast paths, `backend/precision`, each exactly as `qualiclip score --backend B --precision P` prepares it
-(`qualiclip_hf.precision.prepare_scorer`), against the float32 PyTorch scores of the same model. A backend that is
-not installed is reported, not run. The bar `auto` applies (`qualiclip_hf.precision.DRIFT_BAR`): SRCC >= 0.999 and
-max diff <= 0.01 on both models. SRCC is `scipy.stats.spearmanr`.
+(`qualiclip_hf.backends.precision.prepare_scorer`), against the float32 PyTorch scores of the same model. A backend
+that is not installed is reported, not run. The bar `auto` applies
+(`qualiclip_hf.backends.precision.DRIFT_BAR`): SRCC >= 0.999 and max diff <= 0.01 on both models. SRCC is
+`scipy.stats.spearmanr`.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ sys.path.insert(0, str(ROOT))  # training/ is not an installed package
 from model_throughput import _cache_in  # noqa: E402
 
 from qualiclip_hf import QualiCLIPModel, QualiCLIPProcessor  # noqa: E402
+from qualiclip_hf.backends.precision import DRIFT_BAR, cpu_description, prepare_scorer  # noqa: E402
+from qualiclip_hf.backends.quantization import default_calibration_images  # noqa: E402
 from qualiclip_hf.loading import DEMO_MODEL_PATH  # noqa: E402
-from qualiclip_hf.precision import DRIFT_BAR, cpu_description, prepare_scorer  # noqa: E402
-from qualiclip_hf.quantization import default_calibration_images  # noqa: E402
 from qualiclip_hf.scoring import read_image  # noqa: E402
 from training.degradations import ALL_DISTORTIONS, apply_distortion  # noqa: E402
 from training.prepare_demo_data import HELDOUT, SKIMAGE_PHOTOS  # noqa: E402

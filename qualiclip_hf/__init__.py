@@ -33,7 +33,8 @@ _EXPORTS = {
     "QualiCLIPProcessor": "processing_qualiclip",
     "DEMO_MODEL_PATH": "loading",
     "load_model_and_processor": "loading",
-    "QualityScorer": "dataset_scoring",
+    "QualityScorer": "scoring.dataset",
+    "score_images": "scoring.core",
 }
 
 if TYPE_CHECKING:
@@ -43,12 +44,13 @@ if TYPE_CHECKING:
         QualiCLIPTextConfig,
         QualiCLIPVisionConfig,
     )
-    from .dataset_scoring import QualityScorer
     from .image_processing_qualiclip import QualiCLIPImageProcessor
     from .loading import DEMO_MODEL_PATH, load_model_and_processor
     from .modeling_qualiclip import QualiCLIPModel, QualiCLIPOutput, QualiCLIPPreTrainedModel
     from .pipeline_qualiclip import IMAGE_QUALITY_TASK, ImageQualityAssessmentPipeline
     from .processing_qualiclip import QualiCLIPProcessor
+    from .scoring.core import score_images
+    from .scoring.dataset import QualityScorer
 
 
 def __getattr__(name: str) -> Any:
@@ -127,4 +129,5 @@ __all__ = [
     "QualityScorer",
     "load_model_and_processor",
     "register_auto_classes",
+    "score_images",
 ]

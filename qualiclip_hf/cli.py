@@ -17,7 +17,7 @@ from typing import Any
 
 from . import __version__
 from .loading import BACKENDS, DEVICES, PRECISIONS
-from .results import OUTPUT_FORMATS
+from .scoring.results import OUTPUT_FORMATS
 
 # The default --model. The command exists to score with QualiCLIP, so it is the authors' weights; where they cannot
 # be had (offline, not cached), the command stops within a second and names the alternatives, instead of scoring
@@ -314,11 +314,11 @@ def _score_command(args: argparse.Namespace) -> int:
         raise CommandError("give image files or folders, or --dataset NAME_OR_FOLDER (not both)")
     if args.dataset is not None:
         from . import register_auto_classes
-        from .dataset_scoring import score_dataset_command
+        from .scoring.dataset import score_dataset_command
 
         register_auto_classes()  # a model folder's `auto_map` then needs no remote code
         return score_dataset_command(args)
-    from .results import ResultWriter
+    from .scoring.results import ResultWriter
 
     # The checks that need neither torch nor the model come first: on a busy machine importing torch takes seconds.
     if args.resume and args.output is None:
@@ -339,7 +339,7 @@ def _score_command(args: argparse.Namespace) -> int:
             "image would be refused"
         )
     paths = _image_paths(args.paths, args.recursive, collect_image_paths)
-    from .precision import runtime_for
+    from .backends.precision import runtime_for
 
     # The exported graph runs on the CPU: `--device auto` means the CPU for it, even beside a GPU.
     runs_on_cpu = runtime_for(args.backend, args.precision) != "torch"
@@ -385,7 +385,7 @@ def _score_command(args: argparse.Namespace) -> int:
         try:
             calibration = None
             if precision == "int8":
-                from .quantization import calibration_key
+                from .backends.quantization import calibration_key
 
                 calibration = calibration_key(args.calibration_images)
             settings = {"precision": precision, "backend": runtime, "max_size": args.max_size}
@@ -411,7 +411,8 @@ def _score_with_progress(args, paths, model, processor, batch_size, workers, wri
     """Runs `score_files`, handing each result to `writer` as it comes; Ctrl-C ends the run with one line."""
     from tqdm.auto import tqdm
 
-    from .scoring import DEFAULT_MAX_PIXELS, score_files
+    from .image_reader import DEFAULT_MAX_PIXELS
+    from .scoring import score_files
 
     results = []
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
@@ -453,7 +454,7 @@ def _scorer_in_precision(args: argparse.Namespace, model: Any, processor: Any) -
     What scores in `--precision` / `--backend` (`precision.prepare_scorer`), the choice printed once; with the
     precision chosen (`auto` resolved) and what runs the model (`torch`, `onnxruntime` or `openvino`).
     """
-    from .precision import describe_choice, prepare_scorer
+    from .backends.precision import describe_choice, prepare_scorer
 
     try:
         # Bulk scoring is where the speed layer pays (fuse: BatchNorms folded, CPU chunks).
@@ -474,8 +475,8 @@ def _export_onnx_command(args: argparse.Namespace) -> int:
     print(f"model: {resolved.name} ({resolved.description})", file=sys.stderr)
     model, processor = _load(resolved, "cpu")
     try:
-        from .export import ONNX_FILENAME, export_onnx
-        from .quantization import calibration_images, quantize_onnx
+        from .backends.onnx import ONNX_FILENAME, export_onnx
+        from .backends.quantization import calibration_images, quantize_onnx
 
         path = export_onnx(model, args.output, processor)
         if args.precision == "int8":

@@ -47,6 +47,7 @@ __all__ = [
     "image_file_extensions",
     "is_local_file_name",
     "open_image",
+    "open_image_value",
     "to_viewable_rgb",
 ]
 
@@ -148,6 +149,35 @@ def open_image(
         return to_viewable_rgb(image, convert_icc=convert_icc)
     except ValueError as error:
         raise ValueError(f"{_source_name(source)}: {error}") from None
+
+
+def open_image_value(value: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS, convert_icc: bool = True) -> Image.Image:
+    """
+    Reads one value of a dataset's image column (`datasets`, Parquet, WebDataset, Ray Data) as [`open_image`] reads
+    a file, so that the rules and error messages are those of file scoring.
+
+    Args:
+        value: A PIL image (a decoding `datasets.Image` feature), the bytes of an image file, a local path, or a
+            `{"bytes": ..., "path": ...}` struct (`datasets.Image(decode=False)`, Parquet exports of image datasets):
+            its bytes when present, else its path.
+        max_pixels, convert_icc: As [`open_image`].
+
+    Returns:
+        The 8-bit `RGB` image a viewer shows.
+
+    Raises:
+        ValueError: naming the file (or `<N bytes>`) and the cause; for an empty value or one of another type,
+            saying so.
+    """
+    if isinstance(value, dict):
+        value = value["bytes"] if value.get("bytes") is not None else value.get("path")
+    if isinstance(value, Image.Image):
+        return to_viewable_rgb(value, convert_icc=convert_icc)
+    if isinstance(value, (bytes, bytearray, memoryview, str, os.PathLike)):
+        return open_image(value, max_pixels, convert_icc=convert_icc)
+    if value is None:
+        raise ValueError("no image (the value is empty)")
+    raise ValueError(f"cannot read an image from a value of type {type(value).__name__}")
 
 
 def decode_file(

@@ -40,8 +40,8 @@ DEMO_MODEL_PATH = Path(__file__).parent / "demo_model"
 MODEL_NAMES = ("official", "demo")
 # `select_device` choices; "auto" tries the others in this order.
 DEVICES = ("auto", "cuda", "mps", "cpu")
-# The number formats and runtimes a model can score in (`qualiclip_hf.precision.prepare_scorer`); which format each
-# backend runs is `qualiclip_hf.precision.BACKEND_PRECISIONS`.
+# The number formats and runtimes a model can score in (`qualiclip_hf.backends.precision.prepare_scorer`); which format
+# each backend runs is `qualiclip_hf.backends.precision.BACKEND_PRECISIONS`.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 BACKENDS = ("torch", "onnxruntime", "openvino")
 

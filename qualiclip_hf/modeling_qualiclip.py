@@ -370,7 +370,7 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
             if config.prompt_context_length is not None
             else None
         )
-        # Speed settings of `qualiclip_hf.fusion.fuse_for_inference`; a plain model has none.
+        # Speed settings of `qualiclip_hf.backends.fusion.fuse_for_inference`; a plain model has none.
         self.cpu_chunk_pixels: int | None = None
         self.is_fused = False
         self.post_init()
@@ -429,7 +429,8 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
     def train(self, mode: bool = True) -> QualiCLIPModel:
         if mode and getattr(self, "is_fused", False):
             raise RuntimeError(
-                "this model was fused for inference (qualiclip_hf.fusion.fuse_for_inference): its BatchNorm layers "
+                "this model was fused for inference (qualiclip_hf.backends.fusion.fuse_for_inference): its BatchNorm "
+                "layers "
                 "are gone, so it cannot train; load it again"
             )
         return super().train(mode)
@@ -437,8 +438,8 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
         if getattr(self, "is_fused", False):
             raise RuntimeError(
-                "this model was fused for inference (qualiclip_hf.fusion.fuse_for_inference) and no longer has the "
-                "weights of the checkpoint layout; save the model as loaded"
+                "this model was fused for inference (qualiclip_hf.backends.fusion.fuse_for_inference) and no longer "
+                "has the weights of the checkpoint layout; save the model as loaded"
             )
         super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -521,8 +522,8 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
     def _embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """
         The image tower on `(batch_size, 3, height, width)` images of one size. With `cpu_chunk_pixels` set (by
-        `qualiclip_hf.fusion.fuse_for_inference`), an eval-mode batch on a CPU runs in chunks of at most that many
-        pixels, so that activations stay in the caches; the scores are the same.
+        `qualiclip_hf.backends.fusion.fuse_for_inference`), an eval-mode batch on a CPU runs in chunks of at most
+        that many pixels, so that activations stay in the caches; the scores are the same.
         """
         batch_size, _, height, width = pixel_values.shape
         chunk_pixels = self.cpu_chunk_pixels

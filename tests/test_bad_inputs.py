@@ -27,7 +27,8 @@ from PIL import Image, features
 from qualiclip_hf import QualiCLIPImageProcessor
 from qualiclip_hf.cli import main
 from qualiclip_hf.image_reader import open_image
-from qualiclip_hf.scoring import _ImageFiles, collect_image_paths, read_image, score_files
+from qualiclip_hf.scoring import collect_image_paths, read_image, score_files
+from qualiclip_hf.scoring.files import _ImageFiles
 
 from .conftest import CLIP_MEAN, CLIP_STD, direct_scores, photo
 

@@ -365,10 +365,10 @@ def test_thread_counts_leave_busy_cores_alone(cores, load, expected):
 
 @pytest.mark.parametrize(("options", "expected"), [([], 1), (["--threads", "3"], 3)])
 def test_score_sets_the_chosen_thread_count(good_folder, tiny_model_dir, monkeypatch, options, expected):
-    from qualiclip_hf import scoring
+    from qualiclip_hf.scoring import resources
 
-    monkeypatch.setattr(scoring, "usable_cores", lambda: 2)
-    monkeypatch.setattr(scoring, "runnable_elsewhere", lambda: 1.0)  # one other busy process on the 2 cores
+    monkeypatch.setattr(resources, "usable_cores", lambda: 2)
+    monkeypatch.setattr(resources, "runnable_elsewhere", lambda: 1.0)  # one other busy process on the 2 cores
     chosen = []
     monkeypatch.setattr(torch, "set_num_threads", chosen.append)  # keeps this test process's own setting
     assert main(["score", str(good_folder), "--model", str(tiny_model_dir), "--device", "cpu", *options]) == 0
@@ -383,7 +383,7 @@ def test_the_installed_command_scores_a_dataset_without_asking_for_remote_code(t
     command = [str(QUALICLIP_SCRIPT), "score", "--dataset", str(REPO_ROOT / "examples/images"), "--model", "demo"]
     done = subprocess.run([*command, "--output", str(output)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr
-    from qualiclip_hf.dataset_scoring import read_scores
+    from qualiclip_hf.scoring.dataset import read_scores
 
     table = read_scores(output)
     assert table.num_rows == len(list((REPO_ROOT / "examples/images").glob("*.jpg")))
@@ -431,7 +431,7 @@ def _interrupted_run(folder: Path, model_dir: Path, output: Path, monkeypatch, c
 
 
 def test_rows_record_the_settings_that_change_scores(good_folder, tiny_model_dir, tmp_path):
-    from qualiclip_hf.precision import resolve_precision
+    from qualiclip_hf.backends.precision import resolve_precision
 
     for suffix in (".csv", ".jsonl", ".json"):
         output = tmp_path / f"scores{suffix}"
@@ -473,7 +473,7 @@ def test_resume_refuses_a_file_scored_with_another_max_size(good_folder, tiny_mo
 
 
 def test_resume_refuses_a_file_scored_in_another_precision(good_folder, tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from qualiclip_hf.precision import resolve_precision
+    from qualiclip_hf.backends.precision import resolve_precision
 
     output = tmp_path / "scores.json"
     kept = _interrupted_run(good_folder, tiny_model_dir, output, monkeypatch, capsys, "--precision", "bf16")

@@ -25,10 +25,10 @@ import torch
 from PIL import Image
 
 from qualiclip_hf import QualityScorer
+from qualiclip_hf.backends.precision import resolve_precision
 from qualiclip_hf.cli import main
-from qualiclip_hf.dataset_scoring import RUN_FILE, open_dataset, read_scores, score_dataset
-from qualiclip_hf.precision import resolve_precision
 from qualiclip_hf.scoring import score_files
+from qualiclip_hf.scoring.dataset import RUN_FILE, open_dataset, read_scores, score_dataset
 
 from .conftest import REPO_ROOT, image_bytes, photo
 

@@ -350,7 +350,7 @@ def test_folder_scan_takes_every_extension_a_reader_opens(tmp_path, caplog):
         image.save(tmp_path / name, "JPEG" if not name.lower().endswith(".png") else "PNG")
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "data.csv").write_text("a,b")
-    with caplog.at_level(logging.WARNING, logger="qualiclip_hf.scoring"):
+    with caplog.at_level(logging.WARNING, logger="qualiclip_hf.scoring.files"):
         found = collect_image_paths([tmp_path])
     assert sorted(path.name for path in found) == sorted(names)
     assert "skipped 2 file(s)" in caplog.text

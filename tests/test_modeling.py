@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from qualiclip_hf import QUALICLIP_PROMPT_PAIRS, QualiCLIPModel, QualiCLIPOutput
-from qualiclip_hf.fusion import fuse_conv_batch_norm, fuse_for_inference
+from qualiclip_hf.backends.fusion import fuse_conv_batch_norm, fuse_for_inference
 from qualiclip_hf.modeling_qualiclip import Bottleneck
 
 from .conftest import tiny_config

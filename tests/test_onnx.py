@@ -18,8 +18,8 @@ from qualiclip_hf.loading import DEMO_MODEL_PATH
 from .conftest import photo
 
 pytest.importorskip("onnxruntime")
-from qualiclip_hf.export import ONNX_FILENAME, OnnxQualiCLIP, export_onnx
-from qualiclip_hf.precision import native_formats
+from qualiclip_hf.backends.onnx import ONNX_FILENAME, OnnxQualiCLIP, export_onnx
+from qualiclip_hf.backends.precision import native_formats
 
 # OpenVINO is the [openvino] extra (in [test]); without it its cases skip, ONNX Runtime's still run.
 RUNTIMES = [

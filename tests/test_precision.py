@@ -9,15 +9,15 @@ import json
 import pytest
 import torch
 
-from qualiclip_hf import precision
-from qualiclip_hf.cli import main
-from qualiclip_hf.fusion import fold_batch_norms
-from qualiclip_hf.precision import (
+from qualiclip_hf.backends import precision
+from qualiclip_hf.backends.fusion import fold_batch_norms
+from qualiclip_hf.backends.precision import (
     native_formats,
     prepare_scorer,
     reduce_precision,
     resolve_precision,
 )
+from qualiclip_hf.cli import main
 
 from .conftest import photo
 
@@ -142,7 +142,7 @@ onnxruntime = pytest.importorskip("onnxruntime")
 def test_int8_is_calibrated_once_per_model_and_calibration_set(tiny_model, tmp_path, monkeypatch):
     import onnx
 
-    from qualiclip_hf import quantization
+    from qualiclip_hf.backends import quantization
     from qualiclip_hf.build_processor import build_clip_tokenizer, make_processor
 
     monkeypatch.setenv("QUALICLIP_CACHE", str(tmp_path / "cache"))

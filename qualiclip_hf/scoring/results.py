@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .scoring import ScoreResult
+    from .files import ScoreResult
 
 OUTPUT_FORMATS = (".csv", ".json", ".jsonl")
 # The settings that change a score, recorded in every row and checked on resume, with the option that sets each.
@@ -23,7 +23,8 @@ SETTING_OPTIONS = {
     "precision": "--precision",
     "backend": "--backend",
     "max_size": "--max-size",
-    # int8 only: a hash of the calibration photos (`qualiclip_hf.quantization.calibration_key`), since other photos
+    # int8 only: a hash of the calibration photos (`qualiclip_hf.backends.quantization.calibration_key`), since other
+    # photos
     # give other int8 scores.
     "calibration": "--calibration-images",
 }

@@ -43,12 +43,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .image_reader import DEFAULT_MAX_PIXELS, open_image, to_viewable_rgb
-from .modeling_qualiclip import QualiCLIPModel
-from .processing_qualiclip import QualiCLIPProcessor
-from .scoring import _score_decoded, _too_small
+from ..image_reader import DEFAULT_MAX_PIXELS, open_image_value
+from ..modeling_qualiclip import QualiCLIPModel
+from ..processing_qualiclip import QualiCLIPProcessor
+from .core import DecodedImage, ImageScore, score_images
+from .resources import choose_thread_counts, default_batch_size, usable_cores
 
 __all__ = ["DatasetScoringSummary", "QualityScorer", "open_dataset", "read_scores", "score_dataset"]
 
@@ -67,111 +67,21 @@ _OLD_NAMES = {"manifest": MANIFEST_DIR, _OLD_SUMMARY_FILE: SUMMARY_FILE, _OLD_RU
 # ------------------------------------------------------------------------------------------------------ decoding
 
 
-def _decode(value: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_values(values: Sequence[Any], labels: Sequence[str], max_pixels: int | None) -> list[DecodedImage]:
     """
-    Reads one value of an image column with the project's image reader, so that rules (EXIF, transparency, 16 bits,
-    pixel limit) and error messages are those of file scoring. This is the only place where dataset values meet the
-    reader.
-
-    Args:
-        value: A PIL image (a decoding `Image` feature), the bytes of an image file, a path, or `Image(decode=False)`'s
-            `{"bytes": ..., "path": ...}` (the bytes when present, else the path).
-        max_pixels: Refuse images of more pixels before decoding them (`None`: no limit).
-
-    Returns:
-        The 8-bit RGB image a viewer shows.
-
-    Raises:
-        ValueError: naming the file (or `<N bytes>`) and the cause.
+    Decodes a batch of image-column values with the project's reader (`image_reader.open_image_value`), in a worker
+    process or a Ray task: `(height, width, 3)` uint8 arrays, or error messages naming each value's label.
     """
-    if isinstance(value, dict):
-        value = value["bytes"] if value.get("bytes") is not None else value.get("path")
-    if isinstance(value, Image.Image):
-        return to_viewable_rgb(value)
-    if isinstance(value, (bytes, bytearray, memoryview, str, os.PathLike)):
-        return open_image(value, max_pixels)
-    if value is None:
-        raise ValueError("no image (the value is empty)")
-    raise ValueError(f"cannot read an image from a value of type {type(value).__name__}")
-
-
-def _decode_values(values: Sequence[Any], max_pixels: int | None) -> list[np.ndarray | str]:
-    """Decodes a batch of column values (in a worker process): `(height, width, 3)` uint8 arrays, or error messages."""
-    decoded: list[np.ndarray | str] = []
-    for value in values:
+    decoded: list[DecodedImage] = []
+    for value, label in zip(values, labels, strict=True):
         try:
-            decoded.append(np.array(_decode(value, max_pixels)))  # a writable copy, for torch
+            decoded.append(np.array(open_image_value(value, max_pixels)))  # a writable copy, for torch
         except ValueError as error:
-            decoded.append(str(error))
+            decoded.append(f"{label}: {error}")
     return decoded
 
 
 # --------------------------------------------------------------------------------------------------- scoring rows
-
-
-@dataclass
-class _Scored:
-    """The outcome of a batch of rows, in row order."""
-
-    scores: list[float | None]
-    errors: list[str | None]
-    heights: list[int | None]
-    widths: list[int | None]
-    embeds: list[list[float] | None] | None
-
-
-class _EmbeddingRecorder:
-    """
-    Stands in for the model in `scoring._score_decoded`, which owns the batching rules (too-small refusal is before,
-    one-by-one retry of a failed batch inside); keeps the `image_embeds` rows of every successful forward pass in
-    order, so that each score it yields is matched with its embedding.
-    """
-
-    def __init__(self, model: QualiCLIPModel) -> None:
-        self.model = model
-        self.rows: deque[list[float]] = deque()
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    def __call__(self, **inputs: Any) -> Any:
-        output = self.model(**inputs)
-        self.rows.extend(output.image_embeds.float().cpu().tolist())
-        return output
-
-
-def _score_rows(
-    labels: Sequence[str],
-    decoded: Sequence[np.ndarray | str],
-    model: QualiCLIPModel,
-    processor: QualiCLIPProcessor,
-    max_size: int | None,
-    save_embeddings: bool,
-) -> _Scored:
-    count = len(labels)
-    scored = _Scored([None] * count, [None] * count, [None] * count, [None] * count, None)
-    images = []
-    for index, item in enumerate(decoded):
-        if isinstance(item, str):
-            scored.errors[index] = f"{labels[index]}: {item}"
-            continue
-        scored.heights[index], scored.widths[index] = item.shape[:2]
-        images.append((index, torch.from_numpy(item).permute(2, 0, 1)))
-    for index, error in _too_small(images, processor, max_size, labels):
-        scored.errors[index] = error
-    images = [(index, image) for index, image in images if scored.errors[index] is None]
-    recorder = _EmbeddingRecorder(model) if save_embeddings else None
-    if save_embeddings:
-        scored.embeds = [None] * count
-    for index, outcome in _score_decoded(images, recorder or model, processor, max_size, labels):
-        if isinstance(outcome, float):
-            scored.scores[index] = outcome
-            if recorder is not None:
-                scored.embeds[index] = recorder.rows.popleft()
-        else:
-            scored.errors[index] = outcome
-    return scored
 
 
 class QualityScorer:
@@ -216,7 +126,7 @@ class QualityScorer:
         save_embeddings: bool = False,
     ) -> None:
         if isinstance(model, str):
-            from .loading import load_model_and_processor
+            from ..loading import load_model_and_processor
 
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             model, processor = load_model_and_processor(model, device)
@@ -244,11 +154,14 @@ class QualityScorer:
             )
         values = batch[self.image_column]
         labels = [f"row {index}" for index in indices] if indices is not None else ["image"] * len(values)
-        decoded = _decode_values(values, self.max_pixels)
-        scored = _score_rows(labels, decoded, self.model, self.processor, self.max_size, self.save_embeddings)
-        columns: dict[str, list] = {"quality_score": scored.scores, "quality_error": scored.errors}
+        decoded = decode_values(values, labels, self.max_pixels)
+        outcomes = score_images(decoded, self.model, self.processor, labels, self.max_size, self.save_embeddings)
+        columns: dict[str, list] = {
+            "quality_score": [outcome.score for outcome in outcomes],
+            "quality_error": [outcome.error for outcome in outcomes],
+        }
         if self.save_embeddings:
-            columns["image_embeds"] = scored.embeds
+            columns["image_embeds"] = [outcome.image_embeds for outcome in outcomes]
         return columns
 
 
@@ -388,31 +301,31 @@ class _PartBuffer:
 
     def __init__(self) -> None:
         self.ids: list[Any] = []
-        self.scored: list[_Scored] = []
+        self.outcomes: list[ImageScore] = []
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def add(self, ids: list[Any], scored: _Scored) -> None:
+    def add(self, ids: list[Any], outcomes: list[ImageScore]) -> None:
         self.ids.extend(ids)
-        self.scored.append(scored)
+        self.outcomes.extend(outcomes)
 
     def write(self, path: Path, embed_dim: int | None) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         def column(name: str) -> list:
-            return [value for scored in self.scored for value in getattr(scored, name)]
+            return [getattr(outcome, name) for outcome in self.outcomes]
 
         ids = pa.array(self.ids)
-        columns = [ids, column("scores"), column("errors"), column("heights"), column("widths")]
+        columns = [ids, column("score"), column("error"), column("height"), column("width")]
         if embed_dim is not None:
-            columns.append(column("embeds"))
+            columns.append(column("image_embeds"))
         table = pa.Table.from_arrays(columns, schema=_schema(ids.type, embed_dim))
         temporary = path.with_name(f".{path.name}.tmp")
         pq.write_table(table, temporary)
         os.replace(temporary, path)
-        self.ids, self.scored = [], []
+        self.ids, self.outcomes = [], []
 
 
 def _write_json(path: Path, content: dict) -> None:
@@ -602,8 +515,7 @@ def score_dataset(
         for batch in decoder.decode_ahead(batches):
             decoded = batch.decoded.result() if isinstance(batch.decoded, Future) else batch.decoded
             if batch.ids:
-                scored = _score_rows(batch.labels, decoded, model, processor, max_size, save_embeddings)
-                buffer.add(batch.ids, scored)
+                buffer.add(batch.ids, score_images(decoded, model, processor, batch.labels, max_size, save_embeddings))
                 counter.add(len(batch.ids))
             if batch.end_of_part:
                 buffer.write(output_dir / _part_name(batch.unit.index, batch.part), embed_dim)
@@ -705,7 +617,8 @@ class _Decoder:
 
     def __init__(self, num_workers: int | None, num_processes: int, max_pixels: int | None) -> None:
         if num_workers is None:
-            num_workers = min(4, max(0, (os.cpu_count() or 1) // num_processes - 1))
+            # This process's share of the cores it may run on (its affinity mask), as file scoring counts them.
+            num_workers = choose_thread_counts(cores=max(1, usable_cores() // num_processes), load=0)[0]
         self.max_pixels = max_pixels
         # Enough batches in flight to keep every worker busy while the model runs, without reading far ahead.
         self.ahead = 2 * num_workers + 1
@@ -727,9 +640,9 @@ class _Decoder:
         queue: deque[_Batch] = deque()
         for batch, values in batches:
             if self.executor is None or not values:
-                batch.decoded = _decode_values(values, self.max_pixels)
+                batch.decoded = decode_values(values, batch.labels, self.max_pixels)
             else:
-                batch.decoded = self.executor.submit(_decode_values, values, self.max_pixels)
+                batch.decoded = self.executor.submit(decode_values, values, batch.labels, self.max_pixels)
             queue.append(batch)
             if len(queue) >= self.ahead:
                 yield queue.popleft()
@@ -861,8 +774,8 @@ def score_dataset_command(args: Any) -> int:
     """
     from accelerate import PartialState
 
-    from .loading import load_model_and_processor, resolve_model
-    from .precision import prepare_scorer, runtime_for
+    from ..backends.precision import prepare_scorer, runtime_for
+    from ..loading import load_model_and_processor, resolve_model
 
     def fail(message: str, status: int = 2) -> int:
         print(f"qualiclip: {message}", file=sys.stderr)
@@ -902,7 +815,7 @@ def score_dataset_command(args: Any) -> int:
             image_column=args.image_column,
             id_column=args.id_column,
             rows_per_file=args.rows_per_file,
-            batch_size=args.batch_size or (8 if state.device.type == "cuda" else 1),
+            batch_size=args.batch_size or default_batch_size(state.device),
             num_workers=args.num_workers,
             max_size=args.max_size,
             max_pixels=DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None),

@@ -30,13 +30,13 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from .modeling_qualiclip import QualiCLIPModel, QualiCLIPOutput
+    from ..modeling_qualiclip import QualiCLIPModel, QualiCLIPOutput
 
 ONNX_FILENAME = "model.onnx"
 ONNX_OPSET = 18
 OUTPUT_NAMES = ("quality_score", "logits_per_prompt", "image_embeds")
 # The runtimes that run the exported graph on the CPU, and the formats each computes it in (int8 is a graph of its
-# own: `qualiclip_hf.quantization`).
+# own: `qualiclip_hf.backends.quantization`).
 RUNTIMES = ("onnxruntime", "openvino")
 RUNTIME_PRECISIONS = {"onnxruntime": ("fp32",), "openvino": ("fp32", "bf16")}
 # The smallest height and width the graph accepts: the image tower's total stride (`QualiCLIPModel.min_image_size`).
@@ -261,7 +261,7 @@ class OnnxQualiCLIP:
         """As `QualiCLIPModel.forward`: a padded batch with `image_sizes` is cropped per image, each size run apart."""
         import torch
 
-        from .modeling_qualiclip import QualiCLIPOutput
+        from ..modeling_qualiclip import QualiCLIPOutput
 
         pixels = pixel_values.detach().float().cpu().numpy()
         sizes = [tuple(pixels.shape[2:])] * len(pixels) if image_sizes is None else _sizes(image_sizes)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -17,9 +15,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .image_reader import DEFAULT_MAX_PIXELS, find_image_files, open_image
-from .modeling_qualiclip import QualiCLIPModel
-from .processing_qualiclip import QualiCLIPProcessor
+from ..image_reader import DEFAULT_MAX_PIXELS, find_image_files, open_image
+from ..modeling_qualiclip import QualiCLIPModel
+from ..processing_qualiclip import QualiCLIPProcessor
+from .core import DecodedImage, score_images
+from .resources import choose_thread_counts
 
 logger = logging.getLogger(__name__)
 DECODE_PLACES = ("workers", "device")
@@ -177,23 +177,15 @@ def score_files(
         worker_init_fn=_ignore_interrupts,
     )
     for batch in loader:
-        results = {item.index: ScoreResult(str(paths[item.index]), error=item.error) for item in batch}
-        decoded = [(item.index, item.image) for item in batch if item.image is not None]
+        decoded: dict[int, DecodedImage] = {item.index: item.error or item.image for item in batch if item.jpeg is None}
         encoded = [(item.index, item.jpeg) for item in batch if item.jpeg is not None]
-        for index, outcome in _decode_jpegs(encoded, decode_jpeg, model.device, paths, max_pixels):
-            if isinstance(outcome, torch.Tensor):
-                decoded.append((index, outcome))
-            else:
-                results[index].error = outcome
-        for index, error in _too_small(decoded, processor, max_size, paths):
-            results[index].error = error
-        decoded = [(index, image) for index, image in decoded if results[index].error is None]
-        for index, outcome in _score_decoded(decoded, model, processor, max_size, paths):
-            if isinstance(outcome, float):
-                results[index].score = outcome
-            else:
-                results[index].error = outcome
-        yield from (results[index] for index in sorted(results))
+        decoded.update(_decode_jpegs(encoded, decode_jpeg, model.device, paths, max_pixels))
+        indices = sorted(decoded)
+        outcomes = score_images(
+            [decoded[index] for index in indices], model, processor, [str(paths[index]) for index in indices], max_size
+        )
+        for index, outcome in zip(indices, outcomes, strict=True):
+            yield ScoreResult(str(paths[index]), outcome.score, outcome.error)
 
 
 def _device_jpeg_decoder() -> Callable[..., list[torch.Tensor]]:
@@ -235,108 +227,3 @@ def _decode_jpegs(
             yield index, str(error)
         return
     yield from ((index, image) for (index, _), image in zip(encoded, images, strict=True))
-
-
-def _too_small(
-    decoded: list[tuple[int, torch.Tensor]], processor: QualiCLIPProcessor, max_size: int | None, paths: list[Path]
-) -> Iterator[tuple[int, str]]:
-    # The image processor owns the rule; checked per file here so that one small image does not fail its batch.
-    for index, image in decoded:
-        try:
-            processor.image_processor.check_size(*image.shape[-2:], max_size=max_size)
-        except ValueError as error:
-            yield index, f"{paths[index]}: {error}"
-
-
-@torch.inference_mode()
-def _score_decoded(
-    decoded: list[tuple[int, torch.Tensor]],
-    model: QualiCLIPModel,
-    processor: QualiCLIPProcessor,
-    max_size: int | None,
-    paths: list[Path],
-) -> Iterator[tuple[int, float | str]]:
-    if not decoded:
-        return
-    try:
-        scores = _run_model([image for _, image in decoded], model, processor, max_size)
-    except (RuntimeError, ValueError) as error:
-        if len(decoded) == 1:
-            index, image = decoded[0]
-            yield index, _failure_message(paths[index], image, error)
-            return
-        # The batch failed as a whole (out of memory, say): score the images one by one so that each gets its
-        # own outcome.
-        for item in decoded:
-            yield from _score_decoded([item], model, processor, max_size, paths)
-        return
-    yield from ((index, score) for (index, _), score in zip(decoded, scores, strict=True))
-
-
-def _failure_message(path: Path, image: torch.Tensor, error: Exception) -> str:
-    text = str(error)
-    if isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text:
-        height, width = image.shape[-2:]
-        return (
-            f"{path}: not enough memory to score {width}x{height} pixels at full resolution; downscale large images "
-            "with --max-size (for example --max-size 2048; `max_size=2048` in Python)"
-        )
-    if isinstance(error, ValueError):  # the processor's checks say what is wrong with the image
-        return f"{path}: {text}"
-    return f"{path}: scoring failed: {text}"
-
-
-def _run_model(
-    images: list[torch.Tensor], model: QualiCLIPModel, processor: QualiCLIPProcessor, max_size: int | None
-) -> list[float]:
-    inputs = processor(images=images, return_tensors="pt", max_size=max_size).to(model.device)
-    return model(**inputs).quality_score.float().cpu().tolist()
-
-
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask, which containers and `taskset` narrow)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def runnable_elsewhere(samples: int = 5, interval_s: float = 0.02) -> float:
-    """
-    How many processes besides this one are running or waiting for a core now: on Linux the mean of a few readings of
-    the kernel's count of runnable tasks (`/proc/loadavg`, fourth field), which, unlike the load average, sees a
-    process started a second ago; elsewhere the 1-minute load average.
-    """
-    try:
-        readings = []
-        for index in range(samples):
-            if index:
-                time.sleep(interval_s)
-            with open("/proc/loadavg") as file:
-                readings.append(int(file.read().split()[3].split("/")[0]) - 1)  # minus this process's thread
-        return max(0.0, sum(readings) / len(readings))
-    except (OSError, ValueError, IndexError):
-        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-
-
-def choose_thread_counts(cores: int | None = None, load: float | None = None) -> tuple[int, int]:
-    """
-    How many DataLoader workers decode files, and how many threads PyTorch uses for the model on a CPU.
-
-    - **Workers:** one per core beside the model's, at most 4. A worker decodes with one thread (PyTorch sets one
-      thread in its workers, and Pillow decodes in one), and one worker decodes about ten times as many photos per
-      second as the model scores on the same core (`benchmarks/RESULTS.md`), so more would only compete for cores.
-    - **Model threads:** the cores not already busy, at least 1: `cores - round(load)`. PyTorch's default, one thread
-      per core, is right on an idle machine. With the cores busy, its threads wait at every operator for a thread
-      that the kernel has descheduled, and scoring collapses (15 to 1.6 images/s on 2 cores with one competing
-      process, in the issue that asked for this; `benchmarks/folder_scoring.py --competing-load` measures it).
-
-    Args:
-        cores: Usable cores (default: `usable_cores()`).
-        load: Processes besides this one that want a core (default: `runnable_elsewhere()`).
-
-    Returns:
-        `(num_workers, num_threads)`.
-    """
-    cores = usable_cores() if cores is None else cores
-    load = runnable_elsewhere() if load is None else load
-    workers = min(4, max(0, cores - 1))
-    threads = max(1, min(cores, cores - round(load)))
-    return workers, threads

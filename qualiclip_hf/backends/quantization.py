@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .export import ONNX_FILENAME, cache_dir, export_onnx, model_cache_key
+from .onnx import ONNX_FILENAME, cache_dir, export_onnx, model_cache_key
 
 EXAMPLE_IMAGES_DIR = Path(__file__).resolve().parents[1] / "examples" / "images"
 # Calibration photos are scored at most this large (longest side): activation ranges hardly depend on the size, and
@@ -43,7 +43,7 @@ def calibration_images(folder: str | Path | None = None) -> list[Path]:
     Raises:
         FileNotFoundError: the folder (or the bundled examples, in an installed package without them) has no image.
     """
-    from .scoring import collect_image_paths
+    from ..scoring import collect_image_paths
 
     paths = default_calibration_images() if folder is None else collect_image_paths([folder])
     paths = [path for path in paths if path.is_file()]
@@ -61,7 +61,7 @@ class _CalibrationReader:
 
     @staticmethod
     def _inputs(paths: Sequence[Path], processor: Any) -> Iterator[dict[str, np.ndarray]]:
-        from .scoring import read_image
+        from ..scoring import read_image
 
         for path in paths:
             image = read_image(path)  # raises ValueError naming the file
@@ -124,7 +124,7 @@ def _quiet_onnxruntime_logs() -> Iterator[None]:
 def calibration_key(folder: str | Path | None = None) -> str:
     """
     A hash of the calibration photos of `folder` (default: the bundled examples), 12 hex digits: the same photos
-    give the same int8 graph. Results files record it (`qualiclip_hf.results.SETTING_OPTIONS`).
+    give the same int8 graph. Results files record it (`qualiclip_hf.scoring.results.SETTING_OPTIONS`).
 
     Raises:
         FileNotFoundError: no calibration photos.

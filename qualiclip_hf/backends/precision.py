@@ -6,14 +6,14 @@
 - `bf16` / `fp16`: stages 2-4 of the image tower in that dtype, with each BatchNorm folded into its convolution in
   float32 first (so the normalisation statistics are not rounded); the stem, stage 1, the attention pool and the
   score head in float32 (see `reduce_precision`).
-- `int8`: the image tower quantized to int8 by ONNX Runtime (`qualiclip_hf.quantization`), run by ONNX Runtime
+- `int8`: the image tower quantized to int8 by ONNX Runtime (`qualiclip_hf.backends.quantization`), run by ONNX Runtime
   (or OpenVINO with `backend="openvino"`).
 - `auto`: the fastest reduced format that the device runs natively *and* whose score drift, with that backend, met
   the bar of `DRIFT_BAR` on the drift benchmark (`benchmarks/precision.py`, figures in `benchmarks/RESULTS.md`); fp32
   otherwise.
 
 `--backend` / `backend=` takes `torch` (the model itself), `onnxruntime` or `openvino` (the exported ONNX graph,
-`qualiclip_hf.export`, run by that runtime on the CPU, no PyTorch in the forward pass). With OpenVINO, bf16 is
+`qualiclip_hf.backends.onnx`, run by that runtime on the CPU, no PyTorch in the forward pass). With OpenVINO, bf16 is
 OpenVINO's own inference precision over the whole graph (`OnnxQualiCLIP`), not `reduce_precision`'s split.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .loading import BACKENDS, PRECISIONS
+from ..loading import BACKENDS, PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -217,14 +217,15 @@ def prepare_scorer(
     Turns a float32 `QualiCLIPModel` (eval mode, on its device) into what scores in `precision`: the model itself
     (fp32), the model reduced in place (bf16/fp16, `reduce_precision`), or an `OnnxQualiCLIP` running the exported
     graph with ONNX Runtime or OpenVINO (`backend="onnxruntime"` or `"openvino"`; int8 with the torch backend runs
-    in ONNX Runtime), exported and quantized once per model into the cache (`qualiclip_hf.quantization.cached_onnx`).
+    in ONNX Runtime), exported and quantized once per model into the cache
+    (`qualiclip_hf.backends.quantization.cached_onnx`).
     Both kinds take `model(**processor_outputs)` and work with `qualiclip_hf.scoring.score_files`.
 
     Args:
         precision: one of `PRECISIONS`; `"auto"` as `resolve_precision` decides.
         backend: `"torch"`, `"onnxruntime"` or `"openvino"` (CPU; the formats of `BACKEND_PRECISIONS`).
         calibration_images: a folder of photos to calibrate int8 on (default: the bundled examples).
-        fuse: when the model itself scores in fp32, apply `qualiclip_hf.fusion.fuse_for_inference` (BatchNorms
+        fuse: when the model itself scores in fp32, apply `qualiclip_hf.backends.fusion.fuse_for_inference` (BatchNorms
             folded, CPU batches in chunks), as `qualiclip score` does: scores move by float rounding only.
 
     Returns:
@@ -242,7 +243,7 @@ def prepare_scorer(
         if not _runtime_available(runtime):
             extra = "onnx" if runtime == "onnxruntime" else "openvino"
             raise ImportError(f'{runtime} is not installed: pip install "qualiclip-hf[{extra}]"')
-        from .export import OnnxQualiCLIP
+        from .onnx import OnnxQualiCLIP
         from .quantization import cached_onnx
 
         graph = cached_onnx(model, processor, "int8" if chosen == "int8" else "fp32", calibration_images)
