@@ -48,7 +48,7 @@ from ..image_reader import DEFAULT_MAX_PIXELS, open_image_value
 from ..modeling_qualiclip import QualiCLIPModel
 from ..processing_qualiclip import QualiCLIPProcessor
 from .core import DecodedImage, ImageScore, score_images
-from .resources import choose_thread_counts, default_batch_size, usable_cores
+from .resources import choose_thread_counts, default_batch_size, prepare_worker, usable_cores
 
 __all__ = ["DatasetScoringSummary", "QualityScorer", "open_dataset", "read_scores", "score_dataset"]
 
@@ -626,7 +626,12 @@ class _Decoder:
         if num_workers > 0:
             # As torch's DataLoader workers on Linux: forked, so that they start at once without importing again.
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-            self.executor = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context(method))
+            self.executor = ProcessPoolExecutor(
+                num_workers,
+                mp_context=multiprocessing.get_context(method),
+                initializer=prepare_worker,
+                initargs=(os.getpid(),),
+            )
 
     def __enter__(self) -> _Decoder:
         return self
@@ -825,6 +830,19 @@ def score_dataset_command(args: Any) -> int:
         )
     except ValueError as error:
         return fail(str(error))
+    except KeyboardInterrupt:
+        from ..cli import EXIT_INTERRUPTED
+
+        # Part files are written whole (temporary name, then renamed): what is there is kept, and --resume scores
+        # the rest. The decode workers ignore Ctrl-C (`resources.prepare_worker`), so they print nothing.
+        try:
+            kept = read_scores(args.output, require_complete=False).num_rows
+        except (OSError, ValueError):
+            kept = 0
+        return fail(
+            f"interrupted; {args.output} holds {kept} scored rows; to continue, run the same command with --resume",
+            EXIT_INTERRUPTED,
+        )
     if state.is_main_process:
         print(
             f"scored {summary.rows_this_run} rows in {summary.seconds:.1f} s ({summary.images_per_second:.2f} "

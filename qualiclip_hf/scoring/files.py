@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-import signal
+import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from ..image_reader import DEFAULT_MAX_PIXELS, find_image_files, open_image
 from ..modeling_qualiclip import QualiCLIPModel
 from ..processing_qualiclip import QualiCLIPProcessor
 from .core import DecodedImage, score_images
-from .resources import choose_thread_counts
+from .resources import choose_thread_counts, prepare_worker
 
 logger = logging.getLogger(__name__)
 DECODE_PLACES = ("workers", "device")
@@ -112,10 +113,8 @@ class _ImageFiles(Dataset):
             return _FileItem(index, error=str(error) if isinstance(error, ValueError) else f"{path}: {error}")
 
 
-def _ignore_interrupts(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group: the main process answers it (one line, the results kept) and shuts the
-    # workers down; a worker of its own would print a traceback mid-transfer.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _prepare_loader_worker(parent_pid: int, worker_id: int) -> None:
+    prepare_worker(parent_pid)
 
 
 def _is_plain_jpeg(path: Path, max_pixels: int | None, convert_icc: bool = True) -> bool:
@@ -174,7 +173,7 @@ def score_files(
         num_workers=num_workers,
         collate_fn=list,
         prefetch_factor=2 if num_workers > 0 else None,
-        worker_init_fn=_ignore_interrupts,
+        worker_init_fn=functools.partial(_prepare_loader_worker, os.getpid()),
     )
     for batch in loader:
         decoded: dict[int, DecodedImage] = {item.index: item.error or item.image for item in batch if item.jpeg is None}

@@ -3,12 +3,18 @@ files, datasets and engines."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import signal
+import sys
 import time
 
 import torch
 
-__all__ = ["choose_thread_counts", "default_batch_size", "runnable_elsewhere", "usable_cores"]
+__all__ = ["choose_thread_counts", "default_batch_size", "prepare_worker", "runnable_elsewhere", "usable_cores"]
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def default_batch_size(device: torch.device | str) -> int:
@@ -67,3 +73,24 @@ def choose_thread_counts(cores: int | None = None, load: float | None = None) ->
     workers = min(4, max(0, cores - 1))
     threads = max(1, min(cores, cores - round(load)))
     return workers, threads
+
+
+def prepare_worker(parent_pid: int | None = None) -> None:
+    """
+    Sets up a decode worker process (a DataLoader worker, a process-pool worker) of a scoring run:
+
+    - **Ctrl-C** reaches the whole process group; the main process answers it (one line, the results kept) and shuts
+      the workers down. A worker that answered it itself would print a traceback mid-transfer.
+    - **Orphans.** On Linux, the kernel kills the worker when the process that started it dies (`prctl`'s
+      `PR_SET_PDEATHSIG`), so that a killed run (SIGKILL, out of memory) leaves no worker holding its memory. A worker
+      whose parent is already gone (`parent_pid` no longer its parent) exits at once.
+
+    Args:
+        parent_pid: The pid of the process that started the worker (`os.getpid()` there), for the check above.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
