@@ -586,7 +586,7 @@ def _convert_command(args: argparse.Namespace) -> int:
 def _push_command(args: argparse.Namespace) -> int:
     import tempfile
 
-    from .loading import DEMO_MODEL_PATH, hub_unreachable_reason
+    from .loading import DEMO_MODEL_PATH
 
     model_dir = DEMO_MODEL_PATH if args.model_dir == "demo" else Path(args.model_dir)
     card_options = {"weights": args.weights, "results": args.results, "repo_id": args.repo_id}
@@ -597,12 +597,14 @@ def _push_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     card_options.update(license=args.license, base_model=args.base_model)
-    # huggingface_hub retries a failing connection for minutes: without network, stop at once, before staging.
-    unreachable = None if args.dry_run else hub_unreachable_reason()
-    if unreachable is not None:
-        raise CommandError(f"cannot push to {args.repo_id}: {unreachable}; nothing was uploaded", status=1)
     from . import register_auto_classes
     from .hub import PushError, push_model_folder, stage_model_folder
+    from .hub.push import push_blocker
+
+    # huggingface_hub retries a failing connection for minutes: without network, stop at once, before staging.
+    blocker = None if args.dry_run else push_blocker(args.repo_id)
+    if blocker is not None:
+        raise CommandError(f"{blocker}; nothing was uploaded", status=1)
 
     register_auto_classes()  # the staged folder carries `auto_map` and the remote-code files
     with tempfile.TemporaryDirectory(prefix="qualiclip-push-") as staging:

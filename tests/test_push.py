@@ -76,6 +76,7 @@ def recorded_hub_calls(monkeypatch):
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
     monkeypatch.setattr(loading, "hub_unreachable_reason", lambda: None)  # the Hub "answers" through the two above
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")  # logged in
     return calls
 
 
@@ -241,3 +242,23 @@ def test_repository_loads_by_id_from_an_offline_hub_cache(clean_process_report, 
     assert result["model_module"].startswith("transformers_modules.someone.")
     assert f".{commit}.modeling_qualiclip" in result["model_module"]
     check_source(result, expected_scores)
+
+
+def test_a_push_without_a_token_stops_at_once_in_one_line(tiny_model_dir, recorded_hub_calls, monkeypatch, capsys):
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)  # no token file either
+    assert main(["push", "--model-dir", str(tiny_model_dir), "--repo-id", REPO_ID, "--weights", "random"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not logged in" in err and "hf auth login" in err
+    assert recorded_hub_calls == []
+
+
+def test_training_with_push_to_hub_offline_stops_before_training(tmp_path, monkeypatch):
+    # The check comes first: nothing is trained, read or written (the pristine data need not exist).
+    from training.train import TrainConfig, train
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = TrainConfig(output_dir=str(tmp_path / "run"), data_source=str(tmp_path / "no-such-data"))
+    with pytest.raises(ValueError, match=rf"cannot push to {REPO_ID}: HF_HUB_OFFLINE is set; nothing was trained"):
+        train(config, push_to_hub=REPO_ID)
+    assert not (tmp_path / "run").exists()

@@ -34,6 +34,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from qualiclip_hf import QualiCLIPConfig, QualiCLIPModel
 from qualiclip_hf.build_processor import make_processor
+from qualiclip_hf.hub.push import push_blocker
 from training.data import DegradedBatches, load_pristine_stream, shard_for_process
 from training.losses import QualiCLIPLossWeights, qualiclip_losses
 
@@ -302,9 +303,13 @@ def train(config: TrainConfig, resume: bool = False, push_to_hub: str | None = N
         The folder of the final model, `output_dir/final`.
 
     Raises:
-        ValueError: when `output_dir` already holds checkpoints and `resume` is off.
+        ValueError: when `output_dir` already holds checkpoints and `resume` is off, or when `push_to_hub` is given
+            and the Hub cannot be reached or no token is found (before any training).
     """
     output_dir = Path(config.output_dir)
+    if push_to_hub and (blocker := push_blocker(push_to_hub)) is not None:
+        # Checked before hours of training, not after them.
+        raise ValueError(f"{blocker}; nothing was trained")
     if not resume and (existing := latest_checkpoint(output_dir)) is not None:
         # A fresh run would log after the old one's losses and collide with its checkpoints.
         raise ValueError(
@@ -442,7 +447,10 @@ def train(config: TrainConfig, resume: bool = False, push_to_hub: str | None = N
 def main(argv: Sequence[str] | None = None) -> None:
     """The command line: see the module's docstring."""
     config, options = parse_arguments(argv)
-    train(config, resume=options.resume, push_to_hub=options.push_to_hub)
+    try:
+        train(config, resume=options.resume, push_to_hub=options.push_to_hub)
+    except ValueError as error:  # what the user can fix, in one line (exit status 1)
+        raise SystemExit(f"training.train: {error}") from None
 
 
 if __name__ == "__main__":

@@ -113,6 +113,25 @@ def stage_model_folder(
     ]
 
 
+def push_blocker(repo_id: str) -> str | None:
+    """
+    Why a push to `repo_id` cannot start now, or `None`: the Hub cannot be reached (`HF_HUB_OFFLINE`, no network:
+    `loading.hub_unreachable_reason`, within about a second) or no token is found (`hf auth login`, `HF_TOKEN`).
+    Asked before long work (staging, training) so that it fails at once instead of after it, and without
+    huggingface_hub's minutes of connection retries.
+    """
+    from huggingface_hub import get_token
+
+    from ..loading import hub_unreachable_reason
+
+    unreachable = hub_unreachable_reason()
+    if unreachable is not None:
+        return f"cannot push to {repo_id}: {unreachable}"
+    if get_token() is None:
+        return f"cannot push to {repo_id}: not logged in to the Hub (run `hf auth login`, or set HF_TOKEN)"
+    return None
+
+
 def push_model_folder(
     staged: Sequence[StagedFile],
     repo_id: str,
