@@ -37,7 +37,8 @@ th { background: #f3f3f3; } td.text, th.text { text-align: left; }
 .thumbs { display: flex; flex-wrap: wrap; gap: 8px; }
 figure { margin: 0; width: 168px; font-size: 0.78em; text-align: center; word-break: break-all; }
 figure img { max-width: 160px; max-height: 160px; display: block; margin: 0 auto 2px; border: 1px solid #ccc; }
-svg { max-width: 100%; height: auto; } svg text { font-family: inherit; }
+svg { max-width: 100%; height: auto; }
+svg text { font-family: inherit; paint-order: stroke; stroke: #fff; stroke-width: 3px; stroke-linejoin: round; }
 """
 
 

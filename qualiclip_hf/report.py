@@ -535,7 +535,7 @@ def _decile_samples(table: ScoreTable, samples_per_decile: int) -> str:
     for decile in range(1, 11):
         rows = np.flatnonzero(deciles == decile)
         rows = rows[np.argsort(table.scores[rows], kind="stable")]
-        heading = f"<h3>Decile {decile} ({len(rows)} rows"
+        heading = f"<h3>Decile {decile} ({len(rows)} row{'' if len(rows) == 1 else 's'}"
         if len(rows):
             heading += f", scores {table.scores[rows[0]]:.4f} to {table.scores[rows[-1]]:.4f}"
         heading += ")</h3>"
@@ -640,6 +640,16 @@ def _ticks(low: float, high: float, count: int = 5) -> np.ndarray:
     return np.linspace(low, high, count + 1)
 
 
+def _count_step(top: int) -> int:
+    """A step of 1, 2 or 5 times a power of ten giving at most 6 ticks from 0 to `top` rows."""
+    power = 1
+    while True:
+        for step in (power, 2 * power, 5 * power):
+            if top // step <= 5:
+                return step
+        power *= 10
+
+
 def _histogram_svg(values: np.ndarray, bins: int = 40) -> str:
     low, high = _score_range(values)
     counts, edges = np.histogram(values, bins=bins, range=(low, high))
@@ -649,10 +659,10 @@ def _histogram_svg(values: np.ndarray, bins: int = 40) -> str:
     def x_of(score: float) -> float:
         return _LEFT + (score - low) / (high - low) * plot_w
 
-    def y_of(count: float) -> float:
-        return _HEIGHT - _BOTTOM - count / top_count * plot_h
+    def y_of(count: float) -> float:  # a fifth of the height left above the tallest bar for the labels
+        return _HEIGHT - _BOTTOM - count / (top_count * 1.25) * plot_h
 
-    y_ticks = [(y_of(c), f"{c:g}") for c in np.unique(np.linspace(0, top_count, 5).round())]
+    y_ticks = [(y_of(c), f"{c:g}") for c in range(0, top_count + 1, _count_step(top_count))]
     content = _axes([(x_of(t), f"{t:.2f}") for t in _ticks(low, high)], y_ticks, "score", "rows")
     for count, left, right in zip(counts, edges[:-1], edges[1:], strict=True):
         if count:
@@ -662,14 +672,19 @@ def _histogram_svg(values: np.ndarray, bins: int = 40) -> str:
                 f' height="{y_of(0) - y_of(count):.1f}" fill="#4a78b5"><title>{left:.3f}–{right:.3f}: {count} rows'
                 "</title></rect>"
             )
-    for percentile, colour in ((10, "#c0392b"), (50, "#333"), (90, "#27864a")):
+    # One label per line, each on its own text row (they may be close); right of the line, or left near the edge.
+    for line, (percentile, colour) in enumerate(((10, "#c0392b"), (50, "#333"), (90, "#27864a"))):
         score = float(np.percentile(values, percentile, method=QUANTILE_METHOD))
         x = x_of(score)
+        label_x, anchor = (x + 4, "start") if x < _WIDTH - _RIGHT - 90 else (x - 4, "end")
         content.append(
             f'<line x1="{x:.1f}" y1="{_TOP}" x2="{x:.1f}" y2="{_HEIGHT - _BOTTOM}" stroke="{colour}" '
             'stroke-dasharray="5 4" stroke-width="1.5"/>'
         )
-        content.append(f'<text x="{x + 4:.1f}" y="{_TOP + 12}" fill="{colour}">p{percentile} {score:.3f}</text>')
+        content.append(
+            f'<text x="{label_x:.1f}" y="{_TOP + 12 + 15 * line}" text-anchor="{anchor}" fill="{colour}">'
+            f"p{percentile} {score:.3f}</text>"
+        )
     return _svg(content, f"histogram of {values.size} scores")
 
 
@@ -697,7 +712,9 @@ def _retention_svg(values: np.ndarray) -> str:
         score = float(np.quantile(values, 1 - percent / 100, method=QUANTILE_METHOD))
         content.append(f'<circle cx="{x_of(percent):.1f}" cy="{y_of(score):.1f}" r="4" fill="#c0392b"/>')
         content.append(
-            f'<text x="{x_of(percent) - 6:.1f}" y="{y_of(score) - 8:.1f}" text-anchor="end" '
+            # Below and left of the point: under a falling curve, where it is empty.
+            f'<text x="{x_of(percent) - 8:.1f}" y="{min(y_of(score) + 18, _HEIGHT - _BOTTOM - 6):.1f}" '
+            'text-anchor="end" '
             f'fill="#c0392b">top {percent} %: ≥ {score:.3f}</text>'
         )
     return _svg(content, "score threshold against the share of rows kept")
