@@ -235,18 +235,23 @@ def _from_columns(
     errors: list[str | None] = []
     for row, (value, error) in enumerate(zip(values, recorded, strict=True)):
         score = _as_score(value, source, row, ids[row])
-        if error not in (None, "") or math.isnan(score):
-            errors.append(str(error) if error not in (None, "") else NO_SCORE)
+        if not _missing(error) or math.isnan(score):
+            errors.append(NO_SCORE if _missing(error) else str(error))
         else:
             scores[row] = score
             errors.append(None)
     if not models and "model" in columns:
-        models = tuple(sorted({str(model) for model in columns["model"] if model not in (None, "")}))
+        models = tuple(sorted({str(model) for model in columns["model"] if not _missing(model)}))
     return ScoreTable(ids, scores, errors, id_column, models, source)
 
 
+def _missing(value: Any) -> bool:
+    """An empty cell: `None`, an empty CSV field, or pandas' NaN in a column of text."""
+    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+
+
 def _as_score(value: Any, source: str, row: int, row_id: Any) -> float:
-    if value is None or value == "":
+    if _missing(value):
         return math.nan
     try:
         score = float(value)
