@@ -474,7 +474,7 @@ def render_report(table: ScoreTable, samples_per_decile: int = 6) -> str:
     for percentile, score in percentile_table(values):
         kept = int((values >= score).sum())
         rows.append((f"{percentile:g}", f"{score:.4f}", f"{kept} ({kept / scored:.1%})"))
-    parts.append(html_report.table(["percentile", "score", "rows with score ≥ it"], rows))
+    parts.append(html_report.table(["percentile", "score", "rows scored ≥ it"], rows))
     parts.append(
         f'<p class="note">numpy.percentile, method="{QUANTILE_METHOD}", over the {scored} scored rows. '
         "<code>--drop-bottom P%</code> keeps the rows with a score at or above the P-th percentile.</p>"
@@ -565,7 +565,9 @@ def _decile_samples(table: ScoreTable, samples_per_decile: int) -> str:
         body = '<div class="thumbs">' + "".join(figures) + "</div>" if figures else ""
         sections.append(f'<section class="decile" id="decile-{decile}">{heading}{body}</section>')
     notes = []
-    if shown == 0:
+    if samples_per_decile == 0:
+        notes.append('<p class="note">No pictures: none were asked for (<code>--samples 0</code>).</p>')
+    elif shown == 0:
         why = (
             "its ids are not paths (a --dataset output records row ids, not files)"
             if table.id_column != "path"

@@ -218,6 +218,28 @@ def test_a_results_csv_reads_with_its_paths_errors_and_model(file_results):
     assert Path(table.ids[failed]).name == "truncated.jpg" and "truncated.jpg" in table.errors[failed]
 
 
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_json_results_read_as_the_csv_does(file_results, tmp_path, suffix):
+    import csv
+    import json
+
+    with open(file_results, encoding="utf-8") as file:
+        rows = [{key: value or None for key, value in row.items()} for row in csv.DictReader(file)]
+    for row in rows:
+        row["score"] = None if row["score"] is None else float(row["score"])
+    path = tmp_path / f"scores{suffix}"
+    text = json.dumps(rows) if suffix == ".json" else "".join(json.dumps(row) + "\n" for row in rows)
+    path.write_text(text, encoding="utf-8")
+    from_json, from_csv = read_score_table(path), read_score_table(file_results)
+    assert from_json.ids == from_csv.ids and from_json.errors == from_csv.errors
+    np.testing.assert_array_equal(from_json.scores, from_csv.scores)
+
+
+def test_one_parquet_part_reads_alone(dataset_results):
+    (first, *_) = sorted(dataset_results.glob("part-*.parquet"))
+    assert read_score_table(first).ids == [0, 1, 2, 3]  # rows_per_file=4
+
+
 def test_a_dataset_folder_reads_with_its_ids_and_errors(dataset_results):
     table = read_score_table(dataset_results)
     assert table.ids == list(range(len(EXAMPLES) + 1)) and table.id_column == "id"
