@@ -184,8 +184,8 @@ def as_score_table(data: Any, score_column: str | None = None, id_column: str | 
     """
     A [`ScoreTable`] from a table in memory: a `datasets.Dataset` after `QualityScorer` (`quality_score`,
     `quality_error`), a `pyarrow.Table` or `pandas.DataFrame` of scores, a mapping of column name to values, or a
-    plain sequence of scores (ids are the row indices). Only the id, score and error columns are read (an image
-    column is never decoded).
+    plain sequence of scores (`None` for a failed row) or float array (NaN); their ids are the row indices. Only the
+    id, score and error columns are read (an image column is never decoded).
 
     Args:
         data: The table.
@@ -197,6 +197,12 @@ def as_score_table(data: Any, score_column: str | None = None, id_column: str | 
     """
     if isinstance(data, ScoreTable):
         return data
+    if isinstance(data, np.ndarray) and data.dtype.kind == "f" and data.ndim == 1:  # NaN marks a failed row
+        scores = data.astype(np.float64)
+        if np.isinf(scores).any():
+            raise ValueError(f"<scores>: row {int(np.flatnonzero(np.isinf(scores))[0])}: the score is infinite")
+        errors = [NO_SCORE if math.isnan(score) else None for score in scores.tolist()]
+        return ScoreTable(list(range(len(scores))), scores, errors, source="<scores>")
     names = _column_names(data)
     if names is None:  # a plain sequence of scores
         return _from_columns({"score": list(data)}, "<scores>")
@@ -471,7 +477,7 @@ def render_report(table: ScoreTable, samples_per_decile: int = 6) -> str:
 
     parts.append("<h2>Percentiles</h2>")
     rows = []
-    for percentile, score in percentile_table(values):
+    for percentile, score in percentile_table(table):
         kept = int((values >= score).sum())
         rows.append((f"{percentile:g}", f"{score:.4f}", f"{kept} ({kept / scored:.1%})"))
     parts.append(html_report.table(["percentile", "score", "rows scored ≥ it"], rows))
