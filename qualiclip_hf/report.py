@@ -37,7 +37,9 @@ __all__ = [
     "ScoreTable",
     "Selection",
     "as_score_table",
+    "decile_of",
     "keep_ids",
+    "keep_list_text",
     "keep_rows",
     "percentile_table",
     "read_score_table",
@@ -364,15 +366,15 @@ def select(
         if not 0 <= drop_bottom < 1:
             raise ValueError(f"drop_bottom is a fraction in [0, 1), not {drop_bottom}")
         threshold = float(np.quantile(_scored_values(table), drop_bottom, method=QUANTILE_METHOD))
-        described = (
+        cut = (
             f"keep the top {_percent(keep_top)}" if keep_top is not None else f"drop the bottom {_percent(drop_bottom)}"
         )
+        rule = f"{cut} (score >= {threshold:.4f})"
     else:
         threshold = float(min_score)
-        described = "keep scores"
+        rule = f"keep score >= {threshold:g}"
     keep = table.scored & (np.nan_to_num(table.scores, nan=-np.inf) >= threshold)
     kept = int(keep.sum())
-    rule = f"{described} (score >= {threshold:.4f})"
     return Selection(keep, threshold, rule, kept, int(table.scored.sum()) - kept, table.failed)
 
 
