@@ -193,6 +193,69 @@ def _add_explain_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     explain.set_defaults(handler=_explain_command)
 
 
+def _add_report_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    report = commands.add_parser(
+        "report",
+        parents=[common],
+        help="what the scores mean: an HTML page (histogram, keep-the-top-X %% curve, pictures per decile) and the "
+        "percentile table",
+    )
+    _add_scores_argument(report)
+    report.add_argument(
+        "--output", type=Path, help="the HTML page to write (default: SCORES with the extension .html, beside it)"
+    )
+    report.add_argument(
+        "--samples", type=_non_negative_int, default=6, help="pictures shown per score decile (default: 6)"
+    )
+    report.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    report.set_defaults(handler=_report_command)
+
+
+def _add_filter_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    filter_ = commands.add_parser(
+        "filter",
+        parents=[common],
+        help="the keep-list of a cut: the ids (or paths) of the rows kept, one per line",
+        description="Rows without a score are never kept. A percentile cut keeps the rows whose score is at or above "
+        "numpy.quantile(scores, q, method='linear') over the scored rows; rows of equal score are kept together.",
+    )
+    _add_scores_argument(filter_)
+    rule = filter_.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--drop-bottom", type=_percentage, metavar="P%", help="drop the lowest-scored P %% (e.g. 10%%)")
+    rule.add_argument("--keep-top", type=_percentage, metavar="P%", help="keep the highest-scored P %% (e.g. 90%%)")
+    rule.add_argument("--min-score", type=float, metavar="S", help="keep the rows scored S or more")
+    filter_.add_argument("--output", type=Path, help="the keep-list to write (default: printed)")
+    filter_.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    filter_.set_defaults(handler=_filter_command)
+
+
+def _add_scores_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "scores",
+        type=Path,
+        metavar="SCORES",
+        help="the scores: a results file of `qualiclip score` (.csv, .json, .jsonl), a .parquet file, or a "
+        "`score --dataset` output folder",
+    )
+    parser.add_argument(
+        "--partial", action="store_true", help="read a --dataset folder whose run is not finished (the parts so far)"
+    )
+
+
+def _percentage(text: str) -> float:
+    """`10%` -> 0.1. The sign is required: a bare `0.1` could mean a tenth or a tenth of a percent."""
+    number = text.strip()
+    if not number.endswith("%"):
+        raise argparse.ArgumentTypeError(f"expected a percentage such as 10%, got {text!r}")
+    try:
+        value = float(number[:-1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage such as 10%, got {text!r}") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"a percentage is between 0% and 100%, got {text!r}")
+    return value / 100
+
+
 def _add_precision_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision",
@@ -244,6 +307,8 @@ _PARSERS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_card_parser,
     _add_export_parser,
     _add_explain_parser,
+    _add_report_parser,
+    _add_filter_parser,
 ]
 
 
@@ -691,6 +756,62 @@ def _explain_command(args: argparse.Namespace) -> int:
     print(f"{args.image}\t{explanation.score:.4f}")
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
+
+
+def _report_command(args: argparse.Namespace) -> int:
+    from .report import percentile_table, write_report
+
+    table = _read_score_table(args)
+    # Beside the scores: `scores.csv` -> `scores.html`, the folder `scores/` -> `scores.html` (not inside it, where
+    # readers of the folder's Parquet files would meet it).
+    output = (
+        args.output or args.scores.parent / f"{args.scores.stem if args.scores.is_file() else args.scores.name}.html"
+    )
+    try:
+        rows = percentile_table(table)
+        written = write_report(table, output, samples_per_decile=args.samples, overwrite=args.overwrite)
+    except (ValueError, OSError) as error:
+        raise CommandError(_first_line(error)) from None
+    print("percentile\tscore")
+    for percentile, score in rows:
+        print(f"{percentile:g}\t{score:.4f}")
+    print(f"{len(table)} rows, {len(table) - table.failed} scored, {table.failed} without a score", file=sys.stderr)
+    print(f"wrote {written}", file=sys.stderr)
+    return 0
+
+
+def _filter_command(args: argparse.Namespace) -> int:
+    from .report import keep_list_text, write_keep_list
+
+    table = _read_score_table(args)
+    rule = {"drop_bottom": args.drop_bottom, "keep_top": args.keep_top, "min_score": args.min_score}
+    try:
+        selection = write_keep_list(
+            table,
+            args.output,
+            overwrite=args.overwrite,
+            **{key: value for key, value in rule.items() if value is not None},
+        )
+        if args.output is None:
+            sys.stdout.write(keep_list_text(table, selection))
+    except (ValueError, OSError) as error:
+        raise CommandError(_first_line(error)) from None
+    where = f" to {args.output}" if args.output is not None else ""
+    print(
+        f"{selection.rule}: kept {selection.kept}{where}, dropped {selection.dropped}, "
+        f"{selection.failed} without a score (not kept)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _read_score_table(args: argparse.Namespace) -> Any:
+    from .report import read_score_table
+
+    try:
+        return read_score_table(args.scores, require_complete=not args.partial)
+    except ValueError as error:
+        raise CommandError(_first_line(error)) from None
 
 
 if __name__ == "__main__":
