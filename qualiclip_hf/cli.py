@@ -750,8 +750,13 @@ def _gmad_command(args: argparse.Namespace) -> int:
         raise CommandError(f"gmad needs {', '.join(missing)} (or: qualiclip gmad summarize --report DIR ...)")
     if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
         raise CommandError(f"--output {args.output} exists and is not an empty folder: choose another or delete it")
-    from .gmad import GMADError, load_pool, resolve_metric, run_gmad, write_report
+    from .gmad import GMADError, load_pool, parse_metric_spec, resolve_metric, run_gmad, write_report
 
+    try:  # the metrics' names are checked before the minutes of scoring
+        for role, spec in (("defender", args.defender), ("attacker", args.attacker)):
+            parse_metric_spec(spec, lower_better=role in args.lower_better)
+    except GMADError as error:
+        raise CommandError(f"--{role}: {error}") from None
     try:
         pool = load_pool(args.pool, recursive=args.recursive)
         print(f"pool: {len(pool.paths)} images", file=sys.stderr)

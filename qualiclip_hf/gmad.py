@@ -407,16 +407,35 @@ def resolve_metric(
         GMADError: an unknown form, or a metric that cannot be had (a model or pyiqa metric that cannot load, say
             offline without its weights), in one line.
     """
-    if spec == "qualiclip":
+    kind, argument = parse_metric_spec(spec, lower_better)
+    if kind == "qualiclip":
         return _qualiclip_metric(pool, model, device, progress)
-    if spec.startswith("pyiqa:"):
-        return _pyiqa_metric(spec.removeprefix("pyiqa:"), pool, device, progress)
+    if kind == "pyiqa":
+        return _pyiqa_metric(argument, pool, device, progress)
+    scores = read_scores_file(argument, pool)
+    return Metric(Path(argument).name, scores, lower_better, f"scores read from {argument}")
+
+
+def parse_metric_spec(spec: str, lower_better: bool = False) -> tuple[str, str]:
+    """
+    Checks a metric's name without scoring anything (so that a command refuses a bad one before minutes of work):
+    `("qualiclip", "")`, `("pyiqa", NAME)` or `("scores", FILE)`.
+
+    Raises:
+        GMADError: an unknown form, a missing scores file, or `lower_better` for a metric that is not a file.
+    """
     file = spec.removeprefix("scores:")
-    if spec.startswith("scores:") or Path(file).suffix.lower() in SCORES_FILE_SUFFIXES:
+    is_file = spec.startswith("scores:") or Path(file).suffix.lower() in SCORES_FILE_SUFFIXES
+    if lower_better and not is_file:
+        raise GMADError(f"{spec}: lower_better (--lower-better) is for scores files; metrics know their direction")
+    if spec == "qualiclip":
+        return "qualiclip", ""
+    if spec.startswith("pyiqa:") and spec != "pyiqa:":
+        return "pyiqa", spec.removeprefix("pyiqa:")
+    if is_file:
         if not Path(file).is_file():
             raise GMADError(f"scores file {file}: no such file")
-        scores = read_scores_file(file, pool)
-        return Metric(Path(file).name, scores, lower_better, f"scores read from {file}")
+        return "scores", file
     raise GMADError(
         f"unknown metric {spec!r}: use 'qualiclip', 'pyiqa:NAME' (a pyiqa metric) or a scores file "
         f"(scores:FILE, or a file ending in {', '.join(SCORES_FILE_SUFFIXES)})"

@@ -7,6 +7,8 @@ browser) and the summary of judgements.
 import csv
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +38,7 @@ from training.degradations import apply_distortion
 from .conftest import REPO_ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")
+NODE = shutil.which("node")
 BLUR_LEVELS = NOISE_LEVELS = (None, 1, 2, 3, 4)  # ARNIQA level indices; None: not applied
 
 
@@ -313,6 +316,15 @@ def test_cli_gmad_with_a_scores_file_and_the_demo_model(pool, tmp_path, capsys):
     assert main([*bad, "--output", str(tmp_path / "other"), "--device", "cpu"]) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("qualiclip: pyiqa metric 'no_such_metric' is unavailable: ")
+    for wrong, message in (
+        (["--defender", "qualiclip", "--lower-better", "defender"], "--defender: qualiclip: lower_better"),
+        (["--defender", "niqe"], "--defender: unknown metric 'niqe': use 'qualiclip', 'pyiqa:NAME'"),
+        (["--defender", str(tmp_path / "missing.csv")], "no such file"),
+    ):
+        argv = ["gmad", "--pool", str(folder), "--attacker", str(noise_scores), "--output", str(tmp_path / "other")]
+        assert main([*argv, *wrong]) == 2
+        error = capsys.readouterr().err
+        assert message in error and error.count("\n") == 1, error  # before the pool is even listed
     assert main(["gmad", "--pool", str(folder)]) == 2
     assert "--defender, --attacker, --output" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
@@ -411,3 +423,83 @@ def test_study_page_in_a_headless_browser(report, tmp_path):
             if by_id[j["pair"]]["attacker"] == competition["attacker"]
         ])  # fmt: skip
         assert competition["aggressiveness"] == pytest.approx(expected)
+
+
+# A few DOM objects, enough for the study page's script: elements by id, key and click handlers, and the Blob download.
+_NODE_HARNESS = """
+const elements = {};
+const element = (id) => (elements[id] ??= { id, hidden: false, textContent: "", src: "", value: "", handlers: {},
+  addEventListener(type, handler) { this.handlers[type] = handler; } });
+const documentHandlers = {};
+let downloaded = null;
+globalThis.location = { hash: process.argv[1] || "" };
+globalThis.document = {
+  getElementById: element,
+  addEventListener(type, handler) { documentHandlers[type] = handler; },
+  createElement: () => ({ click() { downloaded = this; }, remove() {} }),
+  body: { appendChild() {} },
+};
+const blobs = new Map();
+URL.createObjectURL = (blob) => { const url = `blob:${blobs.size}`; blobs.set(url, blob); return url; };
+const shown = [];
+eval(require("fs").readFileSync(0, "utf8"));
+while (!element("pair").hidden) {
+  shown.push([element("progress").textContent, element("left").src.slice(0, 22)]);
+  if (shown.length === 2) documentHandlers.keydown({ key: "Backspace", target: {} });  // back one, judged again
+  else if (shown.length === 1) element("left").handlers.click();
+  else documentHandlers.keydown({ key: "ArrowLeft", target: { tagName: "BODY" } });
+}
+element("observer").value = "node 1";
+element("download").handlers.click();
+blobs.get(downloaded.href).text().then((text) => {
+  console.log(JSON.stringify({ shown, name: downloaded.download, record: JSON.parse(text) }));
+});
+"""
+
+
+def _study_in_node(report: Path, address_hash: str) -> dict:
+    script = re.search(r"<script>(.*)</script>", (report / "study.html").read_text(), re.S).group(1)
+    done = subprocess.run(
+        [NODE, "-e", _NODE_HARNESS, "--", address_hash], input=script, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.skipif(NODE is None, reason="no Node.js to run the study page's script")
+def test_study_page_script_in_node(report):
+    """The study page's own script, run by Node.js against a stub DOM: every pair judged, a JSON file offered."""
+    pairs = json.loads((report / "pairs.json").read_text())
+    by_id = {pair["id"]: pair for pair in pairs["pairs"]}
+    count = len(pairs["pairs"])
+    orders = []
+    for address_hash, seed in (("", 3), ("#seed=11", 11)):
+        outcome = _study_in_node(report, address_hash)
+        assert [text for text, _ in outcome["shown"]][:3] == [f"pair {n} of {count}" for n in (1, 2, 1)]
+        assert all(source == "data:image/png;base64," for _, source in outcome["shown"])
+        record = outcome["record"]
+        assert outcome["name"] == f"gmad-judgements-{pairs['study']}-node1.json"
+        assert record["seed"] == seed and record["observer"] == "node 1" and record["study"] == pairs["study"]
+        judgements = record["judgements"]
+        assert sorted(j["pair"] for j in judgements) == sorted(by_id)
+        assert all(j["chosen"] == j["left"] for j in judgements)
+        left_is_better = [j["left"] == by_id[j["pair"]]["better"] for j in judgements]
+        assert True in left_is_better and False in left_is_better  # the sides are shuffled
+        summary = summarize_judgements(report, [_saved(report, record)])
+        for competition in summary:
+            expected = np.mean([
+                float(j["left"] == by_id[j["pair"]]["better"]) for j in judgements
+                if by_id[j["pair"]]["attacker"] == competition["attacker"]
+            ])  # fmt: skip
+            assert competition["aggressiveness"] == pytest.approx(expected)
+        orders.append([j["pair"] for j in judgements])
+    assert orders[0] != orders[1]  # another seed, another order
+    assert (
+        _study_in_node(report, "")["record"]["judgements"] == _study_in_node(report, "#seed=3")["record"]["judgements"]
+    )
+
+
+def _saved(report: Path, record: dict) -> Path:
+    path = report.parent / f"judgements-{record['seed']}.json"
+    path.write_text(json.dumps(record))
+    return path
