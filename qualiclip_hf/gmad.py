@@ -839,7 +839,8 @@ def _report_page(result: GMADResult, pairs: dict, thumbnails: dict[int, str]) ->
         "<p>Group maximum differentiation (Ma et al., IEEE TPAMI 2020). The defender's score range is cut into "
         f"{result.num_levels} {escape(result.binning)} levels, whose images it takes as equal in quality; in each, "
         "the attacker shows the pair it scores most differently. Where people see a difference the attacker's way, "
-        f"the defender failed. Judge the pairs with <a href='{STUDY_PAGE}'>{STUDY_PAGE}</a>.</p>",
+        "the defender failed. Level 1 holds the defender's worst-scored images. Judge the pairs with "
+        f"<a href='{STUDY_PAGE}'>{STUDY_PAGE}</a>.</p>",
         "<ul>" + "".join(f"<li>{escape(_metric_label(metric))}</li>" for metric in metrics) + "</ul>",
         f"<p>{len(result.paths)} images in the pool"
         + (f", {len(result.excluded)} without a score of both metrics (left out)" if result.excluded else "")
