@@ -1,17 +1,20 @@
 """
 gMAD, the group MAximum Differentiation competition, between two no-reference quality metrics on a pool of images.
 
-Ma, Duanmu, Wu, Wang, Yong, Li, Zhang, *Group MAximum Differentiation Competition: Model Comparison with Few
-Samples*, IEEE TPAMI 42(4), 2020 (first in Ma et al., *Group MAD Competition: A New Methodology to Compare Objective
-Image Quality Models*, CVPR 2016, and used on the Waterloo Exploration Database, Ma et al., IEEE TIP 26(2), 2017).
+Ma, Duanmu, Wang, Wu, Liu, Yong, Li, Zhang, *Group MAximum Differentiation Competition: Model Comparison with Few
+Samples*, IEEE TPAMI 42(4):851-864, 2020 (first in Ma et al., *Group MAD Competition: A New Methodology to Compare
+Objective Image Quality Models*, CVPR 2016, and used on the Waterloo Exploration Database, Ma et al., IEEE TIP 26(2),
+2017).
 QualiCLIP's paper shows its robustness this way. One metric *defends*: its score range over the pool is cut into
 `levels` levels, and images within a level are taken as equal in quality. The other *attacks*: in each level it
 picks the pair it scores most differently (its best- and its worst-scored image of the level). Then the roles swap.
 People judge each pair (which image is better?): where they agree with the attacker, the defender failed.
 
-- **Levels.** Equal-width bins of the defender's score range (the default, as in the gMAD papers, which divide the
-  defender's range into levels of equal width), or `binning="quantile"`: bins of equal image counts, which do not
-  change under a monotone rescaling of the scores and never leave a level empty, but whose widths differ. A level
+- **Levels.** Equal-width bins of the defender's score range (the default: our reading of the gMAD papers, which
+  divide the defender's range into levels; their text could not be checked here), or `binning="quantile"`: bins of
+  equal image counts, which do not change under a monotone rescaling of the scores and seldom leave a level empty,
+  but whose widths differ. Equal widths keep a level's meaning on the defender's scale, which is what "taken as
+  equal" asks of it; quantiles suit metrics whose scores bunch up (most images in one equal-width level). A level
   with fewer than two scored images, or whose images the attacker scores all alike, has no pair; the result says so.
 - **Direction.** Every metric is oriented so that higher is better before anything is compared: the scores of a
   metric whose lower values are better (pyiqa's `metric.lower_better`, e.g. NIQE, BRISQUE, PIQE) are negated, and
@@ -21,9 +24,9 @@ People judge each pair (which image is better?): where they agree with the attac
   defender is the mean of `p` over the levels with a judged pair, and the *resistance* of the defender is `1 - p`
   averaged the same way (so, for one ordered pair of roles, resistance = 1 - aggressiveness). Near 1 an attacker has
   exposed the defender at every level; near 0.5 people could not tell the pairs apart, as the defender claims; near 0
-  the attacker itself misjudged its pairs. These follow the gMAD papers' use of the terms (the attacker's success
-  in the subjective test, averaged over levels); the papers' exact formulas were not available to check against
-  here, so this is the definition used, stated in full.
+  the attacker itself misjudged its pairs. The TPAMI paper introduces the two measures "to summarize the
+  performance of each model at attacking other models and defending attacks from other models" (its abstract);
+  its formulas were not available to check against here, so this is the definition used, stated in full.
 
 The library entry points are [`run_gmad`] (score arrays or callables, for any metric) and [`summarize_judgements`];
 `qualiclip gmad` resolves metric names (`qualiclip`, `pyiqa:NAME`, a scores file) and writes the report with
