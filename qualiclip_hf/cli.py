@@ -750,6 +750,8 @@ def _gmad_command(args: argparse.Namespace) -> int:
         raise CommandError(f"gmad needs {', '.join(missing)} (or: qualiclip gmad summarize --report DIR ...)")
     if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
         raise CommandError(f"--output {args.output} exists and is not an empty folder: choose another or delete it")
+    if args.defender == args.attacker:
+        raise CommandError(f"--defender and --attacker are the same metric ({args.defender})")
     from .gmad import GMADError, load_pool, parse_metric_spec, resolve_metric, run_gmad, write_report
 
     try:  # the metrics' names are checked before the minutes of scoring
@@ -767,7 +769,12 @@ def _gmad_command(args: argparse.Namespace) -> int:
         if metrics[0].name == metrics[1].name:
             raise CommandError(f"--defender and --attacker are the same metric ({metrics[0].name})")
         result = run_gmad(pool.paths, *metrics, levels=args.levels, binning=args.binning)
-        output = write_report(result, args.output, seed=args.seed, study_max_size=args.study_max_size or None)
+    except GMADError as error:
+        raise CommandError(str(error), status=1) from None
+    try:
+        output = write_report(
+            result, args.output, seed=args.seed, study_max_size=args.study_max_size or None, progress=True
+        )
     except GMADError as error:
         raise CommandError(str(error), status=1) from None
     except OSError as error:
