@@ -125,14 +125,14 @@ def make_metric(
         GMADError: scores of another length than `paths`.
     """
     if isinstance(source, Metric):
-        return source
-    if callable(source):
-        raw = _score_files(source, paths, name, progress)
+        metric = source
+    elif callable(source):
+        metric = Metric(name, _score_files(source, paths, name, progress), lower_better, note)
     else:
-        raw = np.asarray(source, dtype=np.float64).reshape(-1)
-        if raw.shape[0] != len(paths):
-            raise GMADError(f"metric {name!r}: {raw.shape[0]} scores for a pool of {len(paths)} images")
-    return Metric(name, raw, lower_better, note)
+        metric = Metric(name, np.asarray(source, dtype=np.float64).reshape(-1), lower_better, note)
+    if metric.raw.shape != (len(paths),):
+        raise GMADError(f"metric {metric.name!r}: {metric.raw.size} scores for a pool of {len(paths)} images")
+    return metric
 
 
 def _score_files(
@@ -143,9 +143,12 @@ def _score_files(
     raw = np.full(len(paths), np.nan)
     for index, path in enumerate(tqdm(paths, desc=f"scoring with {name}", unit="img", disable=not progress or None)):
         try:
-            raw[index] = float(function(open_image(path)))
+            image = open_image(path)
         except ValueError as error:  # the reader names the file and the cause
             warnings.warn(f"{name}: {error}", stacklevel=2)
+            continue
+        try:
+            raw[index] = float(function(image))
         except Exception as error:  # a metric of any library fails on one image: the others go on
             warnings.warn(f"{name}: {path}: scoring failed: {_first_line(error)}", stacklevel=2)
     return raw

@@ -160,6 +160,17 @@ def test_one_failing_image_leaves_only_that_one_out(tmp_path):
     assert result.excluded == [str(broken)]
     assert all(level.better != 3 and level.worse != 3 for c in result.competitions for level in c.levels)
 
+    def refuses_black(image):
+        if image.getpixel((0, 0))[0] == 0:
+            raise ValueError("input too dark")
+        return 1.0
+
+    with pytest.warns(UserWarning, match=r"a\.png: scoring failed: input too dark"):
+        result = run_gmad(good, refuses_black, [1.0, 2.0, 3.0])
+    assert result.excluded == [str(good[0])]
+    with pytest.raises(GMADError, match="2 scores for a pool of 3 images"):
+        run_gmad(good, Metric("short", np.array([1.0, 2.0])), [1.0, 2.0, 3.0])
+
 
 def _write_scores(path: Path, rows: list[dict]) -> None:
     with path.open("w", newline="") as file:
