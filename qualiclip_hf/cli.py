@@ -300,6 +300,59 @@ def _add_export_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     onnx.set_defaults(handler=_export_onnx_command)
 
 
+def _add_gmad_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    gmad = commands.add_parser(
+        "gmad",
+        parents=[common],
+        help="gMAD competition of two metrics on a pool: the pairs each picks against the other, a study page",
+        description="qualiclip gmad --pool DIR --defender qualiclip --attacker pyiqa:NAME --output report/  "
+        "(then: qualiclip gmad summarize --report report/ --judgements FILE.json ...)",
+    )
+    # Checked by the handler, not argparse: `gmad summarize` shares the command name and needs none of these.
+    gmad.add_argument("--pool", help="a folder of images, or a Parquet file/folder with a 'path' column")
+    for role in ("defender", "attacker"):
+        gmad.add_argument(
+            f"--{role}",
+            help="'qualiclip' (--model), 'pyiqa:NAME' (any pyiqa metric) or a scores file (scores:FILE, or FILE "
+            ".csv/.jsonl/.json/.parquet with path or id, and score); both roles are played either way",
+        )
+    gmad.add_argument("--output", type=Path, help="report folder to write (must not exist, or be empty)")
+    gmad.add_argument("--levels", type=_positive_int, default=6, help="levels of the defender's range (default: 6)")
+    gmad.add_argument(
+        "--binning",
+        choices=("equal-width", "quantile"),
+        default="equal-width",
+        help="levels of equal score width (as in the gMAD papers) or of equal image counts (default: equal-width)",
+    )
+    gmad.add_argument(
+        "--lower-better",
+        choices=("defender", "attacker"),
+        action="append",
+        default=[],
+        help="the scores file of this role is better when lower (pyiqa metrics know their own direction)",
+    )
+    gmad.add_argument("--recursive", action="store_true", help="descend into subfolders of a --pool folder")
+    gmad.add_argument("--seed", type=_non_negative_int, default=0, help="the study's pair order and sides (0)")
+    gmad.add_argument(
+        "--study-max-size",
+        type=_non_negative_int,
+        default=1024,
+        help="longest side of the study's images, larger ones are downscaled; 0: full size (default: 1024)",
+    )
+    _add_model_options(gmad)
+    gmad.set_defaults(handler=_gmad_command)
+    actions = gmad.add_subparsers(metavar="summarize", required=False)
+    summarize = actions.add_parser(
+        "summarize", parents=[common], help="aggressiveness and resistance from the study's judgement files"
+    )
+    summarize.add_argument("--report", type=Path, required=True, help="the report folder of `qualiclip gmad`")
+    summarize.add_argument(
+        "--judgements", type=Path, nargs="+", required=True, metavar="FILE", help="JSON files of study.html"
+    )
+    summarize.add_argument("--output", type=Path, help="also write the summary as JSON to FILE (must not exist)")
+    summarize.set_defaults(handler=_gmad_summarize_command)
+
+
 _PARSERS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_score_parser,
     _add_convert_parser,
@@ -309,6 +362,7 @@ _PARSERS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_explain_parser,
     _add_report_parser,
     _add_filter_parser,
+    _add_gmad_parser,
 ]
 
 
@@ -812,6 +866,76 @@ def _read_score_table(args: argparse.Namespace) -> Any:
         return read_score_table(args.scores, require_complete=not args.partial)
     except ValueError as error:
         raise CommandError(_first_line(error)) from None
+def _gmad_command(args: argparse.Namespace) -> int:
+    missing = [f"--{name}" for name in ("pool", "defender", "attacker", "output") if getattr(args, name) is None]
+    if missing:
+        raise CommandError(f"gmad needs {', '.join(missing)} (or: qualiclip gmad summarize --report DIR ...)")
+    if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
+        raise CommandError(f"--output {args.output} exists and is not an empty folder: choose another or delete it")
+    if args.defender == args.attacker:
+        raise CommandError(f"--defender and --attacker are the same metric ({args.defender})")
+    from .gmad import GMADError, load_pool, parse_metric_spec, resolve_metric, run_gmad, write_report
+
+    try:  # the metrics' names are checked before the minutes of scoring
+        for role, spec in (("defender", args.defender), ("attacker", args.attacker)):
+            parse_metric_spec(spec, lower_better=role in args.lower_better)
+    except GMADError as error:
+        raise CommandError(f"--{role}: {error}") from None
+    try:
+        pool = load_pool(args.pool, recursive=args.recursive)
+        print(f"pool: {len(pool.paths)} images", file=sys.stderr)
+        metrics = [
+            resolve_metric(spec, pool, args.model, args.device, lower_better=role in args.lower_better)
+            for role, spec in (("defender", args.defender), ("attacker", args.attacker))
+        ]
+        if metrics[0].name == metrics[1].name:
+            raise CommandError(f"--defender and --attacker are the same metric ({metrics[0].name})")
+        result = run_gmad(pool.paths, *metrics, levels=args.levels, binning=args.binning)
+    except GMADError as error:
+        raise CommandError(str(error), status=1) from None
+    try:
+        output = write_report(
+            result, args.output, seed=args.seed, study_max_size=args.study_max_size or None, progress=True
+        )
+    except GMADError as error:
+        raise CommandError(str(error), status=1) from None
+    except OSError as error:
+        raise CommandError(f"cannot write --output {args.output}: {error}", status=1) from None
+    for competition in result.competitions:
+        print(
+            f"{competition.defender} defends, {competition.attacker} attacks: {len(competition.pairs)} pairs in "
+            f"{len(competition.levels)} levels",
+            file=sys.stderr,
+        )
+    if result.excluded:
+        print(
+            f"qualiclip: {len(result.excluded)} images without a score of both metrics were left out", file=sys.stderr
+        )
+    print(f"wrote {output} (index.html: the pairs; study.html: the two-choice study)")
+    return 0
+
+
+def _gmad_summarize_command(args: argparse.Namespace) -> int:
+    import json
+
+    from .gmad import GMADError, format_summary, summarize_judgements
+
+    if args.output is not None and args.output.exists():
+        raise CommandError(f"--output {args.output} exists: choose another or delete it")
+    try:
+        summaries = summarize_judgements(args.report, args.judgements)
+    except GMADError as error:
+        raise CommandError(str(error), status=1) from None
+    print(format_summary(summaries))
+    if args.output is not None:
+        try:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            with open(args.output, "x", encoding="utf-8") as file:
+                json.dump(summaries, file, indent=1)
+        except OSError as error:
+            raise CommandError(f"cannot write --output {args.output}: {error}", status=1) from None
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def read_score_table(source: str | os.PathLike, require_complete: bool = True) -
     """
     Reads the scores of `qualiclip score`: a results file (`.csv`, `.json`, `.jsonl`: `path`, `score`, `error`,
     `model`, ...), a Parquet file, or a `score --dataset` output folder (its part files, with
-    `qualiclip_hf.dataset_scoring.read_scores`).
+    `qualiclip_hf.scoring.dataset.read_scores`).
 
     Args:
         source: The file or folder.
@@ -140,7 +140,7 @@ def read_score_table(source: str | os.PathLike, require_complete: bool = True) -
     """
     path = Path(source)
     if path.is_dir():
-        from .dataset_scoring import RUN_FILE, read_scores
+        from .scoring.dataset import RUN_FILE, read_scores
 
         table = read_scores(path, require_complete=require_complete)
         models = ()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from qualiclip_hf.cli import main
-from qualiclip_hf.dataset_scoring import score_dataset
+from qualiclip_hf.scoring.dataset import score_dataset
 from qualiclip_hf.report import (
     as_score_table,
     decile_of,
