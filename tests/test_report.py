@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from qualiclip_hf.cli import main
-from qualiclip_hf.scoring.dataset import score_dataset
 from qualiclip_hf.report import (
     as_score_table,
     decile_of,
@@ -28,6 +27,7 @@ from qualiclip_hf.report import (
     render_report,
     select,
 )
+from qualiclip_hf.scoring.dataset import score_dataset
 
 from .conftest import REPO_ROOT
 
