@@ -35,7 +35,6 @@ The library entry points are [`run_gmad`] (score arrays or callables, for any me
 
 from __future__ import annotations
 
-import base64
 import csv
 import hashlib
 import html
@@ -54,6 +53,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .html_report import page, thumbnail_data_uri
 from .image_reader import open_image
 
 BINNINGS = ("equal-width", "quantile")
@@ -615,8 +615,8 @@ def write_report(
             image = open_image(result.paths[index])
         except ValueError as error:
             raise GMADError(str(error)) from None
-        thumbnails[index] = _data_uri(_downscaled(image, thumbnail_size), "JPEG", quality=90)
-        study_images[index] = _data_uri(_downscaled(image, study_max_size), "PNG")
+        thumbnails[index] = thumbnail_data_uri(image, thumbnail_size, quality=90)
+        study_images[index] = thumbnail_data_uri(image, study_max_size, image_format="PNG")
     identifier = study_id(result)
     pairs = _pairs_document(result, identifier, seed, study_max_size)
     staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial"))
@@ -867,7 +867,7 @@ def _report_page(result: GMADResult, pairs: dict, thumbnails: dict[int, str]) ->
             span = _display_range(level, result, competition.defender)
             parts.append(f"<tr><td>{level.index + 1}</td><td>{span}</td><td>{level.count}</td>{''.join(cells)}</tr>")
         parts.append("</table>")
-    return _html_document(f"gMAD: {names[0]} vs {names[1]}", "\n".join(parts), _REPORT_STYLE)
+    return page(f"gMAD: {names[0]} vs {names[1]}", "\n".join(parts), _REPORT_STYLE, heading=False)
 
 
 def _display_range(level: Level, result: GMADResult, defender: str) -> str:
@@ -904,7 +904,7 @@ def _study_page(pairs: dict, study_images: dict[int, str]) -> str:
     # `</` would end the script element early; JSON allows it escaped.
     payload = json.dumps(data).replace("</", "<\\/")
     body = _STUDY_BODY + f"<script>const STUDY = {payload};\n{_STUDY_SCRIPT}</script>"
-    return _html_document("Image quality study", body, _STUDY_STYLE)
+    return page("Image quality study", body, _STUDY_STYLE, heading=False)
 
 
 _STUDY_STYLE = """
@@ -1019,34 +1019,3 @@ document.addEventListener("keydown", (event) => {
 });
 show();
 """
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Private HTML and thumbnail helpers. A shared helper module for the project's HTML reports is being written
-# separately (issue 25); these few functions are the whole surface to swap for it.
-# ------------------------------------------------------------------------------------------------------------------
-
-
-def _downscaled(image: Image.Image, max_size: int | None) -> Image.Image:
-    """`image` with its longest side at most `max_size` (aspect ratio kept, Lanczos); `None`: unchanged."""
-    if max_size is None or max(image.size) <= max_size:
-        return image
-    scale = max_size / max(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-
-
-def _data_uri(image: Image.Image, image_format: str, **options: Any) -> str:
-    """`image` encoded as a `data:` URI (`JPEG` or `PNG`), for pages that fetch nothing."""
-    buffer = io.BytesIO()
-    image.save(buffer, format=image_format, **options)
-    mime = {"JPEG": "image/jpeg", "PNG": "image/png"}[image_format]
-    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
-
-
-def _html_document(title: str, body: str, style: str) -> str:
-    """A complete HTML5 page with an inline style sheet; `body` is trusted markup."""
-    return (
-        "<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
-        f"<title>{html.escape(title)}</title>\n<style>{style}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
-    )

@@ -1,7 +1,8 @@
 """Self-contained HTML pages: a page skeleton, thumbnails inlined as data URIs, escaped text, a safe file write.
 
 The one place where the project writes HTML (`qualiclip report`, `qualiclip gmad`). A page written here references
-nothing outside itself: no network, no neighbouring files, no JavaScript; images are inlined as base64 JPEG data URIs
+nothing outside itself: no network, no neighbouring files, no JavaScript (except where a page is an
+interactive tool, the gMAD study page); images are inlined as base64 JPEG data URIs
 (RFC 2397) and charts are inline SVG. Every text that comes from data (a path, an id, an error) goes through
 [`escape`] (`html.escape`, quotes included) before it is put into the page.
 
@@ -47,17 +48,20 @@ def escape(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
-def thumbnail_data_uri(source: Any, size: int = THUMBNAIL_SIZE, quality: int = THUMBNAIL_QUALITY) -> str:
+def thumbnail_data_uri(
+    source: Any, size: int | None = THUMBNAIL_SIZE, quality: int = THUMBNAIL_QUALITY, image_format: str = "JPEG"
+) -> str:
     """
     A picture downscaled to fit `size` x `size` pixels (aspect ratio kept, never enlarged; Pillow's
-    `Image.thumbnail`), as a `data:image/jpeg;base64,...` URI to put in an `<img src>`.
+    `Image.thumbnail`), as a `data:image/jpeg;base64,...` (or `image/png`) URI to put in an `<img src>`.
 
     Args:
         source: A path or the bytes of an image file, read with the project's reader
             (`qualiclip_hf.image_reader.open_image`: orientation, colour profile, bit depth and transparency as a
             viewer shows them), or a PIL image (made viewable RGB with `image_reader.to_viewable_rgb`).
-        size: The longest side of the thumbnail, in pixels.
+        size: The longest side of the thumbnail, in pixels; `None` keeps the full size.
         quality: JPEG quality, 1-95.
+        image_format: `"JPEG"` (small, lossy) or `"PNG"` (lossless, for pages where people judge fine detail).
 
     Raises:
         ValueError: the image cannot be read (missing, not an image, truncated...), naming the file and the cause.
@@ -67,11 +71,17 @@ def thumbnail_data_uri(source: Any, size: int = THUMBNAIL_SIZE, quality: int = T
     from .image_reader import open_image, to_viewable_rgb
 
     image = to_viewable_rgb(source) if isinstance(source, Image.Image) else open_image(source)
-    image = image.copy()  # `thumbnail` works in place; never shrink the caller's image
-    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    if size is not None:
+        image = image.copy()  # `thumbnail` works in place; never shrink the caller's image
+        image.thumbnail((size, size), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    if image_format == "JPEG":
+        image.save(buffer, format="JPEG", quality=quality)
+    elif image_format == "PNG":
+        image.save(buffer, format="PNG")
+    else:
+        raise ValueError(f"image_format must be JPEG or PNG, got {image_format!r}")
+    return f"data:image/{image_format.lower()};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def figure(src: str, caption: str, title: str | None = None) -> str:
@@ -98,17 +108,18 @@ def table(header: Sequence[Any], rows: Iterable[Sequence[Any]], text_columns: Se
     return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
 
 
-def page(title: str, body: str, style: str = "") -> str:
+def page(title: str, body: str, style: str = "", heading: bool = True) -> str:
     """
-    A complete HTML5 document: `<title>` and `<h1>` from `title` (escaped), the project's stylesheet (plus `style`,
-    CSS appended as given), then `body`, HTML inserted as given (build it with [`escape`], [`figure`], [`table`]).
+    A complete HTML5 document: `<title>` and (with `heading`) `<h1>` from `title` (escaped), the project's stylesheet
+    (plus `style`, CSS appended as given), then `body`, HTML inserted as given (build it with [`escape`], [`figure`],
+    [`table`]).
     """
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{escape(title)}</title>\n<style>{_STYLE}{style}</style>\n</head>\n"
-        f"<body>\n<h1>{escape(title)}</h1>\n{body}\n</body>\n</html>\n"
+        f"<body>\n{f'<h1>{escape(title)}</h1>' if heading else ''}\n{body}\n</body>\n</html>\n"
     )
 
 
