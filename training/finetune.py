@@ -34,6 +34,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
+from scipy.optimize import OptimizeWarning
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_scheduler
@@ -118,9 +120,10 @@ class RunOptions:
 # ----------------------------------------------------------------------------------------------------- the data
 
 
-def load_opinion_dataset(config: FinetuneConfig):
+def load_opinion_dataset(config: FinetuneConfig) -> tuple[Any, np.ndarray]:
     """
-    The labelled images as a `datasets.Dataset` with an undecoded `image` column and a float `mos` column.
+    The labelled images: a `datasets.Dataset` with an undecoded `image` column, and their opinion scores
+    `(num_images,)`, in the dataset's order.
 
     Raises:
         ValueError: naming the dataset when a column is missing, and the row when an opinion score is not a finite
@@ -152,12 +155,19 @@ def load_opinion_dataset(config: FinetuneConfig):
     data = data.select_columns([config.image_column, config.score_column])
     data = data.cast_column(config.image_column, datasets.Image(decode=False))
     data = data.rename_columns({config.image_column: "image", config.score_column: "mos"})
-    for row, value in enumerate(data["mos"]):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise ValueError(f"{config.dataset}, row {row}: '{config.score_column}' is not a number: {value!r}")
+    mos = np.empty(len(data))
+    for row, value in enumerate(data["mos"]):  # a CSV column with one bad cell arrives as strings
+        try:
+            mos[row] = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            mos[row] = math.nan
+        if not math.isfinite(mos[row]):
+            raise ValueError(
+                f"{config.dataset}, row {row}: '{config.score_column}' is empty or not a number ({value!r})"
+            )
     if len(data) < 10:
         raise ValueError(f"{config.dataset}: {len(data)} images; a 70/10/20 split needs at least 10")
-    return data
+    return data.remove_columns("mos"), mos
 
 
 def _check_columns(config: FinetuneConfig, columns: Sequence[str]) -> None:
@@ -585,7 +595,11 @@ def summarise(rows: Sequence[dict[str, float]]) -> dict[str, dict[str, float]]:
 
 
 def _metrics(scores: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-    metrics = correlation_metrics(scores, targets)
+    # A logistic fit to a handful of test images often overflows or cannot estimate its covariance; the PLCC after it
+    # is still what the literature reports (and the raw one when the fit fails, see `correlation_metrics`).
+    with np.errstate(over="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", OptimizeWarning)
+        metrics = correlation_metrics(scores, targets)
     return {key: metrics[key] for key in ("srcc", "plcc", "krcc")}
 
 
@@ -624,8 +638,8 @@ def finetune(config: FinetuneConfig, resume: bool = False) -> Path:
     resolved = resolve_model(config.model)
     base = QualiCLIPModel.from_pretrained(resolved.location).eval()
     processor = QualiCLIPProcessor.from_pretrained(resolved.location)
-    data = load_opinion_dataset(config)
-    targets, mos_range = normalised_targets(np.asarray(data["mos"], dtype=np.float64), config)
+    data, mos = load_opinion_dataset(config)
+    targets, mos_range = normalised_targets(mos, config)
     whole_embeds, zero_shot, failed = cached_whole_image_embeddings(base, processor, data, config, state_dir)
     for row, error in sorted(failed.items())[:20]:
         print(f"row {row}: left out: {error}", file=sys.stderr)
