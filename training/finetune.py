@@ -1,4 +1,4 @@
-"""Fine-tune QualiCLIP on your own opinion scores: images and mean opinion scores in, a model folder out.
+r"""Fine-tune QualiCLIP on your own opinion scores: images and mean opinion scores in, a model folder out.
 
     accelerate launch -m training.finetune --dataset ORG/NAME --image-column image --score-column mos \
         --method ridge --output runs/mine [--model official] [--num-splits 10] [--resume]
@@ -513,9 +513,10 @@ def learn_prompts_split(
         order = train[np.random.default_rng((config.seed, split_index, epoch)).permutation(len(train))]
         per_step = config.batch_size * accelerator.num_processes
         for start in range(0, len(order), per_step):
-            rows = order[start : start + per_step][accelerator.process_index :: accelerator.num_processes]
-            if len(rows) < 2:  # a PLCC needs two images; the remainder of an epoch is skipped, on every process
+            step_rows = order[start : start + per_step]
+            if len(step_rows) < 2 * accelerator.num_processes:  # a PLCC needs two images per process: skip the rest
                 continue
+            rows = step_rows[accelerator.process_index :: accelerator.num_processes]
             crops = []
             for row in rows.tolist():
                 if row not in images:
