@@ -28,7 +28,8 @@ from training.finetune import main as finetune_main
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Small, fast prompt learning on 128-pixel images; logit scale 10: the demo model's tiny text tower cannot move its
 # prompts far enough to fit opinions at QualiCLIP's 100 (its scores saturate).
-PROMPT_OPTIONS = ["--epochs", "20", "--crop-size", "64", "--logit-scale", "10", "--vision-learning-rate", "1e-4"]
+PROMPT_OPTIONS = ["--epochs", "20", "--crop-size", "64", "--logit-scale", "10"]
+FULL_OPTIONS = ["--epochs", "8", "--crop-size", "64", "--logit-scale", "10", "--vision-learning-rate", "3e-4"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -101,9 +102,9 @@ def test_prompt_learning_beats_the_zero_shot_model(prompts_run):
 
 
 def test_full_fine_tuning_beats_the_zero_shot_model(opinion_folder, tmp_path):
-    results = run_finetune(opinion_folder, tmp_path / "full", "full", "--num-splits", "2", *PROMPT_OPTIONS)
+    results = run_finetune(opinion_folder, tmp_path / "full", "full", "--num-splits", "2", *FULL_OPTIONS)
     for split in results["splits"]:
-        assert split["fine_tuned"]["srcc"] > split["zero_shot"]["srcc"] + 0.1
+        assert split["fine_tuned"]["srcc"] > split["zero_shot"]["srcc"] + 0.2
 
 
 @pytest.mark.parametrize("method", ["ridge", "prompts"])
@@ -183,7 +184,7 @@ def test_lower_better_scores_on_another_range_give_the_same_fit(ridge_run, opini
 
 
 def test_resume_after_sigkill_is_exact(opinion_folder, tmp_path):
-    options = ["--num-splits", "2", "--epochs", "3", "--crop-size", "64", "--logit-scale", "10"]
+    options = ["--num-splits", "2", "--epochs", "2", "--crop-size", "64", "--logit-scale", "10"]
     reference = run_finetune(opinion_folder, tmp_path / "reference", "full", *options)
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "training.finetune", "--dataset", str(opinion_folder), "--model", "demo"]

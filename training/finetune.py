@@ -52,7 +52,7 @@ from transformers import HfArgumentParser, get_scheduler
 
 from qualiclip_hf import QualiCLIPModel, QualiCLIPProcessor
 from qualiclip_hf.image_reader import open_image
-from qualiclip_hf.loading import resolve_model
+from qualiclip_hf.loading import resolve_model, select_device
 from training.evaluate import correlation_metrics
 from training.train import latest_checkpoint, save_checkpoint
 
@@ -637,7 +637,8 @@ def finetune(config: FinetuneConfig, resume: bool = False) -> Path:
     state_dir = _check_run_folder(config, output, resume)
     started = time.perf_counter()
     resolved = resolve_model(config.model)
-    base = QualiCLIPModel.from_pretrained(resolved.location).eval()
+    # The whole images are embedded on the accelerator when there is one (as Accelerate would place the model).
+    base = QualiCLIPModel.from_pretrained(resolved.location).to(select_device("auto")).eval()
     processor = QualiCLIPProcessor.from_pretrained(resolved.location)
     data, mos = load_opinion_dataset(config)
     targets, mos_range = normalised_targets(mos, config)
@@ -660,7 +661,8 @@ def finetune(config: FinetuneConfig, resume: bool = False) -> Path:
             weights, bias, alpha, val_srcc = ridge_split(whole_embeds.numpy(), targets, train, val)
             model = with_linear_head(base, weights, bias)
             extra = {"alpha": alpha, "val_srcc": val_srcc}
-            test_scores = model.score_embeddings(whole_embeds[torch.as_tensor(test)])[0].detach().numpy()
+            test_scores = model.score_embeddings(whole_embeds[torch.as_tensor(test)].to(model.device))[0]
+            test_scores = test_scores.detach().cpu().numpy()
         else:
             model, extra = learn_prompts_split(
                 base, processor, data, targets, whole_embeds, split, index, config, split_dir
@@ -670,7 +672,8 @@ def finetune(config: FinetuneConfig, resume: bool = False) -> Path:
                 test_scores = embed_whole_images(model, processor, test_images, config.batch_size, config.max_size)[1]
                 test_scores = test_scores.numpy()
             else:
-                test_scores = model.score_embeddings(whole_embeds[torch.as_tensor(test)])[0].detach().numpy()
+                test_scores = model.score_embeddings(whole_embeds[torch.as_tensor(test)].to(model.device))[0]
+                test_scores = test_scores.detach().cpu().numpy()
         record = {
             "split": index,
             "num_train": len(train),
