@@ -183,6 +183,16 @@ def test_lower_better_scores_on_another_range_give_the_same_fit(ridge_run, opini
         assert split["fine_tuned"]["srcc"] == pytest.approx(reference["fine_tuned"]["srcc"], abs=1e-9)
 
 
+def test_a_streamed_parquet_file_gives_the_folders_results(ridge_run, opinion_folder, tmp_path):
+    import datasets
+
+    parquet = tmp_path / "opinions.parquet"
+    datasets.load_dataset("imagefolder", data_dir=str(opinion_folder), split="train").to_parquet(str(parquet))
+    streamed = run_finetune(parquet, tmp_path / "streamed", "ridge", "--streaming", "--num-splits", "2")
+    assert streamed["num_images"] == 80
+    assert streamed["splits"] == ridge_run[1]["splits"][:2]
+
+
 def test_resume_after_sigkill_is_exact(opinion_folder, tmp_path):
     options = ["--num-splits", "2", "--epochs", "2", "--crop-size", "64", "--logit-scale", "10"]
     reference = run_finetune(opinion_folder, tmp_path / "reference", "full", *options)

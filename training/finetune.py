@@ -136,21 +136,23 @@ def load_opinion_dataset(config: FinetuneConfig) -> tuple[Any, np.ndarray]:
         data = datasets.load_from_disk(str(source))
         if isinstance(data, datasets.DatasetDict):
             data = data[config.split]
-    elif source.is_dir():
-        data = datasets.load_dataset("imagefolder", data_dir=str(source), split="train")
-    elif source.is_file():
-        builder = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}.get(source.suffix)
-        if builder is None:
-            raise ValueError(f"{source}: expected a parquet, CSV or JSON file, or a folder")
-        data = datasets.load_dataset(builder, data_files=str(source), split="train")
-    elif config.streaming:
-        stream = datasets.load_dataset(config.dataset, split=config.split, streaming=True)
-        _check_columns(config, stream.column_names or list(stream.features or {}))
-        stream = stream.select_columns([config.image_column, config.score_column])
-        stream = stream.cast_column(config.image_column, datasets.Image(decode=False))
-        data = datasets.Dataset.from_list(list(tqdm(stream, desc="reading the stream")), features=stream.features)
     else:
-        data = datasets.load_dataset(config.dataset, split=config.split)
+        if source.is_dir():
+            arguments = {"path": "imagefolder", "data_dir": str(source), "split": "train"}
+        elif source.is_file():
+            builder = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}.get(source.suffix)
+            if builder is None:
+                raise ValueError(f"{source}: expected a parquet, CSV or JSON file, or a folder")
+            arguments = {"path": builder, "data_files": str(source), "split": "train"}
+        else:
+            arguments = {"path": config.dataset, "split": config.split}
+        data = datasets.load_dataset(**arguments, streaming=config.streaming)
+    if isinstance(data, datasets.IterableDataset):
+        # Splits need random access: the stream is read once, its images kept undecoded, in memory.
+        _check_columns(config, data.column_names or list(data.features or {}))
+        data = data.select_columns([config.image_column, config.score_column])
+        data = data.cast_column(config.image_column, datasets.Image(decode=False))
+        data = datasets.Dataset.from_list(list(tqdm(data, desc="reading the stream")), features=data.features)
     _check_columns(config, data.column_names)
     data = data.select_columns([config.image_column, config.score_column])
     data = data.cast_column(config.image_column, datasets.Image(decode=False))
