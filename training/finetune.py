@@ -43,7 +43,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from safetensors.torch import load_file, save_file
 from scipy.optimize import OptimizeWarning
 from scipy.stats import spearmanr
@@ -52,7 +52,7 @@ from transformers import HfArgumentParser, get_scheduler
 
 from qualiclip_hf import QualiCLIPModel, QualiCLIPProcessor
 from qualiclip_hf.image_reader import open_image
-from qualiclip_hf.loading import resolve_model, select_device
+from qualiclip_hf.loading import resolve_model
 from training.evaluate import correlation_metrics
 from training.train import latest_checkpoint, save_checkpoint
 
@@ -607,6 +607,7 @@ def _metrics(scores: np.ndarray, targets: np.ndarray) -> dict[str, float]:
 
 
 def _check_run_folder(config: FinetuneConfig, output: Path, resume: bool) -> Path:
+    """Refuses a used `output` (without `resume`) and a resume with other settings; returns the state folder."""
     state_dir = output / STATE_DIR
     recorded = state_dir / "config.json"
     if recorded.is_file():
@@ -619,8 +620,6 @@ def _check_run_folder(config: FinetuneConfig, output: Path, resume: bool) -> Pat
             )
     elif output.exists() and any(output.iterdir()):
         raise ValueError(f"{output} exists and is not empty; choose another --output")
-    state_dir.mkdir(parents=True, exist_ok=True)
-    recorded.write_text(json.dumps(asdict(config), indent=2))
     return state_dir
 
 
@@ -636,14 +635,23 @@ def finetune(config: FinetuneConfig, resume: bool = False) -> Path:
             naming the dataset and row).
     """
     output = Path(config.output)
+    # Under `accelerate launch`, every process computes the same things; only the main one writes them.
+    processes = PartialState()
     state_dir = _check_run_folder(config, output, resume)
+    processes.wait_for_everyone()
+    if processes.is_main_process:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     started = time.perf_counter()
     resolved = resolve_model(config.model)
-    # The whole images are embedded on the accelerator when there is one (as Accelerate would place the model).
-    base = QualiCLIPModel.from_pretrained(resolved.location).to(select_device("auto")).eval()
+    # The whole images are embedded on this process's accelerator when there is one.
+    base = QualiCLIPModel.from_pretrained(resolved.location).to(processes.device).eval()
     processor = QualiCLIPProcessor.from_pretrained(resolved.location)
     data, mos = load_opinion_dataset(config)
     targets, mos_range = normalised_targets(mos, config)
+    if processes.is_main_process:  # the others then read the parts it saved
+        cached_whole_image_embeddings(base, processor, data, config, state_dir)
+    processes.wait_for_everyone()
     whole_embeds, zero_shot, failed = cached_whole_image_embeddings(base, processor, data, config, state_dir)
     for row, error in sorted(failed.items())[:20]:
         print(f"row {row}: left out: {error}", file=sys.stderr)
@@ -685,6 +693,10 @@ def finetune(config: FinetuneConfig, resume: bool = False) -> Path:
             "fine_tuned": _metrics(test_scores, targets[test]),
             **extra,
         }
+        records.append(record)
+        if not processes.is_main_process:
+            processes.wait_for_everyone()
+            continue
         if index == 0:  # the saved model: the first split's, whose test images it never saw
             model.config.fine_tuning = {
                 "method": config.method,
@@ -706,7 +718,7 @@ def finetune(config: FinetuneConfig, resume: bool = False) -> Path:
         split_dir.mkdir(parents=True, exist_ok=True)
         (split_dir / "result.json").write_text(json.dumps(record, indent=2))
         shutil.rmtree(split_dir / "checkpoints", ignore_errors=True)
-        records.append(record)
+        processes.wait_for_everyone()
         print(
             f"split {index}: test SRCC {record['fine_tuned']['srcc']:.4f} (zero-shot {record['zero_shot']['srcc']:.4f})"
         )
@@ -729,8 +741,10 @@ def finetune(config: FinetuneConfig, resume: bool = False) -> Path:
         "seconds": round(time.perf_counter() - started, 1),
         "config": asdict(config),
     }
-    _write_model_folder(state_dir / "split_00" / "model", output, results, resolved.name)
-    print(format_results(results))
+    if processes.is_main_process:
+        _write_model_folder(state_dir / "split_00" / "model", output, results, resolved.name)
+        print(format_results(results))
+    processes.wait_for_everyone()
     return output
 
 
