@@ -767,7 +767,17 @@ def _write_model_folder(model_dir: Path, output: Path, results: dict[str, Any], 
         output, weights=weights, results=Results(mos=[(RESULTS_FILE, record)]),
         license="cc-by-nc-4.0" if base_name == "official" else None,
     )  # fmt: skip
-    card.text += "\n## Fine-tuning on opinion scores\n\n" + format_results(results) + "\n"
+    head = {
+        "ridge": "The score is a linear head on the image embedding (`quality_head: linear`), not the prompts' softmax",
+        "prompts": "The learned prompt contexts are baked into the stored prompt embeddings",
+        "full": "The image tower and the learned prompt contexts were trained; the prompts are baked into the stored "
+        "prompt embeddings",
+    }[results["method"]]
+    section = (
+        f"## Fine-tuning on opinion scores\n\n{format_results(results)}\n\n{head}. The score predicts the opinion "
+        "score rescaled to [0, 1] (1 the best; `fine_tuning.mos_range` in `config.json` maps it back).\n\n"
+    )
+    card.text = card.text.replace("## Usage", section + "## Usage", 1)
     card.save(output / "README.md")
 
 
