@@ -50,7 +50,8 @@ class QualiCLIPHF(nn.Module):
             bicubic) before scoring. `None` (the default) scores every image at its full resolution.
         logit_scale: The multiplier of the cosine similarities before each pair's softmax. `"pyiqa"` (the default):
             CLIP's learned scale halved (`config.clip_logit_scale / 2`, 50 for the released weights), which is what
-            pyiqa's built-in QualiCLIP computes, so scores stay comparable with earlier pyiqa results.
+            pyiqa's built-in QualiCLIP computes, so scores stay comparable with earlier pyiqa results; for a model
+            fine-tuned on opinion scores (`training/finetune.py`, `config.fine_tuning`), the scale it was fitted at.
             `"official"`: `config.logit_scale` (100), the formula of the QualiCLIP paper and code. Or a number.
         pretrained: Accepted because pyiqa's configuration of the built-in QualiCLIP+ passes it; must be `True`.
     """
@@ -108,6 +109,9 @@ class QualiCLIPHF(nn.Module):
     def _resolve_logit_scale(self, logit_scale: str | float) -> float:
         config = self.model.config
         if logit_scale == "pyiqa":
+            if getattr(config, "fine_tuning", None) is not None:
+                # Fine-tuned on opinion scores here (training/finetune.py): its prompts were fitted at this scale.
+                return config.logit_scale
             if config.clip_logit_scale is None:
                 # A model not converted from a CLIP checkpoint: halve its own scale, as pyiqa halves CLIP's.
                 get_root_logger().warning(

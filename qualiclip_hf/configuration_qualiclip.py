@@ -20,6 +20,9 @@ QUALICLIP_PROMPT_PAIRS: tuple[tuple[str, str], ...] = (
     ("Good picture.", "Bad picture."),
 )
 
+# How `QualiCLIPModel` reads the score from the image embedding (see `QualiCLIPConfig.quality_head`).
+QUALITY_HEADS = ("prompts", "linear")
+
 
 def _rename_legacy_keys(kwargs: dict[str, Any], attribute_map: dict[str, str]) -> dict[str, Any]:
     """
@@ -170,6 +173,13 @@ class QualiCLIPConfig(PreTrainedConfig):
             QualiCLIP, uses the prompts as written.
         source_checkpoint_sha256 (`str`, *optional*):
             SHA-256 of the checkpoint file the weights were converted from, for provenance.
+        quality_head (`str`, defaults to `"prompts"`):
+            How the score is read from the image embedding. `"prompts"`: QualiCLIP's, the mean over prompt pairs of
+            the softmax probability of the positive prompt. `"linear"`: a linear map of the embedding (the `ridge`
+            method of `training/finetune.py`), fitted to opinion scores rescaled to [0, 1].
+        fine_tuning (`dict`, *optional*):
+            A model fine-tuned on opinion scores (`training/finetune.py`): its method, data and MOS scale, for
+            provenance. Its prompts or linear head were fitted at `logit_scale`.
 
     Example:
 
@@ -192,6 +202,8 @@ class QualiCLIPConfig(PreTrainedConfig):
         clip_logit_scale: float | None = None,
         prompt_context_length: int | None = None,
         source_checkpoint_sha256: str | None = None,
+        quality_head: str = "prompts",
+        fine_tuning: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if vision_config is None:
@@ -216,6 +228,10 @@ class QualiCLIPConfig(PreTrainedConfig):
             raise ValueError(f"prompt_context_length must be positive or None, got {prompt_context_length}")
         self.prompt_context_length = prompt_context_length
         self.source_checkpoint_sha256 = source_checkpoint_sha256
+        if quality_head not in QUALITY_HEADS:
+            raise ValueError(f"quality_head must be one of {', '.join(QUALITY_HEADS)}, got {quality_head!r}")
+        self.quality_head = quality_head
+        self.fine_tuning = fine_tuning
         super().__init__(**kwargs)
 
     @property
@@ -257,6 +273,7 @@ def validate_prompt_pairs(pairs: Any) -> list[list[str]]:
 
 __all__ = [
     "QUALICLIP_PROMPT_PAIRS",
+    "QUALITY_HEADS",
     "QualiCLIPConfig",
     "QualiCLIPTextConfig",
     "QualiCLIPVisionConfig",

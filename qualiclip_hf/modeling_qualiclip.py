@@ -48,7 +48,8 @@ class QualiCLIPOutput(ModelOutput):
     Args:
         quality_score (`torch.FloatTensor` of shape `(batch_size,)`):
             Quality in [0, 1], higher is better: the mean over prompt pairs of the softmax probability of the
-            positive prompt.
+            positive prompt. With `config.quality_head="linear"`, the linear head's prediction of the opinion
+            score rescaled to [0, 1] (it can stray slightly outside).
         logits_per_prompt (`torch.FloatTensor` of shape `(batch_size, num_prompt_pairs, 2)`):
             `logit_scale * cos(image, prompt)` for the (positive, negative) prompt of each pair.
         image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
@@ -330,6 +331,9 @@ class QualiCLIPPreTrainedModel(PreTrainedModel):
             init.copy_(module.prompt_embeds, F.normalize(torch.randn_like(module.prompt_embeds), dim=-1))
             if module.prompt_context is not None:
                 init.normal_(module.prompt_context, std=0.02)  # CoOp's initialisation of learned contexts
+            if module.linear_head is not None:
+                init.zeros_(module.linear_head.weight)
+                init.zeros_(module.linear_head.bias)
 
 
 class QualiCLIPModel(QualiCLIPPreTrainedModel):
@@ -369,6 +373,11 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
             )
             if config.prompt_context_length is not None
             else None
+        )
+        # `quality_head="linear"` (a model fine-tuned with `training/finetune.py --method ridge`): the score is a
+        # linear map of the normalised image embedding instead of the prompts' softmax.
+        self.linear_head = (
+            nn.Linear(config.vision_config.projection_dim, 1) if config.quality_head == "linear" else None
         )
         # Speed settings of `qualiclip_hf.backends.fusion.fuse_for_inference`; a plain model has none.
         self.cpu_chunk_pixels: int | None = None
@@ -475,16 +484,45 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
         # The head runs in float32 whatever the tower's dtype: a logit scale of 100 turns the rounding of a half
         # precision cosine (about 4e-3) into a visible change of the score.
         image_embeds = F.normalize(self.get_image_features(pixel_values, image_sizes).float(), dim=-1)
-        scale = self.config.logit_scale if logit_scale is None else logit_scale
-        logits = scale * image_embeds @ self.prompt_embeds.float().T
-        logits_per_prompt = logits.view(logits.shape[0], -1, 2)
-        quality_score = logits_per_prompt.softmax(dim=-1)[..., 0].mean(dim=-1)
+        quality_score, logits_per_prompt = self.score_embeddings(image_embeds, logit_scale=logit_scale)
 
         output = QualiCLIPOutput(
             quality_score=quality_score, logits_per_prompt=logits_per_prompt, image_embeds=image_embeds
         )
         return_dict = self.config.return_dict if return_dict is None else return_dict
         return output if return_dict else output.to_tuple()
+
+    def score_embeddings(
+        self,
+        image_embeds: torch.Tensor,
+        prompt_embeds: torch.Tensor | None = None,
+        logit_scale: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        The score head, in float32.
+
+        Args:
+            image_embeds (`torch.Tensor` of shape `(batch_size, projection_dim)`): L2-normalised image embeddings.
+            prompt_embeds (`torch.Tensor` of shape `(2 * num_prompt_pairs, projection_dim)`, *optional*):
+                L2-normalised prompt embeddings instead of the stored ones (prompt learning passes the ones it
+                trains).
+            logit_scale (`float`, *optional*): Overrides `config.logit_scale`.
+
+        Returns:
+            `tuple[torch.Tensor, torch.Tensor]`: `quality_score` `(batch_size,)` and `logits_per_prompt`
+            `(batch_size, num_prompt_pairs, 2)`, as in [`QualiCLIPOutput`].
+        """
+        image_embeds = image_embeds.float()
+        prompt_embeds = self.prompt_embeds if prompt_embeds is None else prompt_embeds
+        scale = self.config.logit_scale if logit_scale is None else logit_scale
+        logits = scale * image_embeds @ prompt_embeds.float().T
+        logits_per_prompt = logits.view(logits.shape[0], -1, 2)
+        if self.linear_head is None:
+            quality_score = logits_per_prompt.softmax(dim=-1)[..., 0].mean(dim=-1)
+        else:
+            head = self.linear_head
+            quality_score = F.linear(image_embeds, head.weight.float(), head.bias.float())[:, 0]
+        return quality_score, logits_per_prompt
 
     def get_image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """

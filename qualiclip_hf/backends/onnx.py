@@ -82,6 +82,9 @@ def _scoring_graph(model: QualiCLIPModel) -> torch.nn.Module:
             self.vision_model = fold_batch_norms(copy.deepcopy(model.vision_model).float().eval())
             self.register_buffer("prompt_embeds", model.prompt_embeds.detach().float().clone())
             self.logit_scale = float(model.config.logit_scale)
+            self.linear_head = (
+                copy.deepcopy(model.linear_head).float() if getattr(model, "linear_head", None) is not None else None
+            )
 
         def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             # The head of `QualiCLIPModel.forward`, written again because that forward also checks its inputs with
@@ -89,7 +92,10 @@ def _scoring_graph(model: QualiCLIPModel) -> torch.nn.Module:
             image_embeds = F.normalize(self.vision_model(pixel_values).float(), dim=-1)
             logits = self.logit_scale * image_embeds @ self.prompt_embeds.T
             logits_per_prompt = logits.view(logits.shape[0], -1, 2)
-            quality_score = logits_per_prompt.softmax(dim=-1)[..., 0].mean(dim=-1)
+            if self.linear_head is None:
+                quality_score = logits_per_prompt.softmax(dim=-1)[..., 0].mean(dim=-1)
+            else:  # config.quality_head == "linear"
+                quality_score = self.linear_head(image_embeds)[:, 0]
             return quality_score, logits_per_prompt, image_embeds
 
     return ScoringGraph().eval()

@@ -168,7 +168,8 @@ def make_model_card(
     if datasets is None:
         source = str(training_config.get("data_source") or "")
         datasets = [source] if _HUB_ID.fullmatch(source) and not Path(source).exists() else []
-    tags = [tag for tag in TAGS if not (is_plus and tag == "opinion-unaware")]
+    fine_tuning = config.get("fine_tuning")  # written by training/finetune.py
+    tags = [tag for tag in TAGS if not ((is_plus or fine_tuning) and tag == "opinion-unaware")]
     tags += {"demo": ["demo"], "random": ["random-weights"]}.get(weights, [])
     eval_results = _eval_results(results, label)
     card_data = ModelCardData(
@@ -191,7 +192,7 @@ def make_model_card(
         architecture_table=_architecture_table(model_dir, config),
         evaluation_section=_evaluation_section(results, label),
         training_section=_training_section(results),
-        limitations=_limitations(weights, is_plus),
+        limitations=_limitations(weights, is_plus, fine_tuning),
     )
 
 
@@ -407,7 +408,7 @@ def _training_section(results: Results) -> str:
     )
 
 
-def _limitations(weights: str, is_plus: bool) -> str:
+def _limitations(weights: str, is_plus: bool, fine_tuning: dict[str, Any] | None = None) -> str:
     items = []
     if weights == "demo":
         items.append(
@@ -416,7 +417,13 @@ def _limitations(weights: str, is_plus: bool) -> str:
         )
     if weights == "random":
         items.append("**Random weights.** The scores mean nothing.")
-    if is_plus:
+    if fine_tuning:
+        items.append(
+            f"**Opinion-aware.** Fine-tuned (`{fine_tuning.get('method')}`) on the opinion scores of "
+            f"`{fine_tuning.get('dataset')}`: only its held-out test images are a fair test, and the score predicts "
+            "that dataset's opinion scale, rescaled to [0, 1]."
+        )
+    elif is_plus:
         items.append(
             "**Opinion-aware prompts.** QualiCLIP+'s prompt contexts were fitted to the opinion scores of an IQA "
             "dataset, so this variant is not opinion-unaware, and results on that dataset are not a fair test."
