@@ -114,8 +114,8 @@ def test_the_folder_scores_the_same_through_every_entry_point(method, ridge_run,
     from transformers import AutoModel, AutoProcessor, pipeline
 
     import pyiqa_plugin  # noqa: F401  (registers the metric)
-    from qualiclip_hf.cli import main as cli_main
     from qualiclip_hf.backends.onnx import OnnxQualiCLIP, export_onnx
+    from qualiclip_hf.cli import main as cli_main
 
     folder, results = ridge_run if method == "ridge" else prompts_run
     config = json.loads((folder / "config.json").read_text())
