@@ -229,11 +229,11 @@ def test_cpu_chunks_in_eval_mode_give_the_whole_batch_scores_and_training_keeps_
     x = torch.randn(5, 3, 64, 96)
     whole = tiny_model(x).quality_score
     calls = []
-    tower_forward = type(tiny_model.vision_model).forward
+    tower_features = type(tiny_model.vision_model).forward_features
     monkeypatch.setattr(
         type(tiny_model.vision_model),
-        "forward",
-        lambda self, images: calls.append(len(images)) or tower_forward(self, images),
+        "forward_features",
+        lambda self, images, *args: calls.append(len(images)) or tower_features(self, images, *args),
     )
     tiny_model(x)
     assert calls == [5], "a plain model keeps the batch whole"
