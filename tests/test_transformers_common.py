@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import unittest
 
+import numpy as np
 import torch
+from PIL import Image
 
 from qualiclip_hf import (
     QualiCLIPConfig,
@@ -149,19 +151,16 @@ class QualiCLIPImageProcessingTester(image_processing_common.ImageProcessingTest
         return {"torchvision": QualiCLIPImageProcessor}
 
     def expected_output_image_shape(self, images) -> tuple[int, int, int]:
-        # No resize: the batch is padded to the largest height and width.
-        sizes = [image.size[::-1] if hasattr(image, "size") and not callable(image.size) else None for image in images]
-        heights, widths = [], []
-        for image, size in zip(images, sizes, strict=True):
-            if size is not None:
-                height, width = size
-            elif image.shape[0] in (1, 3, 4):
-                height, width = image.shape[1], image.shape[2]
+        # No resize: every image keeps its size, and the batch is padded to the largest height and width.
+        sizes = []
+        for image in images:
+            if isinstance(image, Image.Image):
+                sizes.append((image.height, image.width))
+            elif image.shape[0] in (1, 3, 4):  # channels first, as transformers' test inputs are unless numpy
+                sizes.append(tuple(image.shape[1:3]))
             else:
-                height, width = image.shape[0], image.shape[1]
-            heights.append(height)
-            widths.append(width)
-        return 3, max(heights), max(widths)
+                sizes.append(tuple(image.shape[0:2]))
+        return self.num_channels, max(size[0] for size in sizes), max(size[1] for size in sizes)
 
 
 class QualiCLIPImageProcessingTest(image_processing_common.ImageProcessingTestMixin, unittest.TestCase):
@@ -178,3 +177,11 @@ class QualiCLIPProcessorTest(processing_common.ProcessorTesterMixin, unittest.Te
     @classmethod
     def _setup_image_processor(cls):
         return QualiCLIPImageProcessor()
+
+    def prepare_images_inputs(self, batch_size: int | None = None, nested: bool = False):
+        # transformers' test images are 30 pixels high, below the 32x32 minimum of QualiCLIP's image tower (its
+        # total stride), which the processor refuses; these are 32 pixels high, otherwise the same.
+        image = Image.fromarray(np.random.randint(255, size=(32, 400, 3), dtype=np.uint8))
+        if batch_size is None:
+            return image
+        return [[image]] * batch_size if nested else [image] * batch_size
