@@ -110,7 +110,9 @@ def transformers_tests_root(version: str = transformers.__version__) -> Path:
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root.parent, prefix=".download-") as work:
+        # Few retries and a short timeout: without access to PyPI the tests are skipped soon, not after minutes.
         command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:"]
+        command += ["--retries", "1", "--timeout", "30"]
         try:
             subprocess.run(
                 [*command, f"transformers=={version}", "--dest", work],
