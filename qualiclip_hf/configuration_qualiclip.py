@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from transformers import PreTrainedConfig
@@ -233,6 +234,8 @@ class QualiCLIPConfig(PreTrainedConfig):
         self.quality_head = quality_head
         self.fine_tuning = fine_tuning
         super().__init__(**kwargs)
+        if getattr(self, "custom_pipelines", None):
+            self.custom_pipelines = DeclaredPipelines(self.custom_pipelines)
 
     @property
     def num_prompt_pairs(self) -> int:
@@ -257,6 +260,34 @@ class QualiCLIPConfig(PreTrainedConfig):
                 }
             }
         super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+
+class DeclaredPipelines(dict):
+    """
+    The `custom_pipelines` a saved folder declares (`{task: {"impl": ..., "pt": [...], "type": ...}}`), as the config
+    holds them once loaded.
+
+    transformers' `pipeline()` reads this mapping twice: its keys, to infer the task of `pipeline(model=folder)`, and
+    `task in custom_pipelines`, to decide that the task needs the folder's own code, which it refuses to run without
+    `trust_remote_code=True`, even where the same pipeline is installed and registered (importing `qualiclip_hf`
+    registers it, as it registers the model with `AutoModel`). For a task served by an installed pipeline, the
+    membership test is therefore `False`: the task is still inferred from the folder, and transformers builds the
+    installed pipeline, as `AutoModel` uses the installed model class. Where the package is not installed (a Hub
+    folder loaded with `trust_remote_code=True`), no task is registered and the folder's code is used as before.
+    """
+
+    def __contains__(self, task: object) -> bool:
+        return super().__contains__(task) and not _is_installed_pipeline_task(task)
+
+
+def _is_installed_pipeline_task(task: object) -> bool:
+    """Whether transformers' pipeline registry holds `task`, registered by this package (`register_auto_classes`)."""
+    if not isinstance(task, str) or "transformers.pipelines" not in sys.modules:
+        return False  # the registration imports transformers.pipelines: no module, no registered task
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    entry = PIPELINE_REGISTRY.supported_tasks.get(task)
+    return entry is not None and entry["impl"].__module__.split(".")[0] == __name__.split(".")[0]
 
 
 def validate_prompt_pairs(pairs: Any) -> list[list[str]]:

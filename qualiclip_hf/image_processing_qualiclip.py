@@ -64,8 +64,11 @@ class QualiCLIPImageProcessor(TorchvisionBackend):
     Accepted images: PIL images (any mode); paths of image files (read by `image_reader.decode_file`, whose errors
     name the file and the cause); numpy arrays and torch tensors (see `image_reader.array_to_chw`): `uint8` 0 to 255,
     `uint16` 0 to 65535, floating point in [0, 1], with 1, 3 or 4 channels first or last. `do_rescale=False` says
-    that every image is already in [0, 1], so only floating-point ones are accepted then. Anything else raises a
-    `ValueError` or `TypeError` saying what is wrong.
+    that every image is already in [0, 1], so only floating-point ones are accepted then. `do_convert_rgb=False`, as
+    in transformers, keeps each image's channels as given (a PIL image's own mode, an array's 1, 3 or 4 channels; no
+    colour management, no compositing of transparency), for images that already are what is needed;
+    [`QualiCLIPModel`] itself takes 3 channels. Anything else raises a `ValueError` or `TypeError` saying what is
+    wrong.
 
     Returns a [`BatchFeature`] with `pixel_values` `(batch_size, 3, height, width)` and `image_sizes`
     `(batch_size, 2)` (or lists of per-image tensors when `return_tensors` is `None`).
@@ -121,19 +124,30 @@ class QualiCLIPImageProcessor(TorchvisionBackend):
         """
         The per-image rules on `(batch_size, 3, height, width)` float images in [0, 1]: size checked, downscaled
         when the longest side exceeds `max_size` ([`limit_longest_side`]), normalised. Differentiable (the pyiqa
-        plugin uses it on images that are optimised).
+        plugin uses it on images that are optimised). Images with another number of channels (`do_convert_rgb=False`)
+        take an `image_mean` and `image_std` of one value, or of one per channel.
 
         Raises:
-            ValueError: the images are below `min_size` after `max_size`, or `max_size` is below `min_size`.
+            ValueError: the images are below `min_size` after `max_size`, `max_size` is below `min_size`, or
+                `image_mean` / `image_std` hold neither one value nor one per channel.
         """
         self.check_max_size(max_size)
         self.check_size(*images.shape[-2:], max_size=max_size)
         if max_size is not None:
             images = limit_longest_side(images, max_size)
         if do_normalize if do_normalize is not None else self.do_normalize:
-            mean = torch.as_tensor(image_mean if image_mean is not None else self.image_mean, dtype=images.dtype)
-            std = torch.as_tensor(image_std if image_std is not None else self.image_std, dtype=images.dtype)
-            images = (images - mean.to(images.device).view(-1, 1, 1)) / std.to(images.device).view(-1, 1, 1)
+            channels = images.shape[-3]
+            statistics = []
+            for name, values in (("image_mean", image_mean), ("image_std", image_std)):
+                values = torch.as_tensor(values if values is not None else getattr(self, name), dtype=images.dtype)
+                if values.numel() not in (1, channels):
+                    raise ValueError(
+                        f"{name} has {values.numel()} values for images of {channels} channels; give one value, or "
+                        "one per channel"
+                    )
+                statistics.append(values.to(images.device).view(-1, 1, 1))
+            mean, std = statistics
+            images = (images - mean) / std
         return images
 
     def fetch_images(self, image_url_or_urls: Any) -> Any:
@@ -141,9 +155,13 @@ class QualiCLIPImageProcessor(TorchvisionBackend):
         # transformers. Greyscale `(height, width)` arrays get their channel axis here, before transformers
         # flattens the input into a list of images.
         if isinstance(image_url_or_urls, (list, tuple)):
-            if not image_url_or_urls:
+            if not _holds_an_image(image_url_or_urls):
                 raise ValueError("got an empty list of images")
-            return [self.fetch_images(item) for item in image_url_or_urls]
+            # A nested list may hold empty lists: samples without images, in a processor call with text.
+            return [
+                item if isinstance(item, (list, tuple)) and not item else self.fetch_images(item)
+                for item in image_url_or_urls
+            ]
         if isinstance(image_url_or_urls, os.PathLike) or (
             isinstance(image_url_or_urls, str) and is_local_file_name(image_url_or_urls)
         ):
@@ -158,10 +176,15 @@ class QualiCLIPImageProcessor(TorchvisionBackend):
         return super().fetch_images(image_url_or_urls)
 
     def process_image(self, image: ImageInput, *args: Any, **kwargs: Any) -> torch.Tensor:
+        convert_rgb = kwargs.get("do_convert_rgb", self.do_convert_rgb) is not False
         if isinstance(image, Image.Image):
-            image = to_viewable_rgb(image, convert_icc=kwargs.get("convert_icc", self.convert_icc) is not False)
+            if convert_rgb:
+                image = to_viewable_rgb(image, convert_icc=kwargs.get("convert_icc", self.convert_icc) is not False)
+            else:  # the pixels of the image's own mode, as transformers' processors keep them
+                image = np.array(image)
+                kwargs["input_data_format"] = ChannelDimension.LAST if image.ndim == 3 else None
         if isinstance(image, (np.ndarray, torch.Tensor)):
-            image = array_to_chw(image, kwargs.get("input_data_format"))
+            image = array_to_chw(image, kwargs.get("input_data_format"), convert_rgb=convert_rgb)
         else:
             image = torch.from_numpy(np.array(image)).permute(2, 0, 1)
         if image.is_floating_point():
@@ -206,6 +229,11 @@ class QualiCLIPImageProcessor(TorchvisionBackend):
             data={"pixel_values": pad_to_common_size(processed), "image_sizes": torch.tensor(image_sizes)},
             tensor_type=return_tensors,
         )
+
+
+def _holds_an_image(images: list | tuple) -> bool:
+    """Whether a (possibly nested) list of images holds at least one image."""
+    return any(_holds_an_image(item) if isinstance(item, (list, tuple)) else True for item in images)
 
 
 def limit_longest_side(images: torch.Tensor, max_size: int) -> torch.Tensor:

@@ -490,10 +490,13 @@ def _check_float_range(values: np.ndarray | torch.Tensor, what: str) -> None:
 # ---------------------------------------------------------------------------------------------------------- arrays
 
 
-def array_to_chw(image: np.ndarray | torch.Tensor, input_data_format: str | None = None) -> torch.Tensor:
+def array_to_chw(
+    image: np.ndarray | torch.Tensor, input_data_format: str | None = None, convert_rgb: bool = True
+) -> torch.Tensor:
     """
     Checks an array image and returns it as a `(3, height, width)` RGB tensor: `uint8` (0 to 255) as is, every other
-    type as `float32` in [0, 1].
+    type as `float32` in [0, 1]. With `convert_rgb=False` (an image processor's `do_convert_rgb=False`), the image
+    keeps its 1, 3 or 4 channels, uncomposited: `(channels, height, width)`.
 
     Value ranges, from the type: `uint8` and other integer types 0 to 255; `uint16` 0 to 65535; floating point
     [0, 1] (torchvision's `ToTensor`, pyiqa; values within 1e-3 outside are clipped). Layout: `(height, width)`,
@@ -547,6 +550,8 @@ def array_to_chw(image: np.ndarray | torch.Tensor, input_data_format: str | None
         _check_float_range(image, f"the image of shape {shape}")
         image = image.clamp(0, 1)
 
+    if not convert_rgb:
+        return image
     if image.shape[0] == 4:
         if image.dtype == torch.uint8:
             alpha = image[3:].float() / 255

@@ -10,6 +10,8 @@ Assessment", arXiv:2403.11176.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import pickle
 from collections import OrderedDict
@@ -22,6 +24,7 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
 from .configuration_qualiclip import (
@@ -54,11 +57,17 @@ class QualiCLIPOutput(ModelOutput):
             `logit_scale * cos(image, prompt)` for the (positive, negative) prompt of each pair.
         image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
             L2-normalised image embeddings, in float32 (as the other outputs) whatever the model's dtype.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            The image tower's feature maps, as transformers' `ResNetModel` returns them: the stem's output and each
+            of the four stages' outputs, `(batch_size, channels, height / stride, width / stride)` with strides 4, 4,
+            8, 16 and 32, in the tower's dtype. In a padded batch (`image_sizes`), each image's maps lie at the top
+            left, zero-padded like the pixels.
     """
 
     quality_score: torch.FloatTensor | None = None
     logits_per_prompt: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 class ResidualOutputBatchNorm2d(nn.BatchNorm2d):
@@ -202,14 +211,31 @@ class QualiCLIPVisionTower(nn.Module):
         Returns:
             `torch.Tensor` of shape `(batch_size, projection_dim)`: unnormalised image embeddings.
         """
+        return self.attnpool(self.forward_features(pixel_values)[0])
+
+    def forward_features(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """
+        The convolutional part of the tower.
+
+        Returns:
+            The last stage's feature map, `(batch_size, embedding_size * 32, height / 32, width / 32)`, and, with
+            `output_hidden_states`, the stem's and the four stages' feature maps (else `None`). Only asked-for maps
+            are kept, so that a plain forward frees each stage's activations as soon as the next one is computed.
+        """
         # channels_last: oneDNN and cuDNN run these convolutions faster on NHWC activations; the results match.
         hidden = pixel_values.contiguous(memory_format=torch.channels_last)
         hidden = self.relu(self.bn1(self.conv1(hidden)))
         hidden = self.relu(self.bn2(self.conv2(hidden)))
         hidden = self.relu(self.bn3(self.conv3(hidden)))
         hidden = self.avgpool(hidden)
-        hidden = self.layer4(self.layer3(self.layer2(self.layer1(hidden))))
-        return self.attnpool(hidden)
+        hidden_states = [hidden] if output_hidden_states else None
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            hidden = stage(hidden)
+            if hidden_states is not None:
+                hidden_states.append(hidden)
+        return hidden, None if hidden_states is None else tuple(hidden_states)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -289,10 +315,19 @@ class QualiCLIPPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _no_split_modules = ["Bottleneck", "ResidualAttentionBlock"]
 
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # For code outside the transformers package, transformers skips every module whose own tensors are all loaded,
+        # which includes every module without tensors of its own: the attention pool without its positional
+        # embedding, whose `_init_weights` branch initialises its projections. That shortcut exists for custom
+        # `_init_weights` that write tensors directly; this one only uses transformers' `init` functions, which skip
+        # loaded tensors themselves, so every module is visited as transformers visits its own models.
+        super()._initialize_weights(module, is_custom_code=False)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # CLIP's own initialisation, through transformers' `init` functions: they skip tensors that were loaded
-        # from a checkpoint, so loading never overwrites weights (tested by the save/load round trip).
+        # CLIP's own initialisation (`CLIP.initialize_parameters` of OpenAI's clip/model.py), through transformers'
+        # `init` functions: they skip tensors that were loaded from a checkpoint, so loading never overwrites weights
+        # (tested by the save/load round trip). Biases CLIP leaves at PyTorch's random default are zeroed.
         if isinstance(module, AttentionPool2d):
             std = module.c_proj.in_features**-0.5
             for linear in (module.q_proj, module.k_proj, module.v_proj, module.c_proj):
@@ -311,6 +346,7 @@ class QualiCLIPPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
             init.zeros_(module.running_mean)
             init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
         elif isinstance(module, QualiCLIPTextTower):
             width = module.ln_final.normalized_shape[0]
             residual_std = width**-0.5 * (2 * max(len(module.resblocks), 1)) ** -0.5
@@ -323,12 +359,14 @@ class QualiCLIPPreTrainedModel(PreTrainedModel):
                 init.normal_(block.attn.out_proj.weight, std=residual_std)
                 init.zeros_(block.attn.out_proj.bias)
                 init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+                init.zeros_(block.mlp.c_fc.bias)
                 init.normal_(block.mlp.c_proj.weight, std=residual_std)
+                init.zeros_(block.mlp.c_proj.bias)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, QualiCLIPModel):
-            init.copy_(module.prompt_embeds, F.normalize(torch.randn_like(module.prompt_embeds), dim=-1))
+            init.copy_(module.prompt_embeds, initial_prompt_embeds(*module.prompt_embeds.shape))
             if module.prompt_context is not None:
                 init.normal_(module.prompt_context, std=0.02)  # CoOp's initialisation of learned contexts
             if module.linear_head is not None:
@@ -363,7 +401,7 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
         # Normalised text embeddings of the prompts, in (positive, negative) order per pair. Saved with the weights
         # so that scoring never runs the text tower.
         self.register_buffer(
-            "prompt_embeds", torch.zeros(2 * config.num_prompt_pairs, config.vision_config.projection_dim)
+            "prompt_embeds", initial_prompt_embeds(2 * config.num_prompt_pairs, config.vision_config.projection_dim)
         )
         # QualiCLIP+: learned context token embeddings of each prompt, in the order of `prompt_embeds`. They enter
         # the score only through `prompt_embeds`, which `set_prompts` recomputes from them.
@@ -391,6 +429,11 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
         the config (missing, unexpected, or of another shape), raise an `OSError` naming the model and the tensors,
         instead of giving a model with randomly initialised parts, whose scores would be meaningless. Weights are
         read from safetensors, or from pickles with `torch.load(weights_only=True)` (transformers' default).
+
+        As in transformers, `output_loading_info=True` returns `(model, loading_info)` and leaves the missing,
+        unexpected and mismatched tensors (initialised as a fresh model's) to the caller, who asked for the report;
+        `ignore_mismatched_sizes=True` accepts tensors of another shape the same way. Non-finite weights always
+        raise.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
@@ -412,12 +455,12 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
                 f"runs when such a file is unpickled) or is corrupt; only torch.load(weights_only=True) is used "
                 f"({str(error).splitlines()[-1]})"
             ) from None
-        problems = {
-            "missing": sorted(info["missing_keys"]),
-            "unexpected": sorted(info["unexpected_keys"]),
-            "load errors": list(info.get("error_msgs") or []),
-        }
-        if not ignore_mismatched_sizes:
+        problems: dict[str, list[str]] = {}
+        if not output_loading_info:
+            problems["missing"] = sorted(info["missing_keys"])
+            problems["unexpected"] = sorted(info["unexpected_keys"])
+        problems["load errors"] = list(info.get("error_msgs") or [])
+        if not (ignore_mismatched_sizes or output_loading_info):
             problems["of another shape (file vs model)"] = [
                 f"{key} {tuple(file_shape)} vs {tuple(model_shape)}"
                 for key, file_shape, model_shape in sorted(info["mismatched_keys"])
@@ -462,6 +505,7 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
         pixel_values: torch.Tensor,
         image_sizes: torch.Tensor | None = None,
         logit_scale: float | None = None,
+        output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> QualiCLIPOutput | tuple[torch.Tensor, ...]:
@@ -474,20 +518,34 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
                 below and to the right of each image. Omit it when no image is padded.
             logit_scale (`float`, *optional*):
                 Overrides `config.logit_scale`, the multiplier of the cosine similarities.
+            output_hidden_states (`bool`, *optional*):
+                Also return the image tower's feature maps (defaults to `config.output_hidden_states`).
             return_dict (`bool`, *optional*): Return a [`QualiCLIPOutput`] (default) or a tuple.
 
         Returns:
             [`QualiCLIPOutput`] with `quality_score` `(batch_size,)`, `logits_per_prompt`
-            `(batch_size, num_prompt_pairs, 2)` and `image_embeds` `(batch_size, projection_dim)`.
+            `(batch_size, num_prompt_pairs, 2)`, `image_embeds` `(batch_size, projection_dim)` and, when asked,
+            `hidden_states`.
+
+        Raises:
+            TypeError: an argument the model does not take (a misspelt `image_sizes` would otherwise score the
+                padding).
         """
+        _refuse_unknown_arguments("forward", kwargs, self.forward)
         _check_pixel_values(pixel_values, image_sizes)
+        features = self.get_image_features(
+            pixel_values, image_sizes, output_hidden_states=output_hidden_states, return_dict=True
+        )
         # The head runs in float32 whatever the tower's dtype: a logit scale of 100 turns the rounding of a half
         # precision cosine (about 4e-3) into a visible change of the score.
-        image_embeds = F.normalize(self.get_image_features(pixel_values, image_sizes).float(), dim=-1)
+        image_embeds = F.normalize(features.pooler_output.float(), dim=-1)
         quality_score, logits_per_prompt = self.score_embeddings(image_embeds, logit_scale=logit_scale)
 
         output = QualiCLIPOutput(
-            quality_score=quality_score, logits_per_prompt=logits_per_prompt, image_embeds=image_embeds
+            quality_score=quality_score,
+            logits_per_prompt=logits_per_prompt,
+            image_embeds=image_embeds,
+            hidden_states=features.hidden_states,
         )
         return_dict = self.config.return_dict if return_dict is None else return_dict
         return output if return_dict else output.to_tuple()
@@ -524,40 +582,71 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
             quality_score = F.linear(image_embeds, head.weight.float(), head.bias.float())[:, 0]
         return quality_score, logits_per_prompt
 
-    def get_image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPooling | tuple[torch.Tensor, ...]:
         """
-        Unnormalised image embeddings, `(batch_size, projection_dim)`. With `image_sizes`, each image is cropped to its
-        true size and images of equal size are embedded together.
+        The image tower's output, as transformers' `CLIPModel.get_image_features` returns it. With `image_sizes`, each
+        image is cropped to its true size and images of equal size are embedded together.
+
+        Args: as [`QualiCLIPModel.forward`].
+
+        Returns:
+            [`~modeling_outputs.BaseModelOutputWithPooling`] (a tuple with `return_dict=False` or
+            `config.return_dict=False`):
+            - `pooler_output` `(batch_size, projection_dim)`: the image embeddings, unnormalised (the attention pool's
+              projected output), in the tower's dtype;
+            - `last_hidden_state` `(batch_size, embedding_size * 32, height / 32, width / 32)`: the last stage's
+              feature map, as transformers' `ResNetModel` returns it;
+            - `hidden_states` (with `output_hidden_states`): the stem's and the four stages' feature maps.
+            In a padded batch, each image's feature maps lie at the top left, zero-padded like the pixels.
+
+        Raises:
+            TypeError: an argument the method does not take.
         """
+        _refuse_unknown_arguments("get_image_features", kwargs, self.get_image_features)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         pixel_values = pixel_values.to(self.vision_model.conv1.weight.dtype)
         padded_size = tuple(pixel_values.shape[-2:])
-        if image_sizes is None:
+        groups: dict[tuple[int, int], list[int]] = {padded_size: list(range(pixel_values.shape[0]))}
+        if image_sizes is not None:
+            sizes = [tuple(size) for size in torch.as_tensor(image_sizes).tolist()]
+            if len(sizes) != pixel_values.shape[0]:
+                raise ValueError(f"got {len(sizes)} image_sizes for a batch of {pixel_values.shape[0]} images")
+            groups = {}
+            for index, size in enumerate(sizes):
+                if size[0] > padded_size[0] or size[1] > padded_size[1]:
+                    raise ValueError(f"image {index} claims size {size}, larger than the padded batch {padded_size}")
+                groups.setdefault(size, []).append(index)
+
+        if len(groups) == 1 and next(iter(groups)) == padded_size:
             self._check_size(padded_size)
-            return self._embed_images(pixel_values)
+            output = self._embed_images(pixel_values, output_hidden_states)
+        else:
+            parts = []
+            for (height, width), indices in groups.items():
+                self._check_size((height, width))
+                index_tensor = torch.tensor(indices, device=pixel_values.device)
+                parts.append(
+                    (
+                        index_tensor,
+                        self._embed_images(pixel_values[index_tensor, :, :height, :width], output_hidden_states),
+                    )
+                )
+            output = _merge_groups(parts, pixel_values.shape[0])
 
-        sizes = [tuple(size) for size in torch.as_tensor(image_sizes).tolist()]
-        if len(sizes) != pixel_values.shape[0]:
-            raise ValueError(f"got {len(sizes)} image_sizes for a batch of {pixel_values.shape[0]} images")
-        groups: dict[tuple[int, int], list[int]] = {}
-        for index, size in enumerate(sizes):
-            if size[0] > padded_size[0] or size[1] > padded_size[1]:
-                raise ValueError(f"image {index} claims size {size}, larger than the padded batch {padded_size}")
-            groups.setdefault(size, []).append(index)
-        if len(groups) == 1 and sizes[0] == padded_size:
-            self._check_size(padded_size)
-            return self._embed_images(pixel_values)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return output if return_dict else output.to_tuple()
 
-        embeds: torch.Tensor | None = None
-        for (height, width), indices in groups.items():
-            self._check_size((height, width))
-            index_tensor = torch.tensor(indices, device=pixel_values.device)
-            group_embeds = self._embed_images(pixel_values[index_tensor, :, :height, :width])
-            if embeds is None:
-                embeds = group_embeds.new_empty(pixel_values.shape[0], group_embeds.shape[-1])
-            embeds[index_tensor] = group_embeds
-        return embeds
-
-    def _embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _embed_images(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False
+    ) -> BaseModelOutputWithPooling:
         """
         The image tower on `(batch_size, 3, height, width)` images of one size. With `cpu_chunk_pixels` set (by
         `qualiclip_hf.backends.fusion.fuse_for_inference`), an eval-mode batch on a CPU runs in chunks of at most
@@ -566,11 +655,28 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
         batch_size, _, height, width = pixel_values.shape
         chunk_pixels = self.cpu_chunk_pixels
         if chunk_pixels is None or self.training or pixel_values.device.type != "cpu":
-            return self.vision_model(pixel_values)
-        chunk = max(1, chunk_pixels // (height * width))
-        if chunk >= batch_size:
-            return self.vision_model(pixel_values)
-        return torch.cat([self.vision_model(images) for images in pixel_values.split(chunk)])
+            chunk = batch_size
+        else:
+            chunk = max(1, chunk_pixels // (height * width))
+        outputs = []
+        for images in pixel_values.split(chunk):
+            features, hidden_states = self.vision_model.forward_features(images, output_hidden_states)
+            outputs.append(
+                BaseModelOutputWithPooling(
+                    last_hidden_state=features,
+                    pooler_output=self.vision_model.attnpool(features),
+                    hidden_states=hidden_states,
+                )
+            )
+        if len(outputs) == 1:
+            return outputs[0]
+        return BaseModelOutputWithPooling(
+            last_hidden_state=torch.cat([output.last_hidden_state for output in outputs]),
+            pooler_output=torch.cat([output.pooler_output for output in outputs]),
+            hidden_states=None
+            if not output_hidden_states
+            else tuple(torch.cat(level) for level in zip(*(output.hidden_states for output in outputs), strict=True)),
+        )
 
     def _check_size(self, size: tuple[int, int]) -> None:
         if min(size) < self.min_image_size:
@@ -638,6 +744,64 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
             words, end = tokens[1:eot], tokens[eot : length - num_context]
             rows.append(torch.cat([tokens[:1], prompt_context[:half], words, prompt_context[half:], end]))
         return self.text_model.encode_embeddings(torch.stack(rows), eot_index + num_context)
+
+
+def initial_prompt_embeds(num_prompts: int, projection_dim: int) -> torch.Tensor:
+    """
+    The prompt embeddings of a model before weights are loaded or `set_prompts` runs, `(num_prompts, projection_dim)`:
+    pair `i` is `(+e_k, -e_k)` with `k = i mod projection_dim`, unit vectors in opposite directions, so that a random
+    model's scores still depend on the image. Deterministic, as buffers are in transformers: a model built on the
+    meta device and initialised equals one built directly.
+    """
+    embeds = torch.zeros(num_prompts, projection_dim)
+    for index in range(num_prompts):
+        embeds[index, (index // 2) % projection_dim] = 1.0 if index % 2 == 0 else -1.0
+    return embeds
+
+
+def _refuse_unknown_arguments(method: str, kwargs: dict[str, Any], function: Any) -> None:
+    """
+    Raises `TypeError` naming the arguments of `kwargs` and the closest accepted name: the model's methods take
+    `**kwargs` as transformers' do, but a misspelt argument silently ignored (`image_size` for `image_sizes`) would
+    give wrong results.
+    """
+    if not kwargs:
+        return
+    accepted = [name for name in inspect.signature(function).parameters if name != "kwargs"]
+    hints = []
+    for name in kwargs:
+        close = difflib.get_close_matches(name, accepted, n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise TypeError(
+        f"QualiCLIPModel.{method}() got unexpected argument(s) {', '.join(hints)}; it takes {', '.join(accepted)}"
+    )
+
+
+def _merge_groups(
+    parts: list[tuple[torch.Tensor, BaseModelOutputWithPooling]], batch_size: int
+) -> BaseModelOutputWithPooling:
+    """
+    Puts the outputs of groups of same-size images back into batch order: embeddings row by row, feature maps at
+    the top left of zero maps as large as the largest group's (the padding convention of the pixels).
+    """
+
+    def merge(tensors: list[torch.Tensor]) -> torch.Tensor:
+        shape = [max(tensor.shape[dim] for tensor in tensors) for dim in range(1, tensors[0].ndim)]
+        merged = tensors[0].new_zeros(batch_size, *shape)
+        for (index, _), tensor in zip(parts, tensors, strict=True):
+            region = (index, *(slice(0, size) for size in tensor.shape[1:]))
+            merged[region] = tensor
+        return merged.contiguous(memory_format=torch.channels_last) if merged.ndim == 4 else merged
+
+    outputs = [output for _, output in parts]
+    hidden_states = None
+    if outputs[0].hidden_states is not None:
+        hidden_states = tuple(merge(list(level)) for level in zip(*(o.hidden_states for o in outputs), strict=True))
+    return BaseModelOutputWithPooling(
+        last_hidden_state=merge([output.last_hidden_state for output in outputs]),
+        pooler_output=merge([output.pooler_output for output in outputs]),
+        hidden_states=hidden_states,
+    )
 
 
 def _check_pixel_values(pixel_values: Any, image_sizes: Any) -> None:

@@ -4,11 +4,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qualiclip_hf import QUALICLIP_PROMPT_PAIRS, QualiCLIPModel, QualiCLIPOutput
+from qualiclip_hf import QUALICLIP_PROMPT_PAIRS, QualiCLIPConfig, QualiCLIPModel, QualiCLIPOutput
 from qualiclip_hf.backends.fusion import fuse_conv_batch_norm, fuse_for_inference
 from qualiclip_hf.modeling_qualiclip import Bottleneck
 
-from .conftest import tiny_config
+from .conftest import TINY_TEXT, TINY_VISION, tiny_config
 
 
 def images(*sizes, seed=0):
@@ -229,11 +229,11 @@ def test_cpu_chunks_in_eval_mode_give_the_whole_batch_scores_and_training_keeps_
     x = torch.randn(5, 3, 64, 96)
     whole = tiny_model(x).quality_score
     calls = []
-    tower_forward = type(tiny_model.vision_model).forward
+    tower_features = type(tiny_model.vision_model).forward_features
     monkeypatch.setattr(
         type(tiny_model.vision_model),
-        "forward",
-        lambda self, images: calls.append(len(images)) or tower_forward(self, images),
+        "forward_features",
+        lambda self, images, *args: calls.append(len(images)) or tower_features(self, images, *args),
     )
     tiny_model(x)
     assert calls == [5], "a plain model keeps the batch whole"
@@ -247,3 +247,60 @@ def test_cpu_chunks_in_eval_mode_give_the_whole_batch_scores_and_training_keeps_
     model.cpu_chunk_pixels = 2 * 64 * 96
     model.train()(x)  # BatchNorm's batch statistics: the batch must stay whole
     assert calls == [5]
+
+
+def test_misspelt_or_unknown_arguments_are_refused_with_the_close_name(tiny_model):
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with pytest.raises(TypeError, match=r"'image_size' \(did you mean 'image_sizes'\?\)"):
+        tiny_model(pixel_values=pixel_values, image_size=torch.tensor([[64, 64]]))
+    with pytest.raises(TypeError, match="'output_attentions'"):
+        tiny_model.get_image_features(pixel_values, output_attentions=True)
+
+
+@torch.no_grad()
+def test_image_features_of_a_padded_batch_are_each_images_own(tiny_model):
+    a, b = images((64, 96), (96, 64))
+    batch = torch.zeros(2, 3, 96, 96)
+    batch[0, :, :64, :96], batch[1, :, :96, :64] = a, b
+    padded = tiny_model.get_image_features(batch, torch.tensor([[64, 96], [96, 64]]), output_hidden_states=True)
+    assert len(padded.hidden_states) == 5
+    for index, image in enumerate((a, b)):
+        alone = tiny_model.get_image_features(image[None], output_hidden_states=True)
+        torch.testing.assert_close(padded.pooler_output[index], alone.pooler_output[0], atol=1e-5, rtol=1e-5)
+        for padded_map, own_map in zip(padded.hidden_states, alone.hidden_states, strict=True):
+            height, width = own_map.shape[-2:]
+            torch.testing.assert_close(padded_map[index, :, :height, :width], own_map[0], atol=1e-5, rtol=1e-5)
+            assert not padded_map[index, :, height:, :].any() and not padded_map[index, :, :, width:].any()
+    # The score's embeddings are the normalised pooler output; a tuple comes back on request.
+    scored = tiny_model(batch, torch.tensor([[64, 96], [96, 64]]))
+    torch.testing.assert_close(scored.image_embeds, torch.nn.functional.normalize(padded.pooler_output, dim=-1))
+    assert isinstance(tiny_model.get_image_features(batch, return_dict=False), tuple)
+
+
+def test_a_fresh_model_gets_clips_initialisation_everywhere():
+    torch.manual_seed(0)
+    model = QualiCLIPModel(tiny_config(vision={"embedding_size": 16}))
+    pool = model.vision_model.attnpool
+    for linear in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
+        # CLIP's std in_features ** -0.5; PyTorch's default uniform init would give a std of (3 * in_features) ** -0.5.
+        assert linear.weight.std().item() == pytest.approx(linear.in_features**-0.5, rel=0.1)
+        assert not linear.bias.any()
+    for block in model.text_model.resblocks:
+        assert not block.mlp.c_fc.bias.any() and not block.mlp.c_proj.bias.any()
+    assert all(not buffer.any() for name, buffer in model.named_buffers() if name.endswith("num_batches_tracked"))
+
+
+def test_ignore_mismatched_sizes_initialises_the_mismatched_tensors(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path)
+    config = QualiCLIPConfig(
+        vision_config={**TINY_VISION, "projection_dim": 16}, text_config={**TINY_TEXT, "projection_dim": 16}
+    )
+    with pytest.raises(OSError, match="of another shape"):
+        QualiCLIPModel.from_pretrained(tmp_path, config=config)
+    model = QualiCLIPModel.from_pretrained(tmp_path, config=config, ignore_mismatched_sizes=True)
+    c_proj = model.vision_model.attnpool.c_proj
+    assert c_proj.weight.shape == (16, 256) and not c_proj.bias.any()
+    assert c_proj.weight.std().item() == pytest.approx(256**-0.5, rel=0.1)
+    torch.testing.assert_close(
+        model.vision_model.layer1[0].conv1.weight, tiny_model.vision_model.layer1[0].conv1.weight
+    )

@@ -114,3 +114,14 @@ def test_folder_pipeline_with_remote_code_matches_the_model(tiny_model_dir, tiny
     assert judge.task == IMAGE_QUALITY_TASK
     expected = model_score(tiny_model, image_processor, Image.open(images[0]))
     assert judge(str(images[0]))[0]["score"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_installed_pipeline_serves_a_folder_without_remote_code(
+    tiny_model_dir, tiny_model, image_processor, images
+):
+    # The folder declares the task in `custom_pipelines`; with qualiclip_hf imported, its installed pipeline is used,
+    # as AutoModel uses the installed model class, and the task is still read from the folder.
+    for judge in (pipeline(IMAGE_QUALITY_TASK, model=str(tiny_model_dir)), pipeline(model=str(tiny_model_dir))):
+        assert type(judge) is ImageQualityAssessmentPipeline
+        expected = model_score(tiny_model, image_processor, Image.open(images[0]))
+        assert judge(str(images[0]))[0]["score"] == pytest.approx(expected, abs=1e-6)

@@ -112,3 +112,20 @@ def test_processor_round_trip_and_both_modalities(tmp_path, tokenizer):
     assert out["input_ids"].shape == (1, 77)
     with pytest.raises(ValueError, match="at least one input"):  # transformers' ProcessorMixin.__call__
         loaded()
+
+
+def test_do_convert_rgb_false_keeps_the_channels_as_given():
+    processor = QualiCLIPImageProcessor()
+    rgba = np.random.default_rng(0).integers(0, 256, (40, 48, 4), dtype=np.uint8)
+    kept = processor(rgba, do_convert_rgb=False, image_mean=[0.0] * 4, image_std=[1.0] * 4, return_tensors="pt")
+    torch.testing.assert_close(kept.pixel_values[0], torch.from_numpy(rgba).permute(2, 0, 1).float() / 255)
+    grey = Image.fromarray(rgba[..., 0], mode="L")
+    grey_pixels = processor(grey, do_convert_rgb=False, image_mean=0.5, image_std=0.5, return_tensors="pt")
+    assert grey_pixels.pixel_values.shape == (1, 1, 40, 48)
+    # The default still composites transparency and expands grey to RGB.
+    assert processor(rgba, return_tensors="pt").pixel_values.shape == (1, 3, 40, 48)
+
+
+def test_statistics_of_the_wrong_length_are_named():
+    with pytest.raises(ValueError, match="image_mean has 4 values for images of 3 channels"):
+        QualiCLIPImageProcessor()(photo(40, 40), image_mean=[0.5] * 4, return_tensors="pt")

@@ -279,6 +279,23 @@ def test_as_loss_gives_finite_gradients_to_the_images_only(tiny_weights):
     assert all(parameter.grad is None for parameter in metric.net.parameters())
 
 
+@torch.no_grad()
+def test_half_precision_images_score_as_their_float32_values(tiny_weights):
+    # pyiqa's own range check compares in the input's precision, where its `1 + 1e-6` bound rounds to 1, so it refuses
+    # a half-precision image that reaches 1.0; `check_input_range=False` skips that check (README, pyiqa section).
+    folder = str(tiny_weights.converted["qualiclip"])
+    images = rgb_images()
+    images[:, :, 0, 0] = 1.0
+    with pytest.raises(AssertionError, match="normalized to"):
+        pyiqa.create_metric("qualiclip", device="cpu", pretrained_model_name_or_path=folder)(images.half())
+    metric = pyiqa.create_metric(
+        "qualiclip", device="cpu", check_input_range=False, pretrained_model_name_or_path=folder
+    )
+    half, bfloat = images.half(), images.bfloat16()
+    torch.testing.assert_close(metric(half), metric(half.float()), atol=0, rtol=0)
+    torch.testing.assert_close(metric(bfloat), metric(bfloat.float()), atol=0, rtol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @torch.no_grad()
 def test_cuda_matches_cpu(tiny_weights):

@@ -406,7 +406,7 @@ class PromptLearner(torch.nn.Module):
     def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """Quality scores `(batch_size,)` of CLIP-normalised crops, with the prompts being learned."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.model.vision_model.conv1.weight.requires_grad):
-            features = self.model.get_image_features(pixel_values, image_sizes)
+            features = self.model.get_image_features(pixel_values, image_sizes, return_dict=True).pooler_output
         image_embeds = F.normalize(features.float(), dim=-1)
         return self.model.score_embeddings(image_embeds, self.prompt_embeds())[0]
 
