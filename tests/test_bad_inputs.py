@@ -15,6 +15,7 @@ import io
 import json
 import re
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,6 +261,30 @@ def test_processor_on_the_path(corpus, name):
     assert from_path["image_sizes"].tolist() == [list(read_image(path).shape[1:])] * 2
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_processor_on_the_opened_pil_image(corpus, name):
+    """`Image.open(path)` handed over undecoded gives exactly the path's pixels, or the path's error."""
+    folder, _ = corpus
+    path = folder / name
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+    except Exception:  # Pillow cannot open it, so there is no PIL image to hand over; the path is refused
+        with pytest.raises(ValueError, match=re.escape(str(path))):
+            read_image(path)
+        return
+    processor = QualiCLIPImageProcessor()
+    try:
+        expected = processor(str(path), return_tensors="pt")["pixel_values"]
+    except ValueError as error:
+        with pytest.raises(ValueError) as refused:
+            processor(opened, return_tensors="pt")
+        assert str(refused.value) == str(error)
+        return
+    torch.testing.assert_close(processor(opened, return_tensors="pt")["pixel_values"], expected, atol=0, rtol=0)
+
+
 def test_processor_refuses_a_directory(a_directory):
     with pytest.raises(ValueError, match=names_the_file_and_cause(a_directory, "is a directory")):
         QualiCLIPImageProcessor()(str(a_directory))
@@ -387,6 +412,8 @@ def test_pyiqa_metric_on_the_path(corpus, pyiqa_metric, tiny, name):
         return
     score = pyiqa_metric(str(path))
     assert score.shape == (1, 1) and 0 <= score.item() <= 1
+    # pyiqa's reader takes the PIL image `Image.open(path)` returns as it takes the path.
+    assert pyiqa_metric(Image.open(path)).item() == pytest.approx(score.item(), abs=1e-6)
     if case.pyiqa_reads_the_same:
         model, processor = tiny
         pixels = processor(images=read_image(path), return_tensors="pt")["pixel_values"]
