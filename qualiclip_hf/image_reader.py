@@ -26,6 +26,7 @@ libraries.
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import logging
@@ -102,7 +103,8 @@ def _decodes(image_format: str) -> bool:
 def find_image_files(folder: str | os.PathLike, recursive: bool = False) -> tuple[list[Path], list[Path]]:
     """
     The files of `folder` (and its subfolders when `recursive`) whose extension an installed reader opens, sorted,
-    and the other files, which are skipped (`(images, skipped)`).
+    and the other files, which are skipped (`(images, skipped)`). A loop of symbolic links is listed with the images
+    whatever its name, so that reading it says what it is rather than it being skipped as "not an image".
     """
     extensions = image_file_extensions()
     images: list[Path] = []
@@ -110,7 +112,8 @@ def find_image_files(folder: str | os.PathLike, recursive: bool = False) -> tupl
     for path in Path(folder).glob("**/*" if recursive else "*"):
         if path.is_dir():
             continue
-        (images if path.suffix.lower() in extensions else skipped).append(path)
+        is_image = path.suffix.lower() in extensions or (path.is_symlink() and _is_symlink_loop(path))
+        (images if is_image else skipped).append(path)
     return sorted(images), sorted(skipped)
 
 
@@ -193,6 +196,14 @@ def _decode_named(name: str, data: bytes, max_pixels: int | None) -> Image.Image
     return image
 
 
+def _is_symlink_loop(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as error:
+        return error.errno == errno.ELOOP
+    return False
+
+
 def _source_name(source: Any) -> str:
     return f"<{len(source)} bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(Path(source))
 
@@ -206,6 +217,8 @@ def _read_source(source: Any) -> tuple[str, bytes]:
         if path.is_dir():
             raise ValueError(f"{path}: is a directory, not an image")
         if not path.exists():
+            if _is_symlink_loop(path):
+                raise ValueError(f"{path}: a loop of symbolic links (it leads back to itself), not a file")
             raise ValueError(f"{path}: no such file" + (" (broken symbolic link)" if path.is_symlink() else ""))
         try:
             data = path.read_bytes()
@@ -249,7 +262,15 @@ def _decode(data: bytes, max_pixels: int | None) -> Image.Image:
     with warnings.catch_warnings(), _pillow_pixel_limit_at_least(max_pixels):
         # Pillow's warning between its limit and twice it: our own limit, below, decides.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = Image.open(stream)
+        try:
+            image = Image.open(stream)
+        except Image.DecompressionBombError:
+            # Pillow's own refusal, above twice its limit. Where our limit is the stricter one (Pillow at its
+            # default, or above `max_pixels`), the file gets our message, the one every other large file gets.
+            pillow_limit = Image.MAX_IMAGE_PIXELS
+            if pillow_limit is None or max_pixels is None or max_pixels > pillow_limit:
+                raise
+            image = _open_without_pillows_limit(stream)
         width, height = image.size
         if max_pixels is not None and width * height > max_pixels:
             raise _ImageRefused(
@@ -320,6 +341,18 @@ def _pillow_pixel_limit_at_least(max_pixels: int | None) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = None
         try:
             yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = pillow_limit
+
+
+def _open_without_pillows_limit(stream: io.BytesIO) -> Image.Image:
+    # Reads the header only; the caller checks the size against its own limit before anything is decoded.
+    with _PILLOW_LIMIT_LOCK:
+        pillow_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            stream.seek(0)
+            return Image.open(stream)
         finally:
             Image.MAX_IMAGE_PIXELS = pillow_limit
 
