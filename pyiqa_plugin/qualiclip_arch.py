@@ -6,10 +6,11 @@ per-image rules to them (`QualiCLIPImageProcessor.prepare_pixels`: minimum size,
 normalisation), so a tensor scores exactly as through the processor, and runs `QualiCLIPModel` at full resolution
 unless `max_size` is given, as pyiqa's built-in QualiCLIP does.
 
-Files: `pyiqa.create_metric(...)(path)` reads a file with pyiqa's own reader (`pyiqa.utils.imread2tensor`: PIL,
-converted to RGB), not `qualiclip_hf`'s image reader, so pyiqa's conventions hold there: no colour management,
-transparency dropped, 16-bit files as Pillow converts them. For `qualiclip_hf`'s reading rules, read the file with
-`qualiclip_hf.image_reader.open_image` and pass the tensor.
+Files and PIL images: `pyiqa.create_metric(...)(path)` (or `(pil_image)`) reads them with pyiqa's own reader
+(`pyiqa.utils.imread2tensor`: PIL, converted to RGB), not `qualiclip_hf`'s image reader, so pyiqa's conventions hold
+there: no colour management, transparency dropped, 16-bit files as Pillow converts them. For `qualiclip_hf`'s reading
+rules, read the file with `qualiclip_hf.image_reader.open_image` (a PIL image with `to_viewable_rgb`) and pass the
+tensor.
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ arrives. What it does, and why:
   its first animation frame);
 - truncation: refused, whatever Pillow's process-wide `ImageFile.LOAD_TRUNCATED_IMAGES` says; a JPEG missing only
   its final end-of-image marker, all image data present, is decoded with a warning;
-- pixel limit: files of more than `max_pixels` pixels are refused before decoding (decompression bombs).
+- pixel limit: files of more than `max_pixels` pixels are refused before decoding (decompression bombs);
+- PIL images: one still as `Image.open` left it (not decoded, on its first frame) is read again from its file's bytes
+  by these rules, so it scores as its path does; one decoded, made or changed by the user is taken as it is.
 
 This file is shipped with saved model folders (the image processor imports it), so it imports only installed
 libraries.
@@ -24,6 +26,7 @@ libraries.
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import logging
@@ -101,7 +104,8 @@ def _decodes(image_format: str) -> bool:
 def find_image_files(folder: str | os.PathLike, recursive: bool = False) -> tuple[list[Path], list[Path]]:
     """
     The files of `folder` (and its subfolders when `recursive`) whose extension an installed reader opens, sorted,
-    and the other files, which are skipped (`(images, skipped)`).
+    and the other files, which are skipped (`(images, skipped)`). A loop of symbolic links is listed with the images
+    whatever its name, so that reading it says what it is rather than it being skipped as "not an image".
     """
     extensions = image_file_extensions()
     images: list[Path] = []
@@ -109,7 +113,8 @@ def find_image_files(folder: str | os.PathLike, recursive: bool = False) -> tupl
     for path in Path(folder).glob("**/*" if recursive else "*"):
         if path.is_dir():
             continue
-        (images if path.suffix.lower() in extensions else skipped).append(path)
+        is_image = path.suffix.lower() in extensions or (path.is_symlink() and _is_symlink_loop(path))
+        (images if is_image else skipped).append(path)
     return sorted(images), sorted(skipped)
 
 
@@ -172,7 +177,7 @@ def open_image_value(value: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS, co
     if isinstance(value, dict):
         value = value["bytes"] if value.get("bytes") is not None else value.get("path")
     if isinstance(value, Image.Image):
-        return to_viewable_rgb(value, convert_icc=convert_icc)
+        return to_viewable_rgb(value, convert_icc=convert_icc, max_pixels=max_pixels)
     if isinstance(value, (bytes, bytearray, memoryview, str, os.PathLike)):
         return open_image(value, max_pixels, convert_icc=convert_icc)
     if value is None:
@@ -189,6 +194,14 @@ def decode_file(
     [`open_image`].
     """
     name, data = _read_source(source)
+    image = _decode_named(name, data, max_pixels)
+    if isinstance(source, (str, os.PathLike)):
+        image.filename = name  # decoded from memory; errors found later name the file
+    return image
+
+
+def _decode_named(name: str, data: bytes, max_pixels: int | None) -> Image.Image:
+    """[`decode_file`] on the bytes of a file, its errors starting with `name`."""
     _register_optional_readers()
     try:
         try:
@@ -210,9 +223,15 @@ def decode_file(
         raise ValueError(f"{name}: not enough memory to decode it; lower max_pixels to refuse such files") from None
     except Exception as error:  # Pillow's plugins raise many kinds of errors on corrupt files; each is this file's
         raise ValueError(f"{name}: cannot decode image: {error}") from None
-    if isinstance(source, (str, os.PathLike)):
-        image.filename = name  # decoded from memory; errors found later name the file
     return image
+
+
+def _is_symlink_loop(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as error:
+        return error.errno == errno.ELOOP
+    return False
 
 
 def _source_name(source: Any) -> str:
@@ -228,6 +247,8 @@ def _read_source(source: Any) -> tuple[str, bytes]:
         if path.is_dir():
             raise ValueError(f"{path}: is a directory, not an image")
         if not path.exists():
+            if _is_symlink_loop(path):
+                raise ValueError(f"{path}: a loop of symbolic links (it leads back to itself), not a file")
             raise ValueError(f"{path}: no such file" + (" (broken symbolic link)" if path.is_symlink() else ""))
         try:
             data = path.read_bytes()
@@ -271,7 +292,15 @@ def _decode(data: bytes, max_pixels: int | None) -> Image.Image:
     with warnings.catch_warnings(), _pillow_pixel_limit_at_least(max_pixels):
         # Pillow's warning between its limit and twice it: our own limit, below, decides.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        image = Image.open(stream)
+        try:
+            image = Image.open(stream)
+        except Image.DecompressionBombError:
+            # Pillow's own refusal, above twice its limit. Where our limit is the stricter one (Pillow at its
+            # default, or above `max_pixels`), the file gets our message, the one every other large file gets.
+            pillow_limit = Image.MAX_IMAGE_PIXELS
+            if pillow_limit is None or max_pixels is None or max_pixels > pillow_limit:
+                raise
+            image = _open_without_pillows_limit(stream)
         width, height = image.size
         if max_pixels is not None and width * height > max_pixels:
             raise _ImageRefused(
@@ -313,7 +342,7 @@ def _decode_jpeg_without_end_marker(name: str, data: bytes, max_pixels: int | No
     warnings.warn(
         f"{name}: the JPEG file lacks its final end-of-image marker; all its image data are present, so it is "
         "decoded as complete",
-        stacklevel=4,
+        stacklevel=5,
     )
     return completed
 
@@ -346,6 +375,18 @@ def _pillow_pixel_limit_at_least(max_pixels: int | None) -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
+def _open_without_pillows_limit(stream: io.BytesIO) -> Image.Image:
+    # Reads the header only; the caller checks the size against its own limit before anything is decoded.
+    with _PILLOW_LIMIT_LOCK:
+        pillow_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            stream.seek(0)
+            return Image.open(stream)
+        finally:
+            Image.MAX_IMAGE_PIXELS = pillow_limit
+
+
 _optional_readers_registered = False
 
 
@@ -364,29 +405,93 @@ def _register_optional_readers() -> None:
 # ------------------------------------------------------------------------------------------------------ PIL images
 
 
-def to_viewable_rgb(image: Image.Image, convert_icc: bool = True) -> Image.Image:
+def to_viewable_rgb(
+    image: Image.Image, convert_icc: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> Image.Image:
     """
-    The 8-bit `RGB` image a viewer shows, which is what QualiCLIP judges (see the module's list): the image decoded
-    (a PIL image opened lazily is decoded here; Pillow's own settings apply to images you opened), EXIF orientation
-    applied, samples scaled by their declared range, the ICC profile converted to sRGB (unless `convert_icc=False`),
-    transparency composited onto white. An animated image gives the frame it is positioned on.
+    The 8-bit `RGB` image a viewer shows, which is what QualiCLIP judges (see the module's list): the image decoded,
+    EXIF orientation applied, samples scaled by their declared range, the ICC profile converted to sRGB (unless
+    `convert_icc=False`), transparency composited onto white.
+
+    What is decoded depends on what the PIL image still is:
+    - opened and not decoded yet, as `Image.open` left it (its file still open or its path still there, on the frame
+      it opened on, no `draft`, `seek` or `info` change): read again from its file's bytes exactly as that file's
+      path is ([`decode_file`]), so the file's rules hold (the frame an animation shows, truncation judged here
+      rather than by Pillow's `ImageFile.LOAD_TRUNCATED_IMAGES`, the JPEG missing only its end marker, `max_pixels`);
+    - otherwise (decoded, made or changed by the user, or without a file behind it): its pixels as they are, on the
+      frame it is positioned on; a pending decode is done with Pillow's own settings.
+
+    Args:
+        image: Any PIL image.
+        convert_icc: Convert an embedded ICC colour profile to sRGB (the default); `False` ignores it.
+        max_pixels: For an image read again from its file, the limit [`decode_file`] applies (`None`: none).
 
     Raises:
         ValueError: the image cannot be decoded (naming the file it came from, if any); a mode `I` image with no file
             format to declare its bit depth; a mode `F` image with NaN or infinite values or values outside [0, 1].
     """
-    filename = getattr(image, "filename", "")
-    try:
-        image.load()
-    except Exception as error:  # Pillow's plugins raise many kinds of errors on corrupt files
-        # The message a path gets, naming the file the image was opened from.
-        name = filename or f"the PIL image ({image.width}x{image.height} {image.mode})"
-        cause = TRUNCATED if "truncated" in str(error) else f"cannot decode image: {error}"
-        raise ValueError(f"{name}: {cause}") from None
+    filename = os.fsdecode(getattr(image, "filename", "") or "")
+    name = str(Path(filename)) if filename else f"the PIL image ({image.width}x{image.height} {image.mode})"
+    data = _bytes_of_unread_file(image)
+    if data is not None:
+        image = _decode_named(name, data, max_pixels)
+        image.filename = filename  # decoded from memory; errors found later name the file
+    else:
+        try:
+            image.load()
+        except Exception as error:  # Pillow's plugins raise many kinds of errors on corrupt files
+            cause = TRUNCATED if "truncated" in str(error) else f"cannot decode image: {error}"
+            raise ValueError(f"{name}: {cause}") from None
     try:
         return _viewable(image, convert_icc)
     except ValueError as error:
         raise ValueError(f"{filename}: {error}" if filename else str(error)) from None
+
+
+def _bytes_of_unread_file(image: Image.Image) -> bytes | None:
+    """
+    The bytes of the file a PIL image was opened from, when the image is still as `Image.open` left it: not decoded,
+    on its first frame, and with the format, mode, size, tiles, decoder settings and `info` that a
+    fresh `Image.open` of those bytes gives (so no `draft`, `reduce`, frame change or edited metadata). `None` for
+    any other image, and when the file can no longer be read (closed and not on disk).
+    """
+    if not isinstance(image, ImageFile.ImageFile) or image.tell() != 0:
+        return None
+    # Pending: tiles left to decode, or (WebP, whose plugin decodes without tiles) no pixels yet. The pixel store
+    # is `_im` since Pillow 11, `im` before.
+    pixels = vars(image).get("_im", vars(image).get("im"))
+    if not image.tile and pixels is not None:
+        return None
+    data = None
+    stream = image.fp
+    if stream is not None:
+        try:
+            position = stream.tell()
+            stream.seek(0)  # `Image.open` reads the file from the stream's start
+            data = stream.read()
+            stream.seek(position)
+        except (OSError, ValueError):  # closed (a `with Image.open(...)` block left), or unseekable
+            data = None
+    if not data and image.filename:
+        try:
+            data = Path(os.fsdecode(image.filename)).read_bytes()
+        except OSError:
+            return None
+    if not data:
+        return None
+    _register_optional_readers()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fresh = Image.open(io.BytesIO(data))
+    except Exception:  # the file changed since, or cannot be opened again: the image is what the user has
+        return None
+    state = ("format", "mode", "size", "tile", "decoderconfig", "info")
+    try:
+        unchanged = all(bool(getattr(fresh, key) == getattr(image, key)) for key in state)
+    except Exception:  # values that do not compare (arrays in `info`): taken as changed
+        unchanged = False
+    return data if unchanged else None
 
 
 def _viewable(image: Image.Image, convert_icc: bool) -> Image.Image:

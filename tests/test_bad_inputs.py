@@ -15,6 +15,7 @@ import io
 import json
 import re
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +166,12 @@ def build_corpus(folder: Path) -> dict[str, Read | TooSmall | Refused]:
     cases["text.jpg"] = Refused(r"not an image file")
     (folder / "missing_target.jpg").symlink_to(folder / "deleted.jpg")
     cases["missing_target.jpg"] = Refused(r"no such file \(broken symbolic link\)")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    cases["loop.jpg"] = Refused(r"a loop of symbolic links \(it leads back to itself\), not a file")
+    # Without an image extension too: reported for what it is, not skipped as "not an image".
+    (folder / "loop_one").symlink_to(folder / "loop_two")
+    (folder / "loop_two").symlink_to(folder / "loop_one")
+    cases["loop_one"] = cases["loop_two"] = cases["loop.jpg"]
 
     write_png_bomb(folder / "bomb_100mp.png", 10_000, 10_000)
     cases["bomb_100mp.png"] = Refused(
@@ -172,7 +179,11 @@ def build_corpus(folder: Path) -> dict[str, Read | TooSmall | Refused]:
         r"bombs\); if you trust the file, raise the limit \(max_pixels=, --max-pixels\)"
     )
     write_png_bomb(folder / "bomb_10gp.png", 100_000, 100_000)
-    cases["bomb_10gp.png"] = Refused(r"decompression bomb.*10000000000 pixels.*raise the limit")
+    # Beyond twice Pillow's limit, where Pillow refuses on its own: the same message, the same limit.
+    cases["bomb_10gp.png"] = Refused(
+        r"100000x100000 = 10,000,000,000 pixels is more than the limit of 89,478,485 \(a guard against decompression "
+        r"bombs\); if you trust the file, raise the limit \(max_pixels=, --max-pixels\)"
+    )
 
     nan_image = np.random.default_rng(0).random((40, 40)).astype(np.float32) * 255
     nan_image[5, 7] = np.nan
@@ -259,6 +270,30 @@ def test_processor_on_the_path(corpus, name):
     torch.testing.assert_close(from_path["pixel_values"][:1], from_pixels["pixel_values"], atol=0, rtol=0)
     torch.testing.assert_close(from_path["pixel_values"][1:], from_pixels["pixel_values"], atol=0, rtol=0)
     assert from_path["image_sizes"].tolist() == [list(read_image(path).shape[1:])] * 2
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_processor_on_the_opened_pil_image(corpus, name):
+    """`Image.open(path)` handed over undecoded gives exactly the path's pixels, or the path's error."""
+    folder, _ = corpus
+    path = folder / name
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+    except Exception:  # Pillow cannot open it, so there is no PIL image to hand over; the path is refused
+        with pytest.raises(ValueError, match=re.escape(str(path))):
+            read_image(path)
+        return
+    processor = QualiCLIPImageProcessor()
+    try:
+        expected = processor(str(path), return_tensors="pt")["pixel_values"]
+    except ValueError as error:
+        with pytest.raises(ValueError) as refused:
+            processor(opened, return_tensors="pt")
+        assert str(refused.value) == str(error)
+        return
+    torch.testing.assert_close(processor(opened, return_tensors="pt")["pixel_values"], expected, atol=0, rtol=0)
 
 
 def test_processor_refuses_a_directory(a_directory):
@@ -388,6 +423,8 @@ def test_pyiqa_metric_on_the_path(corpus, pyiqa_metric, tiny, name):
         return
     score = pyiqa_metric(str(path))
     assert score.shape == (1, 1) and 0 <= score.item() <= 1
+    # pyiqa's reader takes the PIL image `Image.open(path)` returns as it takes the path.
+    assert pyiqa_metric(Image.open(path)).item() == pytest.approx(score.item(), abs=1e-6)
     if case.pyiqa_reads_the_same:
         model, processor = tiny
         pixels = processor(images=read_image(path), return_tensors="pt")["pixel_values"]

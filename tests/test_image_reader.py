@@ -21,7 +21,7 @@ from transformers import pipeline
 
 from qualiclip_hf import IMAGE_QUALITY_TASK
 from qualiclip_hf.explain import explain_image
-from qualiclip_hf.image_reader import array_to_chw, image_file_extensions, open_image
+from qualiclip_hf.image_reader import array_to_chw, image_file_extensions, open_image, to_viewable_rgb
 from qualiclip_hf.scoring import collect_image_paths, read_image, score_files
 
 from .conftest import direct_scores, good_score, image_bytes, photo
@@ -397,3 +397,112 @@ def test_a_16_bit_colour_key_makes_only_its_exact_samples_transparent(tmp_path):
     pixels = read_image(path)
     assert pixels[:, samples == 0].eq(255).all()
     assert pixels[:, (samples > 0) & (samples < 128)].eq(0).all()
+
+
+# ------------------------------------------------------------------------------- PIL images the user opened
+
+
+def reader_corpus() -> dict[str, bytes]:
+    """Every kind of file above, by name: its bytes."""
+    corpus = {sample.name: sample.data for sample in wide_samples()}
+    image = photo(HEIGHT, WIDTH, seed=6)
+    corpus["adobe.png"] = image_bytes(image, "PNG", icc_profile=adobe_rgb_profile())
+    frames = _frames()
+    corpus["anim.gif"] = image_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+    corpus["anim.png"] = image_bytes(frames[0], "PNG", save_all=True, append_images=frames[1:], duration=100)
+    corpus["anim-default.png"] = image_bytes(
+        frames[0], "PNG", save_all=True, append_images=frames[1:], duration=100, default_image=True
+    )
+    corpus["anim.webp"] = image_bytes(
+        frames[0], "WEBP", save_all=True, append_images=frames[1:], duration=100, lossless=True
+    )
+    jpeg = image_bytes(photo(HEIGHT, WIDTH, seed=7), "JPEG", quality=90)
+    corpus["cut.jpg"] = jpeg[: len(jpeg) * 6 // 10]
+    corpus["cut-end.jpg"] = jpeg[:-12]
+    corpus["no-eoi.jpg"] = jpeg[:-2]
+    png = image_bytes(photo(HEIGHT, WIDTH, seed=10), "PNG")
+    corpus["broken.png"] = png[: len(png) // 2]
+    samples = (np.arange(HEIGHT * WIDTH).reshape(HEIGHT, WIDTH) % 4096).astype(np.uint16) * 16
+    corpus["keyed16.png"] = image_bytes(Image.fromarray(samples), "PNG", transparency=0)
+    return corpus
+
+
+def outcomes_for_opened(path: Path, demo, judge, handler) -> dict[str, float | str]:
+    """`outcomes_for_file`'s entry points that take PIL images, each given a fresh `Image.open(path)`."""
+    model, processor = demo
+    return {
+        "processor": _attempt(lambda: _processor_score(demo, Image.open(path), {})),
+        "pipeline": _attempt(lambda: judge(Image.open(path))[0]["score"]),
+        "app": _attempt(lambda: explain_image(Image.open(path), model, processor).score),
+        "handler": _attempt(lambda: good_score(handler({"inputs": Image.open(path)}))),
+    }
+
+
+@pytest.mark.parametrize("load_truncated_images", [False, True])
+def test_an_opened_pil_image_scores_as_its_file(load_truncated_images, demo, judge, handler, tmp_path, monkeypatch):
+    # `Image.open(path)` handed over undecoded is read from its file by the same rules as the path: the frame an
+    # animation shows, truncation judged by the reader rather than Pillow's flag, the JPEG lacking only its end marker.
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", load_truncated_images)
+    for name, data in reader_corpus().items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the JPEG lacking its end marker, both ways
+            from_path = outcomes_for_file(path, demo, judge, handler)
+            from_image = outcomes_for_opened(path, demo, judge, handler)
+        refusal = from_path["processor"]
+        if isinstance(refusal, float):
+            assert_all_score(from_image, refusal)
+            assert_all_score(from_path, refusal)
+            continue
+        # The same cause everywhere, and the image's error names the file it was opened from.
+        cause = refusal.removeprefix(f"{path}: ")
+        assert cause != refusal, refusal
+        assert_all_refuse(from_path, cause)
+        assert_all_refuse(from_image, cause, str(path))
+
+
+def test_the_jpeg_lacking_its_end_marker_warns_as_an_opened_image_too(jpeg_bytes, demo, tmp_path):
+    path = tmp_path / "no-eoi.jpg"
+    path.write_bytes(jpeg_bytes[:-2])
+    with pytest.warns(UserWarning, match=f"{path}: the JPEG file lacks its final end-of-image marker"):
+        _processor_score(demo, Image.open(path), {})
+
+
+def test_an_opened_image_read_again_is_left_as_the_user_had_it(tmp_path):
+    frames = _frames()
+    path = tmp_path / "anim-default.png"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, default_image=True)
+    opened = Image.open(path)
+    assert np.array_equal(np.asarray(to_viewable_rgb(opened)), np.asarray(frames[1]))
+    # Still undecoded, on its frame, its file open: the user's image is theirs to use as before.
+    assert opened.tell() == 0 and opened.tile and not opened.fp.closed
+    assert np.array_equal(np.asarray(opened.convert("RGB")), np.asarray(frames[0]))
+    # A `with` block that closed the file: read from the path.
+    with Image.open(path) as closed:
+        pass
+    assert np.array_equal(np.asarray(to_viewable_rgb(closed)), np.asarray(frames[1]))
+
+
+def test_a_pil_image_decoded_or_changed_by_the_user_is_scored_as_it_is(demo, judge, jpeg_bytes, tmp_path):
+    frames = _frames()
+    path = tmp_path / "anim-default.png"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, default_image=True)
+    # Decoded by the user: the APNG's default image, the pixels the user has.
+    decoded = Image.open(path)
+    decoded.load()
+    assert_all_score(outcomes_for_object(decoded, demo, judge), reference_score(demo, frames[0]))
+    # Moved to another frame: that frame.
+    moved = Image.open(path)
+    moved.seek(2)
+    assert_all_score(outcomes_for_object(moved, demo, judge), reference_score(demo, frames[2]))
+    # A JPEG put in draft mode (decoded at half size): the smaller picture asked for.
+    jpeg_path = tmp_path / "photo.jpg"
+    jpeg_path.write_bytes(jpeg_bytes)
+    with Image.open(jpeg_path) as reference:
+        reference.draft("RGB", (WIDTH // 2, HEIGHT // 2))
+        half = reference.convert("RGB")
+    assert half.size == (WIDTH // 2, HEIGHT // 2)
+    drafted = Image.open(jpeg_path)
+    drafted.draft("RGB", (WIDTH // 2, HEIGHT // 2))
+    assert_all_score(outcomes_for_object(drafted, demo, judge), reference_score(demo, half))

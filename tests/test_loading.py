@@ -157,3 +157,17 @@ def test_hub_probe_is_skipped_behind_a_proxy(monkeypatch, no_network):
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     assert loading.hub_unreachable_reason() is None
     assert not no_network
+
+
+def test_the_pipeline_given_a_resolved_hub_name_works_offline_and_fails_without_retries(hub_cache, no_network):
+    # `transformers.pipeline("ORG/NAME")` itself asks the Hub (huggingface_hub retries for ~24 s without network);
+    # the README's way, `pipeline(model=resolve_pretrained(name))`, probes once and loads the cached copy.
+    from transformers import pipeline
+
+    hub_cache("someone/tiny-qualiclip")
+    judge = pipeline(model=loading.resolve_pretrained("someone/tiny-qualiclip"), trust_remote_code=True)
+    assert 0 <= judge(photo(64, 80))[0]["score"] <= 1
+    assert len(no_network) == 1  # the probe; the pipeline itself read the local folder
+    with pytest.raises(ModelUnavailableError, match=r"someone/not-cached: .*cannot be reached.*hf download"):
+        pipeline(model=loading.resolve_pretrained("someone/not-cached"), trust_remote_code=True)
+    assert len(no_network) == 2  # one more probe, no retries

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -114,7 +116,7 @@ def calibrate_batchnorms(visual: torch.nn.Module, images: torch.Tensor) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> PyiqaWeights:
+def tiny_weights(tmp_path_factory) -> Iterator[PyiqaWeights]:
     """A small CLIP ResNet (real vocabulary and context length, so pyiqa's tokenisation applies), random weights
     rounded to fp16 like the released CLIP's, and pyiqa's files for QualiCLIP and the four QualiCLIP+ variants."""
     root = tmp_path_factory.mktemp("pyiqa_tiny")
@@ -136,7 +138,8 @@ def tiny_weights(tmp_path_factory) -> PyiqaWeights:
     for name in PLUS_METRICS:
         plus_file = weights.cached_file(name)
         weights.converted[name] = convert_qualiclip_plus(weights.cache / OFFICIAL_FILENAME, plus_file, root / name)
-    return weights
+    yield weights
+    shutil.rmtree(root, ignore_errors=True)  # 115 MB, needed by this module only
 
 
 def rgb_images(sizes=((64, 80), (64, 80), (64, 80)), seed: int = 0) -> torch.Tensor:
@@ -338,7 +341,7 @@ def test_official_weights_are_the_default_for_every_variant(tiny_weights, offlin
 
 
 @pytest.fixture(scope="module")
-def rn50_weights(reference_clip, official_checkpoint, converted_dir, tmp_path_factory) -> PyiqaWeights:
+def rn50_weights(reference_clip, official_checkpoint, converted_dir, tmp_path_factory) -> Iterator[PyiqaWeights]:
     """The real sizes, from the session's random CLIP RN50 in the official layout: pyiqa's files for QualiCLIP and
     a QualiCLIP+ context, and both converted."""
     from pyiqa.archs.qualiclip_arch import PromptLearner
@@ -356,7 +359,8 @@ def rn50_weights(reference_clip, official_checkpoint, converted_dir, tmp_path_fa
     weights.converted["qualiclip+"] = convert_qualiclip_plus(
         official_checkpoint, weights.cached_file("qualiclip+"), root / "qualiclip+"
     )
-    return weights
+    yield weights
+    shutil.rmtree(root, ignore_errors=True)  # 800 MB at RN50 sizes, needed by this module only
 
 
 @torch.no_grad()
