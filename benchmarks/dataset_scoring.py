@@ -1,7 +1,7 @@
 """Dataset scoring (`qualiclip score --dataset`, `score_dataset`): images/s in 1 and 2 processes against the
 decode-only and model-only rates of the same rows.
 
-    python benchmarks/dataset_scoring.py [--rows 2000] [--batch-size 1] [--processes 1 2] [--device cpu|cuda]
+    python -m benchmarks.dataset_scoring [--rows 2000] [--batch-size 1] [--processes 1 2] [--device cpu|cuda]
                                          [--inputs parquet webdataset] [--model demo]
 
 Writes `--rows` JPEGs of mixed sizes (smooth random pictures, 128 to 512 px on the long side, quality 90) as the bytes
@@ -37,8 +37,6 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qualiclip_hf.image_reader import open_image_value
 from qualiclip_hf.loading import load_model_and_processor
