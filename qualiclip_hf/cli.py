@@ -235,8 +235,13 @@ def _add_export_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="image tower + score head as one ONNX graph (dynamic batch, height, width), with the processor files",
     )
-    onnx.add_argument("--model", default="demo", help="as for `score` (default: demo)")
-    onnx.add_argument("--output", required=True, type=Path, help="folder to write (model.onnx and the processor)")
+    onnx.add_argument("--model", default=DEFAULT_MODEL, help=f"as for `score` (default: {DEFAULT_MODEL})")
+    onnx.add_argument(
+        "--output",
+        required=True,
+        type=Path,
+        help="folder to write (model.onnx and the processor): new, empty, or a previous export to replace",
+    )
     onnx.add_argument(
         "--precision", choices=("fp32", "int8"), default="fp32", help="int8: statically quantized (default: fp32)"
     )
@@ -292,7 +297,8 @@ def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
 def _quiet_libraries(verbose: bool) -> None:
     """
     Without --verbose, transformers and huggingface_hub show no progress bars or warnings, and libraries no Python
-    warnings. The environment variables reach both libraries when they are imported later, as they are here.
+    warnings (`datasets`, imported by `score --dataset` only, is quieted there). The environment variables reach both
+    libraries when they are imported later, as they are here.
     """
     if verbose:
         return
@@ -301,7 +307,7 @@ def _quiet_libraries(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=category)
     # This package's own warnings (a JPEG scored without its end marker, an ICC profile ignored) stay visible.
     warnings.filterwarnings("default", module=r"qualiclip_hf\.")
-    if "huggingface_hub" not in sys.modules:  # the command's own process: both libraries read these when imported
+    if "huggingface_hub" not in sys.modules:  # the command's own process: the libraries read these when imported
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow this switch too
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         return
@@ -546,6 +552,12 @@ def _score_dataset_command(args: argparse.Namespace) -> int:
     from .scoring.dataset import open_dataset, score_dataset
 
     register_auto_classes()  # a model folder's `auto_map` then needs no remote code
+    if not args.verbose:  # imported only now, after `_quiet_libraries`
+        import datasets
+
+        # Its bars ("Generating train split", "Creating parquet from Arrow format") and its warnings.
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
     device = _device(args.device)
     # Without `cpu=True`, Accelerate treats processes launched on a machine without GPUs as independent single
     # processes; with it, they join one group over gloo (`accelerate launch --multi_gpu --num_processes N` on CPUs).
@@ -631,11 +643,25 @@ def _scorer_in_precision(
 def _export_onnx_command(args: argparse.Namespace) -> int:
     import shutil
 
+    from .backends.onnx import ONNX_FILENAME
+    from .outputs import check_output_location
+
+    # Checked before the model loads. An export writes model, tokenizer and code files, replacing those of the same
+    # names: into a new or empty folder, or over a previous export (it holds model.onnx), never among other files.
+    try:
+        check_output_location(args.output, folder=True)
+    except ValueError as error:
+        raise CommandError(f"cannot write --output {args.output}: {error}") from None
+    if args.output.is_dir() and any(args.output.iterdir()) and not (args.output / ONNX_FILENAME).is_file():
+        raise CommandError(
+            f"--output {args.output} is a folder with other files and no previous export ({ONNX_FILENAME}): the export "
+            "would write its files among them; name a new or empty folder"
+        )
     resolved = _resolve_model(args.model)
     print(f"model: {resolved.name} ({resolved.description})", file=sys.stderr)
     model, processor = _load(resolved, "cpu")
     try:
-        from .backends.onnx import ONNX_FILENAME, export_onnx
+        from .backends.onnx import export_onnx
         from .backends.quantization import calibration_images, quantize_onnx
 
         path = export_onnx(model, args.output, processor)

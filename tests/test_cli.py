@@ -631,3 +631,47 @@ def test_a_second_run_on_the_same_output_is_refused(good_folder, tiny_model_dir,
     assert main(command) == 0
     assert held == [True]
     OutputLock(output).acquire().release()
+
+
+def test_every_command_defaults_to_the_same_model():
+    from qualiclip_hf.cli import DEFAULT_MODEL, build_parser
+
+    parser = build_parser()
+    for argv in (["score", "a.jpg"], ["explain", "a.jpg", "--output", "a.png"], ["export", "onnx", "--output", "o"]):
+        assert parser.parse_args(argv).model == DEFAULT_MODEL, argv
+
+
+def test_export_refuses_a_folder_of_other_files(tmp_path, monkeypatch, capsys):
+    from qualiclip_hf import loading
+
+    monkeypatch.setattr(loading, "resolve_model", lambda *a, **k: pytest.fail("resolved the model"))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    photo(40, 40).save(photos / "config.json.png")
+    (photos / "tokenizer.json").write_text("mine")  # a name an export writes
+    assert main(["export", "onnx", "--model", "demo", "--output", str(photos)]) == 2
+    err = capsys.readouterr().err
+    assert f"--output {photos} is a folder with other files and no previous export (model.onnx)" in err
+    assert (photos / "tokenizer.json").read_text() == "mine"
+    (tmp_path / "a_file").write_text("")
+    assert main(["export", "onnx", "--model", "demo", "--output", str(tmp_path / "a_file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not QUALICLIP_SCRIPT.is_file(), reason="the qualiclip console script is not installed")
+def test_dataset_library_progress_bars_only_with_verbose(tmp_path):
+    pytest.importorskip("datasets")
+    data = tmp_path / "data"
+    data.mkdir()
+    photo(48, 48).save(data / "a.png")
+    errs = []
+    for options in ([], ["--verbose"]):
+        env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / f"cache{len(errs)}"), "HF_HUB_OFFLINE": "1"}
+        output = str(tmp_path / f"out{len(errs)}")
+        command = [str(QUALICLIP_SCRIPT), "score", "--dataset", str(data), "--model", "demo", "--output", output]
+        done = subprocess.run([*command, *options], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        errs.append(done.stderr)
+    quiet, verbose = errs
+    assert "Generating train split" in verbose
+    assert "Generating train split" not in quiet

@@ -197,6 +197,7 @@ def test_every_input_kind_gives_the_file_scores(photo_files, file_scores, demo, 
 
 def test_a_hub_id_is_streamed_and_a_local_folder_is_prepared(monkeypatch, tmp_path):
     calls = []
+    monkeypatch.setattr("qualiclip_hf.loading.hub_unreachable_reason", lambda: None)  # as if online
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: calls.append((args, kwargs)))
     open_dataset("someone/photos", "validation")
     open_dataset(str(tmp_path), "train")
@@ -490,6 +491,15 @@ def test_the_command_names_a_damaged_part_on_resume(photo_files, tmp_path, capsy
     err = capsys.readouterr().err
     assert f"{part}: not a readable Parquet file" in err and "Traceback" not in err
     assert "scored 2 rows" in err and read_scores(tmp_path / "out").num_rows == 2
+
+
+def test_a_hub_id_with_the_hub_unreachable_fails_at_once_without_retries(monkeypatch):
+    # `datasets` would retry for half a minute; the Hub's reachability is known within a second, as for models.
+    reason = "https://huggingface.co cannot be reached (no network?)"
+    monkeypatch.setattr("qualiclip_hf.loading.hub_unreachable_reason", lambda: reason)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: pytest.fail("asked datasets"))
+    with pytest.raises(ValueError, match=re.escape(f"cannot open dataset 'someorg/photos': {reason}")):
+        open_dataset("someorg/photos")
 
 
 def test_a_missing_dataset_is_one_line_offline(tmp_path, monkeypatch):

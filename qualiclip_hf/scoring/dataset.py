@@ -180,7 +180,8 @@ def open_dataset(source: str, split: str = "train", streaming: bool | None = Non
         A `datasets.Dataset`, or a `datasets.IterableDataset` when streaming.
 
     Raises:
-        ValueError: when the dataset or split cannot be opened, with `datasets`' reason.
+        ValueError: when the dataset or split cannot be opened, with `datasets`' reason; at once, without retries, for
+            a streamed Hub id when the Hub cannot be reached (offline, or `HF_HUB_OFFLINE` set).
     """
     import datasets
 
@@ -190,6 +191,17 @@ def open_dataset(source: str, split: str = "train", streaming: bool | None = Non
         raise ValueError(f"cannot open dataset {source!r}: no such file or folder")
     if streaming is None:
         streaming = not local.exists()
+    if not local.exists() and streaming:
+        # `datasets` retries an unreachable Hub for half a minute, and a streamed dataset needs the Hub: stop at once,
+        # as model names do (`loading.hub_unreachable_reason`).
+        from ..loading import hub_unreachable_reason
+
+        unreachable = hub_unreachable_reason()
+        if unreachable is not None:
+            raise ValueError(
+                f"cannot open dataset {source!r}: {unreachable}, and a Hub dataset is streamed from the Hub; download "
+                f"it where you can (`hf download {source} --repo-type dataset --local-dir DIR`) and pass DIR"
+            )
     try:
         if local.is_file():
             builder = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdataset"}.get(local.suffix.lower())
