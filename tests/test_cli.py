@@ -675,3 +675,17 @@ def test_dataset_library_progress_bars_only_with_verbose(tmp_path):
     quiet, verbose = errs
     assert "Generating train split" in verbose
     assert "Generating train split" not in quiet
+
+
+def test_a_dataset_output_in_a_folder_that_cannot_be_written_is_one_line(good_folder, tmp_path, monkeypatch, capsys):
+    from qualiclip_hf import outputs
+
+    locked = tmp_path / "read_only"
+    locked.mkdir()
+    # As `chmod a-w` would, also where the tests run as root (who may write anywhere).
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: Path(path) != locked)
+    output = locked / "scores"
+    assert main(["score", "--dataset", str(good_folder), "--model", "demo", "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write --output {output}: {locked} cannot be written (permission denied)" in err
+    assert "Traceback" not in err and not output.exists()
