@@ -98,6 +98,7 @@ class ResultWriter:
         self.done = {os.path.abspath(row["path"]) for row in self.rows}
         self.settings: dict | None = None
         self._last_dump = 0.0
+        self._dumped = -1  # rows in the file at the last whole write
         self._file = None
         # Nothing is written before `start`, but whether it can be is known now, before a model is loaded.
         check_output_location(self.path)
@@ -133,7 +134,7 @@ class ResultWriter:
             raise ValueError(f"the settings lack {', '.join(sorted(missing))}")
         self.check_settings(settings)
         self.settings = {key: settings[key] for key in SETTING_OPTIONS}
-        self._replace(self._serialise(self.rows))
+        self._dump()
         if self.format != ".json":
             self._file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
 
@@ -151,15 +152,15 @@ class ResultWriter:
             self._file.write(self._serialise([row], header=False))
             self._file.flush()
         elif time.monotonic() - self._last_dump >= self.json_interval_s:
-            self._replace(self._serialise(self.rows))
+            self._dump()
 
     def close(self) -> None:
         """Completes the file (a JSON list is written whole)."""
         if self._file is not None:
             self._file.close()
             self._file = None
-        elif self.format == ".json" and self.settings is not None:  # never started: the file is left as it was
-            self._replace(self._serialise(self.rows))
+        elif self.format == ".json" and self.settings is not None and self._dumped != len(self.rows):
+            self._dump()  # (never started: the file is left as it was; closed twice: written once)
 
     def __enter__(self) -> ResultWriter:
         return self
@@ -178,6 +179,11 @@ class ResultWriter:
             writer.writeheader()
         writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
         return text.getvalue()
+
+    def _dump(self) -> None:
+        """Writes every row as the whole file (a JSON list; the resumed rows of a CSV or JSON lines file)."""
+        self._replace(self._serialise(self.rows))
+        self._dumped = len(self.rows)
 
     def _replace(self, text: str) -> None:
         """Writes `text` as the whole file, atomically (`outputs.write_text_atomic`)."""
