@@ -1,7 +1,8 @@
 """How the project writes what it produces: atomically, to a place checked first, and by one run at a time.
 
-The one home of these rules, for results files, dataset scoring folders, exported graphs, converted models and
-training logs:
+The one home of these rules, for results files, dataset scoring folders, exported graphs, converted models, model
+cards and training logs (not training checkpoints: every process of a run writes into one staging folder, whose name
+they must agree on, `training/train.py`):
 
 - [`atomic_path`] / [`write_text_atomic`]: a file (or folder) is written under a hidden temporary name beside its
   target and renamed over it (`os.replace`, atomic within a file system), so that a reader, or a run resumed after a
