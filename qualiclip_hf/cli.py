@@ -223,7 +223,8 @@ def _add_precision_options(parser: argparse.ArgumentParser) -> None:
         "--calibration-images",
         type=Path,
         metavar="DIR",
-        help="photos to calibrate int8 on, once per model (default: the bundled example photos)",
+        help="photos to calibrate int8 on, once per model (--precision int8, or auto where it picks int8) "
+        "(default: the bundled example photos)",
     )
 
 
@@ -646,6 +647,8 @@ def _export_onnx_command(args: argparse.Namespace) -> int:
     from .backends.onnx import ONNX_FILENAME
     from .outputs import check_output_location
 
+    if args.calibration_images is not None and args.precision != "int8":
+        raise CommandError(f"--calibration-images calibrates int8; it does not apply to --precision {args.precision}")
     # Checked before the model loads. An export writes model, tokenizer and code files, replacing those of the same
     # names: into a new or empty folder, or over a previous export (it holds model.onnx), never among other files.
     try:

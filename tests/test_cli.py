@@ -656,6 +656,8 @@ def test_export_refuses_a_folder_of_other_files(tmp_path, monkeypatch, capsys):
     (tmp_path / "a_file").write_text("")
     assert main(["export", "onnx", "--model", "demo", "--output", str(tmp_path / "a_file")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["export", "onnx", "--output", str(tmp_path / "new"), "--calibration-images", str(photos)]) == 2
+    assert "it does not apply to --precision fp32" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not QUALICLIP_SCRIPT.is_file(), reason="the qualiclip console script is not installed")
