@@ -1,7 +1,7 @@
 """Dataset scoring (`qualiclip score --dataset`, `score_dataset`): images/s in 1 and 2 processes against the
 decode-only and model-only rates of the same rows.
 
-    python benchmarks/dataset_scoring.py [--rows 2000] [--batch-size 1] [--processes 1 2] [--device cpu|cuda]
+    python -m benchmarks.dataset_scoring [--rows 2000] [--batch-size 1] [--processes 1 2] [--device cpu|cuda]
                                          [--inputs parquet webdataset] [--model demo]
 
 Writes `--rows` JPEGs of mixed sizes (smooth random pictures, 128 to 512 px on the long side, quality 90) as the bytes
@@ -17,6 +17,13 @@ of an `Image` column in 4 Parquet files, and as 4 WebDataset `.tar` shards, then
   final images/s line (`--processes 2`).
 
 A pipeline can at best reach the slower of decoding and the model; the ratio columns say how close it gets.
+
+With `--competing-load` it measures instead the thread choice `qualiclip score --dataset` now shares with file
+scoring (`choose_thread_counts`, set by the command's one preparation step) against PyTorch's default of one thread
+per core (what dataset runs used before), `score_dataset` on the Parquet input, alternately, on the machine as found
+and with one CPU-bound process started beside it:
+
+    python -m benchmarks.dataset_scoring --competing-load [--rows 40] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -38,8 +45,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from qualiclip_hf.image_reader import open_image_value
 from qualiclip_hf.loading import load_model_and_processor
 from qualiclip_hf.scoring.dataset import (
@@ -51,6 +56,7 @@ from qualiclip_hf.scoring.dataset import (
     open_dataset,
     score_dataset,
 )
+from qualiclip_hf.scoring.resources import choose_thread_counts, usable_cores
 
 REPO = Path(__file__).resolve().parents[1]
 LONG_SIDES = (128, 192, 256, 320, 384, 448, 512)
@@ -142,6 +148,50 @@ def two_processes(
     return float(found.group(1))
 
 
+def _spin() -> None:
+    while True:
+        pass
+
+
+def thread_choice(path: Path, folder: Path, model: object, processor: object, batch_size: int, repeats: int) -> None:
+    """`score_dataset` rates with the old (one thread per core) and the new thread count, idle and beside a busy
+    process, as `benchmarks.folder_scoring --competing-load` measures files."""
+    import multiprocessing
+
+    cores = usable_cores()
+    rows = []
+    for competing in (False, True):
+        hog = None
+        if competing:
+            hog = multiprocessing.Process(target=_spin, daemon=True)
+            hog.start()
+            time.sleep(1.0)
+        try:
+            new_threads = choose_thread_counts()[1]
+            rates: dict[int, list[float]] = {cores: [], new_threads: []}
+            for repeat in range(repeats):  # alternately, so that a change in the machine's load hits both alike
+                for threads in rates:
+                    torch.set_num_threads(threads)
+                    output = folder / f"threads-{int(competing)}-{threads}-{repeat}"
+                    summary = score_dataset(
+                        open_input("parquet", path), output, model, processor, batch_size=batch_size, progress=False
+                    )
+                    rates[threads].append(summary.images_per_second)
+            load = os.getloadavg()
+        finally:
+            if hog is not None:
+                hog.terminate()
+                hog.join()
+        old, new = float(np.median(rates[cores])), float(np.median(rates[new_threads]))
+        rows.append((competing, cores, old, new_threads, new, load))
+    print("| machine | old: threads | img/s | new: threads | img/s | new / old | load average (1, 5, 15 min) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for competing, old_threads, old, new_threads, new, load in rows:
+        machine = "with a competing CPU load" if competing else "as found"
+        loads = ", ".join(f"{value:.2f}" for value in load)
+        print(f"| {machine} | {old_threads} | {old:.1f} | {new_threads} | {new:.1f} | {new / old:.2f}x | {loads} |")
+
+
 def cpu_description() -> str:
     model, flags = platform.processor() or "unknown CPU", set()
     try:
@@ -171,6 +221,10 @@ def main() -> None:
         help="torch threads of each scoring process (default: torch's own in one process, half the cores in each of "
         "two); 1 on a machine busy with other work, where spinning threads wait for each other",
     )
+    parser.add_argument(
+        "--competing-load", action="store_true", help="measure the thread choice instead (see the description)"
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="with --competing-load: runs of each, alternately")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -192,6 +246,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         inputs = write_inputs(rows, folder)
+        if args.competing_load:
+            thread_choice(inputs["parquet"], folder, model, processor, args.batch_size, args.repeats)
+            return
         model_rate = model_only(rows, model, processor, args.batch_size)
         for kind in args.inputs:
             dataset = open_input(kind, inputs[kind])

@@ -1,9 +1,9 @@
 """End-to-end folder scoring (`qualiclip score DIR`): where the time goes, decoding vs the model.
 
-    python benchmarks/folder_scoring.py [--images 1000] [--model demo|rn50-random] [--batch-size 4] [--workers N]
+    python -m benchmarks.folder_scoring [--images 1000] [--model demo|rn50-random] [--batch-size 4] [--workers N]
                                         [--device cpu|cuda] [--decode-on workers|device] [--precision fp32|bf16|...]
                                         [--backend torch|onnxruntime|openvino]
-    python benchmarks/folder_scoring.py --competing-load [--images 60]
+    python -m benchmarks.folder_scoring --competing-load [--images 60]
 
 Writes `--images` JPEG photos of mixed sizes (crops of scikit-image's photos, 320 to 1280 px on the long side) to a
 temporary folder, then measures in one run, on the same files and batches:
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,8 +39,6 @@ from PIL import Image
 from skimage import data as skimage_data
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qualiclip_hf import QualiCLIPConfig, QualiCLIPModel, QualiCLIPProcessor
 from qualiclip_hf.backends.precision import prepare_scorer

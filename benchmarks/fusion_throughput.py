@@ -1,6 +1,6 @@
 """The speed layer (`qualiclip_hf.backends.fusion.fuse_for_inference`) against the model as loaded, on the CPU or a GPU.
 
-    python benchmarks/fusion_throughput.py [--sizes 224x224 512x384] [--batches 8] [--repeats 3]
+    python -m benchmarks.fusion_throughput [--sizes 224x224 512x384] [--batches 8] [--repeats 3]
 
 Our RN50 (random weights with non-trivial BatchNorms: this measures speed, not quality) as loaded, with its
 BatchNorms folded into the convolutions, and folded plus CPU chunking, timed in alternation on the same tensors so
@@ -16,8 +16,8 @@ import os
 import statistics
 
 import torch
-from model_throughput import timed
 
+from benchmarks.model_throughput import timed
 from qualiclip_hf import QualiCLIPConfig, QualiCLIPModel
 from qualiclip_hf.backends.fusion import fuse_for_inference
 from qualiclip_hf.backends.precision import cpu_description

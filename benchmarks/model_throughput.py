@@ -1,6 +1,6 @@
 """Model throughput: pyiqa's built-in QualiCLIP arch vs ours in each precision, same RN50 weights, same tensors.
 
-    python benchmarks/model_throughput.py [--sizes 512x384 1024x768] [--batches 1 8] [--repeats 3]
+    python -m benchmarks.model_throughput [--sizes 512x384 1024x768] [--batches 1 8] [--repeats 3]
                                           [--variants torch/auto openvino/bf16 ...] [--competing-load]
 
 The weights are random, in the official layout (no real weights exist offline): this measures speed, not quality.

@@ -1,6 +1,6 @@
 """Score drift of each fast path against float32: max |score difference| and SRCC, on two models and ~200 images.
 
-    python benchmarks/precision.py [--max-size 384] [--paths torch/bf16 openvino/bf16 ...] [--models demo rn50-spread]
+    python -m benchmarks.precision [--max-size 384] [--paths torch/bf16 openvino/bf16 ...] [--models demo rn50-spread]
 
 Images (the same for both models): the README's example photos (`examples/images`), scikit-image's photos that the
 demo model never saw in training (`training/prepare_demo_data.py`'s held-out set), and each of those held-out photos
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,18 +36,14 @@ import torch
 from scipy.stats import spearmanr
 from skimage import data as skimage_data
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # training/ is not an installed package
-
-from model_throughput import _cache_in  # noqa: E402
-
-from qualiclip_hf import QualiCLIPModel, QualiCLIPProcessor  # noqa: E402
-from qualiclip_hf.backends.precision import DRIFT_BAR, cpu_description, prepare_scorer  # noqa: E402
-from qualiclip_hf.backends.quantization import default_calibration_images  # noqa: E402
-from qualiclip_hf.loading import DEMO_MODEL_PATH  # noqa: E402
-from qualiclip_hf.scoring import read_image  # noqa: E402
-from training.degradations import ALL_DISTORTIONS, apply_distortion  # noqa: E402
-from training.prepare_demo_data import HELDOUT, SKIMAGE_PHOTOS  # noqa: E402
+from benchmarks.model_throughput import _cache_in
+from qualiclip_hf import QualiCLIPModel, QualiCLIPProcessor
+from qualiclip_hf.backends.precision import DRIFT_BAR, cpu_description, prepare_scorer
+from qualiclip_hf.backends.quantization import default_calibration_images
+from qualiclip_hf.loading import DEMO_MODEL_PATH
+from qualiclip_hf.scoring import read_image
+from training.degradations import ALL_DISTORTIONS, apply_distortion
+from training.prepare_demo_data import HELDOUT, SKIMAGE_PHOTOS
 
 # Each fast path is `backend/precision`, as `qualiclip score --backend B --precision P` runs it (`prepare_scorer`);
 # `torch/bf16-autocast` (autocast over the whole model) is there for comparison only.
@@ -119,7 +114,7 @@ def rn50_spread(workdir: Path, max_size: int, measured: list[tuple[str, torch.Te
     moves them most. It measures how rounding moves scores that vary as much as a real model's do; it says nothing
     about quality.
     """
-    from model_throughput import official_rn50_folder  # needs openai-clip, as that benchmark does
+    from benchmarks.model_throughput import official_rn50_folder  # needs openai-clip, as that benchmark does
 
     folder = official_rn50_folder(workdir, random_statistics=True)
     model = QualiCLIPModel.from_pretrained(folder).eval()

@@ -1,6 +1,6 @@
 """Training-side throughput, measured side by side in one run.
 
-    python benchmarks/training_throughput.py [--batch 64] [--crop 224] [--steps 10]
+    python -m benchmarks.training_throughput [--batch 64] [--crop 224] [--steps 10]
 
 1. Degraded crops per second for each of the 24 distortions: CPU (all cores) vs the GPU, same batch, with the
    ratio. The two codecs (JPEG, JPEG2000) run through Pillow on the CPU in both cases.
@@ -12,13 +12,9 @@ Without CUDA, only the CPU column of (1) is printed.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qualiclip_hf import QualiCLIPConfig, QualiCLIPModel
 from training.degradations import ALL_DISTORTIONS, apply_distortion

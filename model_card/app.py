@@ -22,10 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import gradio as gr
-import torch
 
 from qualiclip_hf.explain import explain_image, overlay_heatmap
-from qualiclip_hf.loading import load_model_and_processor
+from qualiclip_hf.loading import load_model_and_processor, select_device
 from qualiclip_hf.scoring import read_image
 
 APP_DIR = Path(__file__).resolve().parent
@@ -69,8 +68,7 @@ def analyse(
 def build_app(model_name: str | None = None, max_size: int | None = None, device: str | None = None) -> gr.Blocks:
     """The Gradio Blocks app for a model name `qualiclip score --model` accepts (default: [`default_model`])."""
     model_name = model_name or default_model()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = load_model_and_processor(model_name, device)
+    model, processor = load_model_and_processor(model_name, device or select_device())
     is_demo = model_name == "demo"
 
     def run(paths: list[str] | None, limit: float | None) -> tuple[list[list[str]], list[tuple]]:

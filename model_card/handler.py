@@ -51,12 +51,14 @@ class EndpointHandler:
         path = path or str(Path(__file__).resolve().parent)
         try:
             from qualiclip_hf import ImageQualityAssessmentPipeline  # also registers QualiCLIP with the Auto classes
+            from qualiclip_hf.loading import select_device
 
             # The folder's `custom_pipelines` entry would otherwise ask for its remote code even with the package.
             source = {"pipeline_class": ImageQualityAssessmentPipeline}
-        except ImportError:
+            device = select_device()
+        except ImportError:  # the model repository's remote code alone: CUDA, else the CPU
             source = {"trust_remote_code": True}
-        device = 0 if torch.cuda.is_available() else -1
+            device = 0 if torch.cuda.is_available() else -1
         self.pipeline = pipeline(TASK, model=path, device=device, **source)
         self.model = self.pipeline.model
 

@@ -8,10 +8,12 @@ subcommand imports torch, transformers and the model code when it runs. To add a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +75,6 @@ def _add_score_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         help="images per forward pass (default: 1 on a CPU, where batches are slower, see benchmarks/RESULTS.md; "
         "8 on a GPU)",
     )
-    score.add_argument("--recursive", action="store_true", help="descend into subfolders")
     score.add_argument(
         "--max-size", type=_positive_int, default=None, help="downscale images whose longest side exceeds this"
     )
@@ -86,16 +87,16 @@ def _add_score_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     _add_precision_options(score)
     score.add_argument(
-        "--decode-on",
-        default="workers",
-        help="where JPEG files are decoded: 'workers' (Pillow, in background processes) or 'device' (TorchCodec on "
-        "the model's device: nvJPEG on CUDA, which frees the CPU cores; needs the [decode] extra) (default: workers)",
-    )
-    score.add_argument(
         "--threads",
         type=_positive_int,
         default=None,
         help="PyTorch threads for the model on a CPU (default: the cores not already busy, see the README)",
+    )
+    score.add_argument(
+        "--num-workers",
+        type=_non_negative_int,
+        help="processes that decode images beside the model (default: one per spare core, at most 4; 0: decode in "
+        "the scoring process)",
     )
     score.add_argument(
         "--output",
@@ -108,15 +109,21 @@ def _add_score_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep the rows already in --output and score only the other files (with --dataset: what is complete)",
     )
+    files = score.add_argument_group("files (PATH)")
+    files.add_argument("--recursive", action="store_true", help="descend into subfolders")
+    files.add_argument(
+        "--decode-on",
+        help="where JPEG files are decoded: 'workers' (Pillow, in background processes) or 'device' (TorchCodec on "
+        "the model's device: nvJPEG on CUDA, which frees the CPU cores; needs the [decode] extra) (default: workers)",
+    )
     data = score.add_argument_group("datasets (instead of PATH: Parquet files of scores, resumable, accelerate launch)")
     data.add_argument("--dataset", help="a Hub dataset id, or a folder of Parquet/Arrow files, images or .tar shards")
-    data.add_argument("--split", default="train", help="the split to score (default: train)")
+    data.add_argument("--split", help="the split to score (default: train)")
     data.add_argument("--image-column", help="the column of images (default: the only Image column, else 'image')")
     data.add_argument("--id-column", help="the column copied to `id` (default: the dataset's key, else the row index)")
     data.add_argument("--streaming", action="store_true", help="stream local data too (Hub ids always stream)")
     data.add_argument("--save-embeddings", action="store_true", help="also write the image embeddings")
-    data.add_argument("--rows-per-file", type=_positive_int, default=10_000, help="rows per output file (10000)")
-    data.add_argument("--num-workers", type=_non_negative_int, help="decoding processes per scoring process")
+    data.add_argument("--rows-per-file", type=_positive_int, help="rows per output file (default: 10000)")
     score.set_defaults(handler=_score_command)
 
 
@@ -279,7 +286,8 @@ def _add_precision_options(parser: argparse.ArgumentParser) -> None:
         "--calibration-images",
         type=Path,
         metavar="DIR",
-        help="photos to calibrate int8 on, once per model (default: the bundled example photos)",
+        help="photos to calibrate int8 on, once per model (--precision int8, or auto where it picks int8) "
+        "(default: the bundled example photos)",
     )
 
 
@@ -291,8 +299,13 @@ def _add_export_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="image tower + score head as one ONNX graph (dynamic batch, height, width), with the processor files",
     )
-    onnx.add_argument("--model", default="demo", help="as for `score` (default: demo)")
-    onnx.add_argument("--output", required=True, type=Path, help="folder to write (model.onnx and the processor)")
+    onnx.add_argument("--model", default=DEFAULT_MODEL, help=f"as for `score` (default: {DEFAULT_MODEL})")
+    onnx.add_argument(
+        "--output",
+        required=True,
+        type=Path,
+        help="folder to write (model.onnx and the processor): new, empty, or a previous export to replace",
+    )
     onnx.add_argument(
         "--precision", choices=("fp32", "int8"), default="fp32", help="int8: statically quantized (default: fp32)"
     )
@@ -404,7 +417,8 @@ def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
 def _quiet_libraries(verbose: bool) -> None:
     """
     Without --verbose, transformers and huggingface_hub show no progress bars or warnings, and libraries no Python
-    warnings. The environment variables reach both libraries when they are imported later, as they are here.
+    warnings (`datasets`, imported by `score --dataset` only, is quieted there). The environment variables reach both
+    libraries when they are imported later, as they are here.
     """
     if verbose:
         return
@@ -413,7 +427,7 @@ def _quiet_libraries(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=category)
     # This package's own warnings (a JPEG scored without its end marker, an ICC profile ignored) stay visible.
     warnings.filterwarnings("default", module=r"qualiclip_hf\.")
-    if "huggingface_hub" not in sys.modules:  # the command's own process: both libraries read these when imported
+    if "huggingface_hub" not in sys.modules:  # the command's own process: the libraries read these when imported
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow this switch too
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         return
@@ -427,39 +441,129 @@ def _quiet_libraries(verbose: bool) -> None:
     logging.disable_progress_bar()
 
 
+# Options of `score` that only one of its two modes reads (argparse name -> option). Given in the other mode they are
+# refused in one line, so that no option is silently ignored.
+_FILE_OPTIONS = {"recursive": "--recursive", "decode_on": "--decode-on"}
+_DATASET_OPTIONS = {
+    "split": "--split",
+    "image_column": "--image-column",
+    "id_column": "--id-column",
+    "streaming": "--streaming",
+    "save_embeddings": "--save-embeddings",
+    "rows_per_file": "--rows-per-file",
+}
+
+
 def _score_command(args: argparse.Namespace) -> int:
-    # What to score is checked before anything is imported: on a busy machine importing torch takes seconds.
+    _check_score_options(args)
+    if args.dataset is not None:
+        return _score_dataset_command(args)
+    return _score_files_command(args)
+
+
+def _check_score_options(args: argparse.Namespace) -> None:
+    """
+    Every option of `score`, checked before a model loads: each must apply to the mode (files or `--dataset`) and
+    have a value that can score an image. The checks that need only the standard library come first: on a busy
+    machine importing torch takes seconds.
+    """
     if (args.dataset is None) == (not args.paths):
         raise CommandError("give image files or folders, or --dataset NAME_OR_FOLDER (not both)")
     if args.dataset is not None:
-        from . import register_auto_classes
-        from .scoring.dataset import score_dataset_command
+        given = [option for name, option in _FILE_OPTIONS.items() if getattr(args, name) not in (None, False)]
+        if given:
+            raise CommandError(f"{given[0]} applies to image files and folders (PATH), not to --dataset")
+        if args.output is None:
+            raise CommandError("--dataset needs --output FOLDER, where the Parquet files of scores go")
+        if args.output.suffix.lower() in OUTPUT_FORMATS:
+            raise CommandError(
+                f"--dataset writes a folder of Parquet files, not a results file: --output {args.output}"
+            )
+    else:
+        given = [option for name, option in _DATASET_OPTIONS.items() if getattr(args, name) not in (None, False)]
+        if given:
+            raise CommandError(f"{given[0]} applies to --dataset only")
+        if args.resume and args.output is None:
+            raise CommandError("--resume continues an --output file; name it")
+        if args.output is not None and args.output.suffix.lower() not in OUTPUT_FORMATS:
+            raise CommandError(f"--output must end with one of {', '.join(OUTPUT_FORMATS)}: {args.output}")
+    # `auto` may choose int8 (where the CPU runs it natively), and then calibrates.
+    if args.calibration_images is not None and args.precision not in ("int8", "auto"):
+        raise CommandError(f"--calibration-images calibrates int8; it does not apply to --precision {args.precision}")
+    if args.output is not None:
+        from .outputs import check_output_location
 
-        register_auto_classes()  # a model folder's `auto_map` then needs no remote code
-        return score_dataset_command(args)
+        try:
+            check_output_location(args.output, folder=args.dataset is not None)
+        except ValueError as error:
+            raise CommandError(f"cannot write --output {args.output}: {error}") from None
+
+    from .backends.precision import runtime_for
+    from .image_processing_qualiclip import MIN_IMAGE_SIZE
+    from .scoring.files import DECODE_PLACES
+
+    if args.max_size is not None and args.max_size < MIN_IMAGE_SIZE:
+        raise CommandError(
+            f"--max-size {args.max_size} is below the model's minimum image size of {MIN_IMAGE_SIZE} pixels: every "
+            "image would be refused"
+        )
+    if args.decode_on is not None and args.decode_on not in DECODE_PLACES:
+        raise CommandError(f"--decode-on must be one of {', '.join(DECODE_PLACES)}, got {args.decode_on!r}")
+    if args.dataset is not None and runtime_for(args.backend, args.precision) != "torch":
+        raise CommandError("--dataset runs the PyTorch model: --precision fp32, bf16, fp16 or auto, --backend torch")
+
+
+@dataclass
+class _Scorer:
+    """What the preparation shared by both modes of `score` gives: the scorer and how to run it."""
+
+    model: Any  # the QualiCLIPModel, or what stands in for it in --precision / --backend
+    processor: Any
+    precision: str  # the one that runs (`auto` resolved)
+    runtime: str  # torch, onnxruntime or openvino
+    batch_size: int
+    num_workers: int  # decode processes beside the model
+
+
+def _prepare_scorer(
+    args: argparse.Namespace, resolved: Any, device: Any, processes: int = 1, announce: bool = True
+) -> _Scorer:
+    """
+    The one preparation of `score`, for files and datasets: threads (`--threads`, else the cores not already busy,
+    shared among `processes` scoring processes on this machine), the model loaded on `device`, in `--precision` /
+    `--backend`, the batch size and the decode workers. `announce`: print the precision chosen (the main process).
+    """
+    import torch
+
+    from .scoring.resources import choose_thread_counts, default_batch_size, usable_cores
+
+    workers, threads = choose_thread_counts(cores=max(1, usable_cores() // processes))
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or threads)
+    model, processor = _load(resolved, device)
+    model, precision, runtime = _scorer_in_precision(args, model, processor, announce)
+    batch_size = args.batch_size or default_batch_size(device)
+    num_workers = workers if args.num_workers is None else args.num_workers
+    return _Scorer(model, processor, precision, runtime, batch_size, num_workers)
+
+
+def _max_pixels(args: argparse.Namespace) -> int | None:
+    from .image_reader import DEFAULT_MAX_PIXELS
+
+    return DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
+
+
+def _score_files_command(args: argparse.Namespace) -> int:
+    from .outputs import OutputInUseError, OutputLock
     from .scoring.results import ResultWriter
 
-    # The checks that need neither torch nor the model come first: on a busy machine importing torch takes seconds.
-    if args.resume and args.output is None:
-        raise CommandError("--resume continues an --output file; name it")
-    if args.output is not None and args.output.suffix.lower() not in OUTPUT_FORMATS:
-        raise CommandError(f"--output must end with one of {', '.join(OUTPUT_FORMATS)}: {args.output}")
     resolved = _resolve_model(args.model)
     print(f"model: {resolved.name} ({resolved.description})", file=sys.stderr)
 
-    from .modeling_qualiclip import VISION_STRIDE
-    from .scoring import DECODE_PLACES, choose_thread_counts, collect_image_paths
-
-    if args.decode_on not in DECODE_PLACES:
-        raise CommandError(f"--decode-on must be one of {', '.join(DECODE_PLACES)}, got {args.decode_on!r}")
-    if args.max_size is not None and args.max_size < VISION_STRIDE:
-        raise CommandError(
-            f"--max-size {args.max_size} is below the model's minimum image size of {VISION_STRIDE} pixels: every "
-            "image would be refused"
-        )
-    paths = _image_paths(args.paths, args.recursive, collect_image_paths)
     from .backends.precision import runtime_for
+    from .scoring import collect_image_paths
 
+    paths = _image_paths(args.paths, args.recursive, collect_image_paths)
     # The exported graph runs on the CPU: `--device auto` means the CPU for it, even beside a GPU.
     runs_on_cpu = runtime_for(args.backend, args.precision) != "torch"
     device = _device("cpu" if runs_on_cpu and args.device == "auto" else args.device)
@@ -470,82 +574,69 @@ def _score_command(args: argparse.Namespace) -> int:
             "decodes them in parallel)",
             file=sys.stderr,
         )
-    writer = None
-    if args.output is not None:
-        try:
-            writer = ResultWriter(args.output, resolved.name, resume=args.resume)
-            # The settings the arguments fix are checked now, before the model loads (minutes, for `official`); the
-            # precision `auto` chooses, and the runtime, once it is loaded (`writer.start`).
-            writer.check_settings(
-                {"max_size": args.max_size, **({"precision": args.precision} if args.precision != "auto" else {})}
-            )
-        except (OSError, ValueError) as error:
-            raise CommandError(f"cannot write --output {args.output}: {error}") from None
-        if writer.unrecorded:
-            rows = f"{writer.unrecorded} row{'s' if writer.unrecorded > 1 else ''}"
-            print(
-                f"qualiclip: warning: {rows} of {args.output} came from an earlier version, without the settings that "
-                "change scores (--precision, --backend, --max-size): they cannot be checked and are taken to match "
-                "this run's",
-                file=sys.stderr,
-            )
-        paths = [path for path in paths if os.path.abspath(path) not in writer.done]
-        if writer.done:
-            print(f"{len(writer.done)} files already in {args.output}; {len(paths)} to score", file=sys.stderr)
+    with contextlib.ExitStack() as cleanup:
+        writer = None
+        if args.output is not None:
+            try:
+                cleanup.enter_context(OutputLock(args.output))
+                writer = cleanup.enter_context(ResultWriter(args.output, resolved.name, resume=args.resume))
+                # The settings the arguments fix are checked now, before the model loads (minutes, for `official`);
+                # the precision `auto` chooses, and the runtime, once it is loaded (`writer.start`).
+                writer.check_settings(
+                    {"max_size": args.max_size, **({"precision": args.precision} if args.precision != "auto" else {})}
+                )
+            except OutputInUseError as error:
+                raise CommandError(str(error)) from None
+            except (OSError, ValueError) as error:
+                raise CommandError(f"cannot write --output {args.output}: {error}") from None
+            paths = [path for path in paths if os.path.abspath(path) not in writer.done]
+            if writer.done:
+                print(f"{len(writer.done)} files already in {args.output}; {len(paths)} to score", file=sys.stderr)
 
-    import torch
+        scorer = _prepare_scorer(args, resolved, device)
+        if writer is not None:
+            try:
+                calibration = None
+                if scorer.precision == "int8":
+                    from .backends.quantization import calibration_key
 
-    workers, threads = choose_thread_counts()
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads or threads)
-    model, processor = _load(resolved, device)
-    model, precision, runtime = _scorer_in_precision(args, model, processor)
-    if writer is not None:
-        try:
-            calibration = None
-            if precision == "int8":
-                from .backends.quantization import calibration_key
-
-                calibration = calibration_key(args.calibration_images)
-            settings = {"precision": precision, "backend": runtime, "max_size": args.max_size}
-            writer.start({**settings, "calibration": calibration})
-        except (OSError, ValueError) as error:
-            raise CommandError(f"cannot write --output {args.output}: {error}") from None
-    batch_size = args.batch_size or (1 if device.type == "cpu" else 8)
-    results = _score_with_progress(args, paths, model, processor, batch_size, workers, writer)
-    if writer is None:
-        _print_table(results)
-        failed, total = sum(r.error is not None for r in results), len(results)
-    else:
-        writer.close()
-        failed, total = writer.failed, len(writer.rows)
-        print(f"wrote {total} results to {args.output}", file=sys.stderr)
+                    calibration = calibration_key(args.calibration_images)
+                settings = {"precision": scorer.precision, "backend": scorer.runtime, "max_size": args.max_size}
+                writer.start({**settings, "calibration": calibration})
+            except (OSError, ValueError) as error:
+                raise CommandError(f"cannot write --output {args.output}: {error}") from None
+        results = _score_with_progress(args, paths, scorer, writer)
+        if writer is None:
+            _print_table(results)
+            failed, total = sum(r.error is not None for r in results), len(results)
+        else:
+            writer.close()
+            failed, total = writer.failed, len(writer.rows)
+            print(f"wrote {total} results to {args.output}", file=sys.stderr)
     if failed:
         print(f"qualiclip: {failed} of {total} files failed", file=sys.stderr)
         return 1
     return 0
 
 
-def _score_with_progress(args, paths, model, processor, batch_size, workers, writer) -> list:
+def _score_with_progress(args: argparse.Namespace, paths: list, scorer: _Scorer, writer: Any) -> list:
     """Runs `score_files`, handing each result to `writer` as it comes; Ctrl-C ends the run with one line."""
     from tqdm.auto import tqdm
 
-    from .image_reader import DEFAULT_MAX_PIXELS
     from .scoring import score_files
 
     results = []
-    max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
     progress = tqdm(total=len(paths), unit="img", desc="scoring", disable=None)
     try:
         for result in score_files(
             paths,
-            model,
-            processor,
-            batch_size=batch_size,
-            num_workers=workers,
+            scorer.model,
+            scorer.processor,
+            batch_size=scorer.batch_size,
+            num_workers=scorer.num_workers,
             max_size=args.max_size,
-            max_pixels=max_pixels,
-            decode_on=args.decode_on,
+            max_pixels=_max_pixels(args),
+            decode_on=args.decode_on or "workers",
         ):
             results.append(result)
             if writer is not None:
@@ -568,10 +659,107 @@ def _score_with_progress(args, paths, model, processor, batch_size, workers, wri
     return results
 
 
-def _scorer_in_precision(args: argparse.Namespace, model: Any, processor: Any) -> tuple[Any, str, str]:
+def _score_dataset_command(args: argparse.Namespace) -> int:
     """
-    What scores in `--precision` / `--backend` (`precision.prepare_scorer`), the choice printed once; with the
-    precision chosen (`auto` resolved) and what runs the model (`torch`, `onnxruntime` or `openvino`).
+    `qualiclip score --dataset ...` (also under `accelerate launch -m qualiclip_hf.cli score --dataset ...`): the
+    command's arguments to `score_dataset`. Returns 0 when the run is complete: rows that failed are counted in the
+    summary and have their `error` (a nonzero status would also make torchrun report a crashed rank).
+    """
+    from accelerate import PartialState
+
+    from . import register_auto_classes
+    from .outputs import OutputInUseError, OutputLock
+    from .scoring.dataset import open_dataset, score_dataset
+
+    register_auto_classes()  # a model folder's `auto_map` then needs no remote code
+    if not args.verbose:  # imported only now, after `_quiet_libraries`
+        import datasets
+
+        # Its bars ("Generating train split", "Creating parquet from Arrow format") and its warnings.
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    device = _device(args.device)
+    # Without `cpu=True`, Accelerate treats processes launched on a machine without GPUs as independent single
+    # processes; with it, they join one group over gloo (`accelerate launch --multi_gpu --num_processes N` on CPUs).
+    state = PartialState(cpu=device.type == "cpu")
+    split = args.split or "train"
+    with contextlib.ExitStack() as cleanup:
+        if state.is_main_process:  # the launched processes of one run share its output
+            try:
+                cleanup.enter_context(OutputLock(args.output))
+            except OutputInUseError as error:
+                raise CommandError(str(error)) from None
+            except OSError as error:
+                raise CommandError(f"cannot write --output {args.output}: {error}") from None
+        # The main process prepares `datasets`' cache of local data; the others reuse it.
+        with state.main_process_first():
+            try:
+                dataset = open_dataset(args.dataset, split, streaming=True if args.streaming else None)
+            except ValueError as error:
+                raise CommandError(str(error)) from None
+        resolved = _resolve_model(args.model)
+        if state.is_main_process:
+            print(f"model: {resolved.name} ({resolved.description})", file=sys.stderr)
+        scorer = _prepare_scorer(
+            args, resolved, state.device, processes=state.num_processes, announce=state.is_main_process
+        )
+        # The precision that runs, never "auto": a resumed run must compute its rows the same way.
+        settings = {"dataset": args.dataset, "split": split, "model": args.model, "precision": scorer.precision}
+        try:
+            summary = score_dataset(
+                dataset,
+                args.output,
+                scorer.model,
+                scorer.processor,
+                image_column=args.image_column,
+                id_column=args.id_column,
+                batch_size=scorer.batch_size,
+                num_workers=args.num_workers,  # None: the decode pool sizes itself to this process's share
+                max_size=args.max_size,
+                max_pixels=_max_pixels(args),
+                save_embeddings=args.save_embeddings,
+                resume=args.resume,
+                settings=settings,
+                **({"rows_per_file": args.rows_per_file} if args.rows_per_file else {}),
+            )
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+        except OSError as error:
+            raise CommandError(f"cannot write --output {args.output}: {error}") from None
+        except KeyboardInterrupt:
+            # Part files are written whole (temporary name, then renamed): what is there is kept, and --resume scores
+            # the rest. The decode workers ignore Ctrl-C (`scoring.resources.prepare_worker`): they print nothing.
+            raise CommandError(
+                f"interrupted; {args.output} holds {_rows_written(args.output)} scored rows; to continue, run the same "
+                "command with --resume",
+                EXIT_INTERRUPTED,
+            ) from None
+    if state.is_main_process:
+        print(
+            f"scored {summary.rows_this_run} rows in {summary.seconds:.1f} s ({summary.images_per_second:.2f} "
+            f"images/s, {state.num_processes} process{'es' if state.num_processes > 1 else ''}); {args.output} holds "
+            f"{summary.rows} rows, {summary.failed} failed (see the error column)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _rows_written(output: Path) -> int:
+    from .scoring.dataset import read_scores
+
+    try:
+        return read_scores(output, require_complete=False).num_rows
+    except (OSError, ValueError):
+        return 0
+
+
+def _scorer_in_precision(
+    args: argparse.Namespace, model: Any, processor: Any, announce: bool = True
+) -> tuple[Any, str, str]:
+    """
+    What scores in `--precision` / `--backend` (`precision.prepare_scorer`), the choice printed once (when
+    `announce`); with the precision chosen (`auto` resolved) and what runs the model (`torch`, `onnxruntime` or
+    `openvino`).
     """
     from .backends.precision import describe_choice, prepare_scorer
 
@@ -583,18 +771,36 @@ def _scorer_in_precision(args: argparse.Namespace, model: Any, processor: Any) -
     except (ImportError, OSError, ValueError) as error:
         raise CommandError(f"--precision {args.precision} --backend {args.backend}: {error}") from None
     runtime = "torch" if scorer is model else scorer.runtime
-    print(f"{describe_choice(args.precision, chosen, model.device, args.backend)}; runs in {runtime}", file=sys.stderr)
+    if announce:
+        choice = describe_choice(args.precision, chosen, model.device, args.backend)
+        print(f"{choice}; runs in {runtime}", file=sys.stderr)
     return scorer, chosen, runtime
 
 
 def _export_onnx_command(args: argparse.Namespace) -> int:
     import shutil
 
+    from .backends.onnx import ONNX_FILENAME
+    from .outputs import check_output_location
+
+    if args.calibration_images is not None and args.precision != "int8":
+        raise CommandError(f"--calibration-images calibrates int8; it does not apply to --precision {args.precision}")
+    # Checked before the model loads. An export writes model, tokenizer and code files, replacing those of the same
+    # names: into a new or empty folder, or over a previous export (it holds model.onnx), never among other files.
+    try:
+        check_output_location(args.output, folder=True)
+    except ValueError as error:
+        raise CommandError(f"cannot write --output {args.output}: {error}") from None
+    if args.output.is_dir() and any(args.output.iterdir()) and not (args.output / ONNX_FILENAME).is_file():
+        raise CommandError(
+            f"--output {args.output} is a folder with other files and no previous export ({ONNX_FILENAME}): the export "
+            "would write its files among them; name a new or empty folder"
+        )
     resolved = _resolve_model(args.model)
     print(f"model: {resolved.name} ({resolved.description})", file=sys.stderr)
     model, processor = _load(resolved, "cpu")
     try:
-        from .backends.onnx import ONNX_FILENAME, export_onnx
+        from .backends.onnx import export_onnx
         from .backends.quantization import calibration_images, quantize_onnx
 
         path = export_onnx(model, args.output, processor)

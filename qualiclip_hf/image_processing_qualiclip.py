@@ -108,9 +108,10 @@ class QualiCLIPImageProcessor(TorchvisionBackend):
         """Raises `ValueError` when an image of `height` x `width` pixels is, after `max_size`, below `min_size`."""
         scale = 1.0 if max_size is None else min(1.0, max_size / max(height, width))
         if min(height, width) * scale < self.min_size:
+            # The size after resizing, rounded as `limit_longest_side` rounds it.
+            resized = f", {round(width * scale)}x{round(height * scale)} after max_size={max_size}," * (scale < 1)
             raise ValueError(
-                f"{width}x{height} pixels is below the model's {self.min_size}x{self.min_size} minimum"
-                + (f" after max_size={max_size}" if scale < 1 else "")
+                f"{width}x{height} pixels{resized} is below the model's {self.min_size}x{self.min_size} minimum"
             )
 
     def prepare_pixels(

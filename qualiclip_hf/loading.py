@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from .outputs import atomic_path
+
 if TYPE_CHECKING:
     import torch
 
@@ -323,10 +325,8 @@ def official_plus_model_dir(dataset: str = "koniq") -> Path:
 
 def _convert_once(output_dir: Path, convert: Callable[[Path], Path]) -> Path:
     if not (output_dir / "model.safetensors").is_file():
-        # Convert next to the final place and rename, so an interrupted conversion never looks complete.
-        staging = output_dir.with_name(output_dir.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
+        # Converted beside the final place and renamed, so an interrupted conversion never looks complete.
         shutil.rmtree(output_dir, ignore_errors=True)
-        convert(staging)
-        staging.replace(output_dir)
+        with atomic_path(output_dir) as staging:
+            convert(staging)
     return output_dir

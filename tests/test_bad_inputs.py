@@ -579,3 +579,15 @@ def test_pyiqa_arch_refuses_bad_tensors_clearly(tiny_model_dir):
     )
     with pytest.raises(ValueError, match="NaN or infinite values"):
         loss(with_value(images, float("nan")))
+
+
+def test_below_the_minimum_after_max_size_names_the_size_after_resizing():
+    from qualiclip_hf import QualiCLIPImageProcessor
+
+    processor = QualiCLIPImageProcessor()
+    # 600x400 to a longest side of 40: 40x27 (400 * 40 / 600 = 26.7, rounded as the resize rounds it).
+    expected = "600x400 pixels, 40x27 after max_size=40, is below the model's 32x32 minimum"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        processor.check_size(400, 600, max_size=40)
+    with pytest.raises(ValueError, match=re.escape("600x20 pixels is below the model's 32x32 minimum")):
+        processor.check_size(20, 600)  # not resized: one size

@@ -500,16 +500,14 @@ def test_resume_refuses_a_file_scored_by_another_backend(good_folder, tiny_model
     assert output.read_text() == kept
 
 
-def test_resume_accepts_a_file_of_an_earlier_version_without_settings(good_folder, tiny_model_dir, tmp_path, capsys):
+def test_resume_refuses_rows_that_record_no_settings(good_folder, tiny_model_dir, tmp_path, capsys):
+    # Rows without the settings that change scores cannot be checked: continuing would mix scores computed two ways.
     output = tmp_path / "scores.csv"
-    output.write_text(f"path,score,error,model\n{good_folder / '0.png'},0.5,,{tiny_model_dir}\n")
-    assert main(_resume_command(good_folder, tiny_model_dir, output, "--max-size", "64")) == 0
-    err = capsys.readouterr().err
-    assert err.count("warning") == 1 and "1 row of" in err and "without the settings" in err
-    rows = {Path(row["path"]).name: row for row in _rows(output)}
-    assert len(rows) == 6 and rows["0.png"]["score"] == "0.5"
-    assert (rows["0.png"]["precision"], rows["0.png"]["max_size"]) == ("", "")  # still unknown
-    assert {(rows[f"{i}.png"]["precision"], rows[f"{i}.png"]["max_size"]) for i in range(1, 6)} == {("fp32", "64")}
+    kept = f"path,score,error,model\n{good_folder / '0.png'},0.5,,{tiny_model_dir}\n"
+    output.write_text(kept)
+    assert main(_resume_command(good_folder, tiny_model_dir, output, "--max-size", "64")) == 2
+    assert "write to another --output" in capsys.readouterr().err
+    assert output.read_text() == kept
 
 
 def test_decoding_on_the_device_says_when_that_device_is_the_cpu(folder, tiny_model_dir, capsys):
@@ -536,3 +534,160 @@ def test_files_skipped_in_a_folder_are_reported_once(tmp_path, caplog, capsys):
     assert len(skipped) == 1, skipped
     assert "skipped 1 file(s) that are not images (notes.txt)" in skipped[0]
     assert "add --recursive" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ one validation of every option
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--dataset", "D", "--output", "out", "--max-size", "16"], "--max-size 16 is below the model's minimum"),
+        (["--dataset", "D", "--output", "out", "--decode-on", "device"], "--decode-on applies to image files"),
+        (["--dataset", "D", "--output", "out", "--recursive"], "--recursive applies to image files and folders"),
+        (["--dataset", "D", "--output", "scores.csv"], "--dataset writes a folder of Parquet files"),
+        (["--dataset", "D", "--output", "out", "--backend", "onnxruntime"], "--dataset runs the PyTorch model"),
+        (["--dataset", "D", "--output", "out", "--calibration-images", "x"], "it does not apply to --precision fp32"),
+        (["PHOTOS", "--calibration-images", "x", "--precision", "bf16"], "it does not apply to --precision bf16"),
+        (["PHOTOS", "--split", "test"], "--split applies to --dataset only"),
+        (["PHOTOS", "--save-embeddings"], "--save-embeddings applies to --dataset only"),
+        (["PHOTOS", "--max-size", "1"], "--max-size 1 is below the model's minimum"),
+        (["PHOTOS", "--decode-on", "gpu"], "--decode-on must be one of workers, device"),
+    ],
+)
+def test_every_option_is_checked_in_one_line_before_anything_loads(
+    good_folder, tmp_path, monkeypatch, capsys, options, message
+):
+    from qualiclip_hf import loading
+    from qualiclip_hf.scoring import dataset
+
+    monkeypatch.setattr(loading, "resolve_model", lambda *a, **k: pytest.fail("resolved the model"))
+    monkeypatch.setattr(dataset, "open_dataset", lambda *a, **k: pytest.fail("opened the dataset"))
+    monkeypatch.chdir(tmp_path)
+    options = [str(good_folder) if option == "PHOTOS" else option for option in options]
+    assert main(["score", *options, "--model", "demo"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("mode", ["files", "dataset"])
+def test_an_output_under_a_file_is_explained(good_folder, tmp_path, capsys, mode):
+    (tmp_path / "a_file").write_text("")
+    output = tmp_path / "a_file" / ("scores.csv" if mode == "files" else "scores")
+    source = [str(good_folder)] if mode == "files" else ["--dataset", str(good_folder)]
+    assert main(["score", *source, "--model", "demo", "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'a_file'} is a file, so the" in err and "Traceback" not in err
+
+
+def test_dataset_output_that_is_a_file_is_refused(good_folder, tmp_path, capsys):
+    (tmp_path / "scores").write_text("mine")
+    assert main(["score", "--dataset", str(good_folder), "--model", "demo", "--output", str(tmp_path / "scores")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "scores").read_text() == "mine"
+
+
+@pytest.mark.parametrize(("options", "expected"), [([], 1), (["--threads", "3"], 3)])
+def test_dataset_scoring_sets_the_thread_count_as_file_scoring_does(
+    good_folder, tiny_model_dir, tmp_path, monkeypatch, options, expected
+):
+    pytest.importorskip("datasets")
+    from qualiclip_hf.scoring import resources
+
+    monkeypatch.setattr(resources, "usable_cores", lambda: 2)
+    monkeypatch.setattr(resources, "runnable_elsewhere", lambda: 1.0)  # one other busy process on the 2 cores
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    command = ["score", "--dataset", str(good_folder), "--model", str(tiny_model_dir), "--device", "cpu"]
+    assert main([*command, "--output", str(tmp_path / "out"), "--num-workers", "0", *options]) == 0
+    assert chosen == [expected]
+
+
+@pytest.mark.parametrize("mode", ["files", "dataset"])
+def test_a_second_run_on_the_same_output_is_refused(good_folder, tiny_model_dir, tmp_path, monkeypatch, capsys, mode):
+    from qualiclip_hf.outputs import OutputInUseError, OutputLock
+
+    output = tmp_path / ("scores.csv" if mode == "files" else "scores")
+    source = [str(good_folder)] if mode == "files" else ["--dataset", str(good_folder), "--num-workers", "0"]
+    command = ["score", *source, "--model", str(tiny_model_dir), "--output", str(output)]
+    # Another run holds the output: this one stops at once, in one line naming it, and writes nothing.
+    with OutputLock(output):
+        assert main(command) == 2
+    err = capsys.readouterr().err
+    assert f"{output} is being written by another run (process {os.getpid()})" in err
+    assert not output.exists()
+    # While a run scores, its output is locked; once it ends, it is not.
+    held = []
+
+    def forward(self, *args, **kwargs):
+        if not held:
+            with pytest.raises(OutputInUseError):
+                OutputLock(output).acquire()
+            held.append(True)
+        return original_forward(self, *args, **kwargs)
+
+    original_forward = QualiCLIPModel.forward
+    monkeypatch.setattr(QualiCLIPModel, "forward", forward)
+    assert main(command) == 0
+    assert held == [True]
+    OutputLock(output).acquire().release()
+
+
+def test_every_command_defaults_to_the_same_model():
+    from qualiclip_hf.cli import DEFAULT_MODEL, build_parser
+
+    parser = build_parser()
+    for argv in (["score", "a.jpg"], ["explain", "a.jpg", "--output", "a.png"], ["export", "onnx", "--output", "o"]):
+        assert parser.parse_args(argv).model == DEFAULT_MODEL, argv
+
+
+def test_export_refuses_a_folder_of_other_files(tmp_path, monkeypatch, capsys):
+    from qualiclip_hf import loading
+
+    monkeypatch.setattr(loading, "resolve_model", lambda *a, **k: pytest.fail("resolved the model"))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    photo(40, 40).save(photos / "config.json.png")
+    (photos / "tokenizer.json").write_text("mine")  # a name an export writes
+    assert main(["export", "onnx", "--model", "demo", "--output", str(photos)]) == 2
+    err = capsys.readouterr().err
+    assert f"--output {photos} is a folder with other files and no previous export (model.onnx)" in err
+    assert (photos / "tokenizer.json").read_text() == "mine"
+    (tmp_path / "a_file").write_text("")
+    assert main(["export", "onnx", "--model", "demo", "--output", str(tmp_path / "a_file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["export", "onnx", "--output", str(tmp_path / "new"), "--calibration-images", str(photos)]) == 2
+    assert "it does not apply to --precision fp32" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not QUALICLIP_SCRIPT.is_file(), reason="the qualiclip console script is not installed")
+def test_dataset_library_progress_bars_only_with_verbose(tmp_path):
+    pytest.importorskip("datasets")
+    data = tmp_path / "data"
+    data.mkdir()
+    photo(48, 48).save(data / "a.png")
+    errs = []
+    for options in ([], ["--verbose"]):
+        env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / f"cache{len(errs)}"), "HF_HUB_OFFLINE": "1"}
+        output = str(tmp_path / f"out{len(errs)}")
+        command = [str(QUALICLIP_SCRIPT), "score", "--dataset", str(data), "--model", "demo", "--output", output]
+        done = subprocess.run([*command, *options], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        errs.append(done.stderr)
+    quiet, verbose = errs
+    assert "Generating train split" in verbose
+    assert "Generating train split" not in quiet
+
+
+def test_a_dataset_output_in_a_folder_that_cannot_be_written_is_one_line(good_folder, tmp_path, monkeypatch, capsys):
+    from qualiclip_hf import outputs
+
+    locked = tmp_path / "read_only"
+    locked.mkdir()
+    # As `chmod a-w` would, also where the tests run as root (who may write anywhere).
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: Path(path) != locked)
+    output = locked / "scores"
+    assert main(["score", "--dataset", str(good_folder), "--model", "demo", "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write --output {output}: {locked} cannot be written (permission denied)" in err
+    assert "Traceback" not in err and not output.exists()

@@ -197,6 +197,7 @@ def test_every_input_kind_gives_the_file_scores(photo_files, file_scores, demo, 
 
 def test_a_hub_id_is_streamed_and_a_local_folder_is_prepared(monkeypatch, tmp_path):
     calls = []
+    monkeypatch.setattr("qualiclip_hf.loading.hub_unreachable_reason", lambda: None)  # as if online
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: calls.append((args, kwargs)))
     open_dataset("someone/photos", "validation")
     open_dataset(str(tmp_path), "train")
@@ -457,36 +458,48 @@ def test_the_output_folder_reads_as_one_parquet_dataset(photo_files, demo, tmp_p
     assert sorted(loaded["id"]) == list(range(len(photo_files)))
 
 
-def test_a_run_of_the_previous_version_resumes_from_its_file_names(photo_files, demo, tmp_path):
+def test_resume_sets_a_damaged_part_aside_names_it_and_scores_its_rows_again(photo_files, demo, tmp_path):
     model, processor = demo
-    dataset = image_table(photo_files)
+    dataset = image_table(photo_files)  # 8 rows: with 2 rows per file, 4 units of one part each
     options = {"rows_per_file": 2, "batch_size": 2, "num_workers": 0, "progress": False}
     reference = tmp_path / "reference"
     score_dataset(dataset, reference, model, processor, **options)
+    output = tmp_path / "out"
+    score_dataset(dataset, output, model, processor, **options)
+    parts = sorted(output.glob("part-*.parquet"))
+    assert len(parts) == 4
+    damaged = parts[1]  # the part of a complete unit
+    cut = damaged.read_bytes()[:100]  # cut short, as by a full disk
+    damaged.write_bytes(cut)
+    with pytest.warns(UserWarning, match=re.escape(f"{damaged}: not a readable Parquet file")) as caught:
+        summary = score_dataset(dataset, output, model, processor, resume=True, **options)
+    assert f"set aside as .damaged-{damaged.name}" in str(caught[0].message)
+    assert (output / f".damaged-{damaged.name}").read_bytes() == cut  # kept, for whoever wants to look
+    assert (summary.rows, summary.rows_this_run) == (len(photo_files), options["rows_per_file"])
+    assert read_scores(output).equals(read_scores(reference))
+    assert pq.read_table(output).num_rows == len(photo_files)  # the set-aside file is hidden from readers
 
-    # The previous version's names: run.json, manifest/unit-UUUUUU.json and, once complete, manifest.json.
-    old = tmp_path / "old"
-    score_dataset(dataset, old, model, processor, **options)
-    for name in ("run.json", "manifest", "manifest.json"):
-        (old / f".{name}").rename(old / name)
-    assert read_scores(old).equals(read_scores(reference))  # a complete run of the previous version reads
-    with pytest.raises(ValueError, match="already holds a run"):
-        score_dataset(dataset, old, model, processor, **options)
 
-    # Stopped half-way: units 0 and 1 (of 4) complete, 2 and 3 not begun.
-    for unit in (2, 3):
-        (old / "manifest" / f"unit-{unit:06d}.json").unlink()
-        for part in old.glob(f"part-{unit:06d}-*.parquet"):
-            part.unlink()
-    (old / "manifest.json").unlink()
-    kept = {path.name: path.stat().st_mtime_ns for path in old.glob("part-*.parquet")}
-    assert len(kept) == 2
-    summary = score_dataset(dataset, old, model, processor, resume=True, **options)
-    assert summary.rows_this_run == 4  # the complete units of the previous run were kept, not scored again
-    assert {name: (old / name).stat().st_mtime_ns for name in kept} == kept
-    assert read_scores(old).equals(read_scores(reference))
-    assert not any((old / name).exists() for name in ("run.json", "manifest", "manifest.json"))
-    assert pq.read_table(old).num_rows == len(photo_files)
+def test_the_command_names_a_damaged_part_on_resume(photo_files, tmp_path, capsys):
+    write_parquet_folder(image_table(photo_files[:2]), tmp_path / "data", files=1)
+    command = ["score", "--dataset", str(tmp_path / "data"), "--model", "demo", "--output", str(tmp_path / "out")]
+    assert main(command) == 0
+    (part,) = (tmp_path / "out").glob("part-*.parquet")
+    part.write_bytes(b"not parquet")
+    capsys.readouterr()
+    assert main([*command, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"{part}: not a readable Parquet file" in err and "Traceback" not in err
+    assert "scored 2 rows" in err and read_scores(tmp_path / "out").num_rows == 2
+
+
+def test_a_hub_id_with_the_hub_unreachable_fails_at_once_without_retries(monkeypatch):
+    # `datasets` would retry for half a minute; the Hub's reachability is known within a second, as for models.
+    reason = "https://huggingface.co cannot be reached (no network?)"
+    monkeypatch.setattr("qualiclip_hf.loading.hub_unreachable_reason", lambda: reason)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: pytest.fail("asked datasets"))
+    with pytest.raises(ValueError, match=re.escape(f"cannot open dataset 'someorg/photos': {reason}")):
+        open_dataset("someorg/photos")
 
 
 def test_a_missing_dataset_is_one_line_offline(tmp_path, monkeypatch):

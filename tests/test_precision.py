@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from qualiclip_hf.backends.precision import (
 )
 from qualiclip_hf.cli import main
 
-from .conftest import photo
+from .conftest import REPO_ROOT, photo
 
 AVX512_BF16_VNNI = frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"})
 AVX2_ONLY = frozenset({"avx2", "fma"})
@@ -277,3 +278,34 @@ def test_cli_int8_scores_follow_float32(tiny_model_dir, tmp_path, monkeypatch, c
         openvino_int8 = scores("--precision", "int8", "--backend", "openvino", "--calibration-images", str(folder))
         assert openvino_int8 != full
         assert openvino_int8 == pytest.approx(int8, abs=0.05)
+
+
+def test_the_default_calibration_photos_are_package_data():
+    # An installed wheel has no examples/ folder: the default photos ship inside the package.
+    import tomllib
+
+    import qualiclip_hf
+    from qualiclip_hf.backends.quantization import default_calibration_images
+
+    package = Path(qualiclip_hf.__file__).parent
+    photos = default_calibration_images()
+    assert len(photos) >= 4 and all(path.is_file() for path in photos)
+    patterns = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for path in photos:
+        assert any(path.relative_to(package).match(pattern) for pattern in patterns["qualiclip_hf"]), path
+
+
+def test_calibration_photos_missing_or_too_small_are_named(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    monkeypatch.setenv("QUALICLIP_CACHE", str(tmp_path / "cache"))
+    photo(64, 64).save(tmp_path / "x.png")
+    command = ["score", str(tmp_path / "x.png"), "--model", str(tiny_model_dir), "--precision", "int8"]
+    assert main([*command, "--calibration-images", str(tmp_path / "missing")]) == 2
+    assert f"{tmp_path / 'missing'}: no such folder of calibration photos" in capsys.readouterr().err
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    photo(64, 64).save(folder / "a.png")
+    photo(20, 20).save(folder / "small.png")
+    assert main([*command, "--calibration-images", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"calibration photo {folder / 'small.png'}: 20x20 pixels is below the model's 32x32 minimum" in err
+    assert "Traceback" not in err

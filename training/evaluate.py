@@ -33,7 +33,8 @@ from scipy.stats import kendalltau, pearsonr, spearmanr
 from tqdm.auto import tqdm
 
 from qualiclip_hf.image_processing_qualiclip import limit_longest_side
-from qualiclip_hf.loading import load_model_and_processor
+from qualiclip_hf.loading import DEVICES, load_model_and_processor, select_device
+from qualiclip_hf.outputs import write_text_atomic
 from qualiclip_hf.scoring import collect_image_paths, read_image, score_files
 from training.degradations import ALL_DISTORTIONS, DEFAULT_STYLE, DEGRADATION_STYLES, apply_distortion, check_style
 
@@ -362,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     mos.add_argument("--lower-is-better", action="store_true", help="a lower opinion means better quality")
     mos.add_argument("--batch-size", type=int, default=4)
     mos.add_argument("--max-size", type=int)
-    mos.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    mos.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA, else MPS, else the CPU")
     mos.add_argument("--output", type=Path)
 
     synthetic = commands.add_parser("synthetic", help="SRCC between degradation level and score")
@@ -376,9 +377,10 @@ def main(argv: list[str] | None = None) -> None:
         default=DEFAULT_STYLE,
         help="the distortions' implementation; use the one the model was trained with (its degradation_style)",
     )
-    synthetic.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    synthetic.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA, else MPS, else the CPU")
     synthetic.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
+    args.device = select_device(args.device)
     if args.command == "mos":
         preset = MOS_PRESETS[args.dataset] if args.dataset else _GENERIC
         higher_is_better = preset.higher_is_better and not args.lower_is_better
@@ -403,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     text = json.dumps(results, indent=2)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
+        write_text_atomic(args.output, text + "\n")
     print(text)
 
 

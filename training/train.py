@@ -35,6 +35,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from qualiclip_hf import QualiCLIPConfig, QualiCLIPModel
 from qualiclip_hf.build_processor import make_processor
 from qualiclip_hf.hub.push import push_blocker
+from qualiclip_hf.outputs import write_text_atomic
 from training.data import DegradedBatches, load_pristine_stream, shard_for_process
 from training.losses import QualiCLIPLossWeights, qualiclip_losses
 
@@ -261,9 +262,7 @@ def truncate_loss_log(path: Path, step: int) -> None:
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             kept.append(line + "\n")
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_text("".join(kept))
-    os.replace(staging, path)
+    write_text_atomic(path, "".join(kept))
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state: dict) -> None:

@@ -20,12 +20,14 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from ..image_processing_qualiclip import MIN_IMAGE_SIZE
+from ..outputs import atomic_path
 
 if TYPE_CHECKING:
     import torch
@@ -39,8 +41,6 @@ OUTPUT_NAMES = ("quality_score", "logits_per_prompt", "image_embeds")
 # own: `qualiclip_hf.backends.quantization`).
 RUNTIMES = ("onnxruntime", "openvino")
 RUNTIME_PRECISIONS = {"onnxruntime": ("fp32",), "openvino": ("fp32", "bf16")}
-# The smallest height and width the graph accepts: the image tower's total stride (`QualiCLIPModel.min_image_size`).
-MIN_IMAGE_SIZE = 32
 
 
 def cache_dir() -> Path:
@@ -124,8 +124,7 @@ def export_onnx(model: QualiCLIPModel, output: str | Path, processor: Any = None
     example = torch.rand(1, 3, 2 * MIN_IMAGE_SIZE, 3 * MIN_IMAGE_SIZE)
     axes = {0: "batch_size", 2: "height", 3: "width"}
     target = output / ONNX_FILENAME
-    with tempfile.TemporaryDirectory(dir=output, prefix=".export-") as staging:
-        staged = Path(staging) / ONNX_FILENAME
+    with atomic_path(target) as staged:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             # torch's TorchScript-based exporter (`dynamo=False`): 2 s for the demo model where the dynamo-based one
@@ -153,7 +152,6 @@ def export_onnx(model: QualiCLIPModel, output: str | Path, processor: Any = None
         }
         onnx.helper.set_model_props(proto, metadata)
         onnx.save(proto, str(staged))
-        os.replace(staged, target)
     if processor is not None:
         processor.save_pretrained(output)
     return target

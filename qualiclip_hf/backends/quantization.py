@@ -15,40 +15,44 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..outputs import atomic_path
 from .onnx import ONNX_FILENAME, cache_dir, export_onnx, model_cache_key
 
-EXAMPLE_IMAGES_DIR = Path(__file__).resolve().parents[1] / "examples" / "images"
+# The default calibration photos, shipped with the package (links to the README's `examples/images` in a clone; files
+# in a wheel): a pristine photo and its blurred, noisy and JPEG versions, and two other scenes.
+CALIBRATION_IMAGES_DIR = Path(__file__).resolve().parents[1] / "data" / "calibration"
 # Calibration photos are scored at most this large (longest side): activation ranges hardly depend on the size, and
 # larger photos only make calibration slower.
 CALIBRATION_MAX_SIZE = 512
 
 
 def default_calibration_images() -> list[Path]:
-    """The README's example photos (`examples/images`: a pristine photo and its blurred, noisy and JPEG versions)."""
-    return sorted(EXAMPLE_IMAGES_DIR.glob("*.jpg"))
+    """The bundled calibration photos (`qualiclip_hf/data/calibration`, package data), sorted."""
+    return sorted(CALIBRATION_IMAGES_DIR.glob("*.jpg"))
 
 
 def calibration_images(folder: str | Path | None = None) -> list[Path]:
     """
-    The photos to calibrate on: the image files of `folder` (sorted, not recursive), or the default ones.
+    The photos to calibrate on: the image files of `folder` (sorted, not recursive), or the bundled ones.
 
     Raises:
-        FileNotFoundError: the folder (or the bundled examples, in an installed package without them) has no image.
+        FileNotFoundError: `folder` does not exist, or it (or the bundled folder, in a package installed without its
+            data) holds no image.
     """
     from ..scoring import collect_image_paths
 
+    if folder is not None and not Path(folder).exists():
+        raise FileNotFoundError(f"{folder}: no such folder of calibration photos")
     paths = default_calibration_images() if folder is None else collect_image_paths([folder])
     paths = [path for path in paths if path.is_file()]
     if not paths:
-        where = folder if folder is not None else f"{EXAMPLE_IMAGES_DIR} (the bundled examples)"
+        where = folder if folder is not None else f"{CALIBRATION_IMAGES_DIR} (the bundled photos)"
         raise FileNotFoundError(f"no calibration images in {where}; pass a folder of photos (--calibration-images)")
     return paths
 
@@ -65,7 +69,10 @@ class _CalibrationReader:
 
         for path in paths:
             image = read_image(path)  # raises ValueError naming the file
-            inputs = processor(images=[image], return_tensors="pt", max_size=CALIBRATION_MAX_SIZE)
+            try:
+                inputs = processor(images=[image], return_tensors="pt", max_size=CALIBRATION_MAX_SIZE)
+            except ValueError as error:  # below the model's minimum size: the processor knows no file name
+                raise ValueError(f"calibration photo {path}: {error}") from None
             yield {"pixel_values": inputs["pixel_values"].float().numpy()}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -86,8 +93,7 @@ def quantize_onnx(fp32_path: str | Path, output: str | Path, images: Sequence[Pa
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".quantize-") as staging, _quiet_onnxruntime_logs():
-        staged = Path(staging) / output.name
+    with atomic_path(output) as staged, _quiet_onnxruntime_logs():
         quantize_static(
             str(fp32_path),
             str(staged),
@@ -99,7 +105,6 @@ def quantize_onnx(fp32_path: str | Path, output: str | Path, images: Sequence[Pa
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
         )
-        os.replace(staged, output)
     return output
 
 

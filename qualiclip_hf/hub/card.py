@@ -20,6 +20,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..outputs import write_text_atomic
+
 TEMPLATE_PATH = Path(__file__).parent / "model_card_template.md"
 # Stands for the repository in the usage examples of a card made without one; `qualiclip push` fills it in.
 REPO_PLACEHOLDER = "ORG/NAME"
@@ -197,9 +199,11 @@ def make_model_card(
 
 
 def write_model_card(model_dir: str | Path, output: str | Path | None = None, **options: Any) -> Path:
-    """Writes `make_model_card(model_dir, **options)` to `output` (default: `model_dir/README.md`)."""
+    """Writes `make_model_card(model_dir, **options)` to `output` (default: `model_dir/README.md`), atomically."""
     output = Path(output) if output is not None else Path(model_dir) / "README.md"
-    make_model_card(model_dir, **options).save(output)
+    card = make_model_card(model_dir, **options)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(output, str(card))  # what `ModelCard.save` writes, never half of it
     return output
 
 

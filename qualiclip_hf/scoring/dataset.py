@@ -20,8 +20,7 @@ killed at any moment and resumed (`resume=True`, `--resume`) ends with the same 
 The run's bookkeeping (`.run.json`, `.manifest/`, `.manifest.json`, `.progress/`) has names that start with a dot, so
 that the folder reads as one Parquet dataset: `pyarrow.parquet.read_table(folder)`, `pandas.read_parquet(folder)` and
 `datasets.load_dataset("parquet", data_dir=folder)` skip hidden files (pyarrow also those starting with `_`, datasets
-does not). A folder written under the previous names (`run.json`, `manifest/`, `manifest.json`) is read, and its
-files are renamed when it is resumed.
+does not).
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -46,9 +46,10 @@ import torch
 
 from ..image_reader import DEFAULT_MAX_PIXELS, open_image_value
 from ..modeling_qualiclip import QualiCLIPModel
+from ..outputs import atomic_path, write_json_atomic
 from ..processing_qualiclip import QualiCLIPProcessor
 from .core import DecodedImage, ImageScore, score_images
-from .resources import choose_thread_counts, default_batch_size, prepare_worker, usable_cores
+from .resources import choose_thread_counts, prepare_worker, usable_cores
 
 __all__ = ["DatasetScoringSummary", "QualityScorer", "open_dataset", "read_scores", "score_dataset"]
 
@@ -58,10 +59,6 @@ RUN_FILE = ".run.json"
 MANIFEST_DIR = ".manifest"
 SUMMARY_FILE = ".manifest.json"
 _PROGRESS_DIR = ".progress"
-# The previous version's names, which readers of the folder took for data files: read, and renamed on resume (the
-# run file last, so that a rename cut short is done again).
-_OLD_RUN_FILE, _OLD_SUMMARY_FILE, _OLD_PROGRESS_DIR = "run.json", "manifest.json", "_progress"
-_OLD_NAMES = {"manifest": MANIFEST_DIR, _OLD_SUMMARY_FILE: SUMMARY_FILE, _OLD_RUN_FILE: RUN_FILE}
 
 
 # ------------------------------------------------------------------------------------------------------ decoding
@@ -109,7 +106,8 @@ class QualityScorer:
         model: A model name (`"demo"`, `"official"`, a folder, a Hub id) or a loaded [`QualiCLIPModel`].
         processor: The processor, when `model` is a loaded model (else loaded with it).
         image_column: The column that holds the images.
-        device: Where to run the model (default: CUDA when available, else the CPU); ignored for a loaded model.
+        device: Where to run the model (default: `loading.select_device()`: CUDA, else MPS, else the CPU); ignored
+            for a loaded model.
         max_size: Downscale images whose longest side exceeds this many pixels (default: full resolution).
         max_pixels: Refuse images of more pixels before decoding them (default: Pillow's limit; `None`: no limit).
         save_embeddings: Also add the `image_embeds` column.
@@ -126,10 +124,9 @@ class QualityScorer:
         save_embeddings: bool = False,
     ) -> None:
         if isinstance(model, str):
-            from ..loading import load_model_and_processor
+            from ..loading import load_model_and_processor, select_device
 
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            model, processor = load_model_and_processor(model, device)
+            model, processor = load_model_and_processor(model, device or select_device())
         elif processor is None:
             raise ValueError("a loaded model needs its processor: QualityScorer(model, processor)")
         self.model = model.eval()
@@ -183,7 +180,8 @@ def open_dataset(source: str, split: str = "train", streaming: bool | None = Non
         A `datasets.Dataset`, or a `datasets.IterableDataset` when streaming.
 
     Raises:
-        ValueError: when the dataset or split cannot be opened, with `datasets`' reason.
+        ValueError: when the dataset or split cannot be opened, with `datasets`' reason; at once, without retries, for
+            a streamed Hub id when the Hub cannot be reached (offline, or `HF_HUB_OFFLINE` set).
     """
     import datasets
 
@@ -193,6 +191,17 @@ def open_dataset(source: str, split: str = "train", streaming: bool | None = Non
         raise ValueError(f"cannot open dataset {source!r}: no such file or folder")
     if streaming is None:
         streaming = not local.exists()
+    if not local.exists() and streaming:
+        # `datasets` retries an unreachable Hub for half a minute, and a streamed dataset needs the Hub: stop at once,
+        # as model names do (`loading.hub_unreachable_reason`).
+        from ..loading import hub_unreachable_reason
+
+        unreachable = hub_unreachable_reason()
+        if unreachable is not None:
+            raise ValueError(
+                f"cannot open dataset {source!r}: {unreachable}, and a Hub dataset is streamed from the Hub; download "
+                f"it where you can (`hf download {source} --repo-type dataset --local-dir DIR`) and pass DIR"
+            )
     try:
         if local.is_file():
             builder = {".parquet": "parquet", ".arrow": "arrow", ".tar": "webdataset"}.get(local.suffix.lower())
@@ -322,16 +331,9 @@ class _PartBuffer:
         if embed_dim is not None:
             columns.append(column("image_embeds"))
         table = pa.Table.from_arrays(columns, schema=_schema(ids.type, embed_dim))
-        temporary = path.with_name(f".{path.name}.tmp")
-        pq.write_table(table, temporary)
-        os.replace(temporary, path)
+        with atomic_path(path) as temporary:
+            pq.write_table(table, temporary)
         self.ids, self.outcomes = [], []
-
-
-def _write_json(path: Path, content: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
 
 
 # ---------------------------------------------------------------------------------------------------------- running
@@ -467,8 +469,8 @@ def score_dataset(
         max_pixels: Refuse images of more pixels before decoding them (`None`: no limit).
         save_embeddings: Also write the image embeddings.
         resume: Finish a run that stopped: complete units and part files are kept, the rest is scored. The settings
-            must be those of the stopped run. A run of the previous version (`run.json`, `manifest/`) is resumed
-            too; its files are renamed.
+            must be those of the stopped run. A part file that does not read as Parquet (damaged by a crash or a full
+            disk) is named in a warning, set aside as `.damaged-part-...` and its rows are scored again.
         settings: Extra settings recorded in `.run.json` and checked on resume (the CLI passes the dataset's name,
             split and the model's name).
         progress: Show a progress bar (on the main process only, counting the rows of all processes).
@@ -533,12 +535,10 @@ def score_dataset(
 
 def _start_run(output_dir: Path, run: dict, resume: bool, state: Any) -> None:
     run_file = output_dir / RUN_FILE
-    old_run_file = output_dir / _OLD_RUN_FILE
     error = None
     if state.is_main_process:
-        found = run_file if run_file.is_file() else old_run_file if old_run_file.is_file() else None
-        if found is not None:
-            stored = json.loads(found.read_text(encoding="utf-8"))
+        if run_file.is_file():
+            stored = json.loads(run_file.read_text(encoding="utf-8"))
             if not resume:
                 error = f"{output_dir} already holds a run; pass --resume (resume=True) to finish it, or use a new one"
             elif stored != json.loads(json.dumps(run)):
@@ -548,13 +548,13 @@ def _start_run(output_dir: Path, run: dict, resume: bool, state: Any) -> None:
                     + "; ".join(f"{key} was {stored.get(key)!r}, now {run.get(key)!r}" for key in changed)
                     + "); resume it with its settings, or use a new folder"
                 )
-            elif found == old_run_file:
-                _rename_old_files(output_dir)
+            else:
+                _set_aside_damaged_parts(output_dir)
         elif output_dir.is_dir() and any(output_dir.iterdir()):
             error = f"{output_dir} is not empty and holds no run ({RUN_FILE}); use an empty or new folder"
         else:
             (output_dir / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
-            _write_json(run_file, run)
+            write_json_atomic(run_file, run)
     # Every process learns the verdict of the main one, which alone reads and writes the run file.
     error = _broadcast(error, state)
     if error is not None:
@@ -562,13 +562,36 @@ def _start_run(output_dir: Path, run: dict, resume: bool, state: Any) -> None:
     (output_dir / _PROGRESS_DIR).mkdir(exist_ok=True)
 
 
-def _rename_old_files(output_dir: Path) -> None:
-    """Gives a run of the previous version this version's names (`_OLD_NAMES`); its progress counts are dropped."""
-    shutil.rmtree(output_dir / _OLD_PROGRESS_DIR, ignore_errors=True)
-    for old, new in _OLD_NAMES.items():
-        if (output_dir / old).exists() and not (output_dir / new).exists():
-            os.replace(output_dir / old, output_dir / new)
-    (output_dir / MANIFEST_DIR).mkdir(exist_ok=True)
+def _set_aside_damaged_parts(output_dir: Path) -> None:
+    """
+    Before a resume: each part file that does not read as Parquet (a run killed mid-write by the system, a full disk,
+    a copy cut short) is renamed `.damaged-NAME` (hidden: readers of the folder skip it), its unit is marked
+    incomplete, and the unit's later parts, which a resume writes again, are removed; a warning names each file.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in sorted(output_dir.glob("part-*.parquet")):
+        if not path.is_file():  # removed below, as a later part of a damaged one's unit
+            continue
+        try:
+            pq.ParquetFile(path)  # reads the footer: the file's end, where a cut-off write shows
+        except (OSError, pa.ArrowException) as error:
+            aside = path.with_name(f".damaged-{path.name}")
+            os.replace(path, aside)
+            unit = int(path.name.split("-")[1])
+            later = [part for part in sorted(output_dir.glob(f"part-{unit:06d}-*.parquet")) if part.name > path.name]
+            for part in later:
+                part.unlink()
+            _unit_marker(output_dir, unit).unlink(missing_ok=True)
+            (output_dir / SUMMARY_FILE).unlink(missing_ok=True)
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            warnings.warn(
+                f"{path}: not a readable Parquet file ({reason}); set aside as {aside.name}, and its rows"
+                + (f" and those of the {len(later)} later part(s) of its unit" if later else "")
+                + " are scored again",
+                stacklevel=2,
+            )
 
 
 def _broadcast(value: Any, state: Any) -> Any:
@@ -587,7 +610,7 @@ def _finish_unit(output_dir: Path, unit: int) -> None:
 
     rows = sum(_parquet_rows(path) for path in parts)
     without_error = sum(pq.read_table(path, columns=["error"]).column("error").null_count for path in parts)
-    _write_json(
+    write_json_atomic(
         _unit_marker(output_dir, unit),
         {"unit": unit, "rows": rows, "failed": rows - without_error, "parts": [path.name for path in parts]},
     )
@@ -599,7 +622,7 @@ def _summarize(output_dir: Path, units: list[_Unit], rows_this_run: int, seconds
     rows = sum(item["rows"] for item in done)
     failed = sum(item["failed"] for item in done)
     if state.is_main_process and len(done) == len(units):
-        _write_json(
+        write_json_atomic(
             output_dir / SUMMARY_FILE,
             {"complete": True, "rows": rows, "failed": failed, "parts": [p for item in done for p in item["parts"]]},
         )
@@ -714,7 +737,7 @@ class _ProgressCounter:
 
     def _write(self) -> None:
         self.last_write = time.monotonic()
-        _write_json(self._path(self.state.process_index), {"rows": self.count})
+        write_json_atomic(self._path(self.state.process_index), {"rows": self.count})
 
     def _read_others(self) -> int:
         total = 0
@@ -759,97 +782,9 @@ def read_scores(output_dir: str | os.PathLike, require_complete: bool = True) ->
     import pyarrow.parquet as pq
 
     output_dir = Path(output_dir)
-    complete = (output_dir / SUMMARY_FILE).is_file() or (output_dir / _OLD_SUMMARY_FILE).is_file()
-    if require_complete and not complete:
+    if require_complete and not (output_dir / SUMMARY_FILE).is_file():
         raise ValueError(f"{output_dir}: the run is not complete (no {SUMMARY_FILE}); finish it with --resume")
     parts = sorted(output_dir.glob("part-*.parquet"))
     if not parts:
         raise ValueError(f"{output_dir}: no part files")
     return pa.concat_tables([pq.read_table(path) for path in parts])
-
-
-# ------------------------------------------------------------------------------------------------- command line
-
-
-def score_dataset_command(args: Any) -> int:
-    """
-    `qualiclip score --dataset ...` (also under `accelerate launch -m qualiclip_hf.cli score --dataset ...`): the
-    command's arguments to [`score_dataset`]. Returns the exit status: 0 when the run is complete (rows that failed
-    are counted in the summary and have their `error`), 2 for bad arguments.
-    """
-    from accelerate import PartialState
-
-    from ..backends.precision import prepare_scorer, runtime_for
-    from ..loading import load_model_and_processor, resolve_model
-
-    def fail(message: str, status: int = 2) -> int:
-        print(f"qualiclip: {message}", file=sys.stderr)
-        return status
-
-    if args.output is None:
-        return fail("--dataset needs --output FOLDER, where the Parquet files of scores go")
-    # Without `cpu=True`, Accelerate treats processes launched on a machine without GPUs as independent single
-    # processes; with it, they join one group over gloo (`accelerate launch --multi_gpu --num_processes N` on CPUs).
-    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
-    if args.device == "cuda" and state.device.type != "cuda":
-        return fail("--device cuda was asked for, but CUDA is not available")
-    with state.main_process_first():  # the main process prepares `datasets`' cache of local data; the others reuse it
-        try:
-            dataset = open_dataset(args.dataset, args.split, streaming=True if args.streaming else None)
-        except ValueError as error:
-            return fail(str(error))
-    if runtime_for(args.backend, args.precision) != "torch":
-        return fail("--dataset runs the PyTorch model: --precision fp32, bf16, fp16 or auto, --backend torch")
-    try:
-        resolved = resolve_model(args.model)
-        if state.is_main_process:
-            print(f"model: {resolved.name} ({resolved.description})", file=sys.stderr)
-        model, processor = load_model_and_processor(resolved, state.device)
-        # Bulk scoring, as `qualiclip score` on files (fuse: BatchNorm folded, CPU chunks in fp32).
-        model, chosen = prepare_scorer(model, processor, args.precision, fuse=True)
-    except (OSError, ValueError) as error:
-        return fail(f"cannot load model {args.model!r}: {error}")
-    # The precision that runs, never "auto": a resumed run must compute its rows the same way.
-    settings = {"dataset": args.dataset, "split": args.split, "model": args.model, "precision": chosen}
-    try:
-        summary = score_dataset(
-            dataset,
-            args.output,
-            model,
-            processor,
-            image_column=args.image_column,
-            id_column=args.id_column,
-            rows_per_file=args.rows_per_file,
-            batch_size=args.batch_size or default_batch_size(state.device),
-            num_workers=args.num_workers,
-            max_size=args.max_size,
-            max_pixels=DEFAULT_MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None),
-            save_embeddings=args.save_embeddings,
-            resume=args.resume,
-            settings=settings,
-        )
-    except ValueError as error:
-        return fail(str(error))
-    except KeyboardInterrupt:
-        from ..cli import EXIT_INTERRUPTED
-
-        # Part files are written whole (temporary name, then renamed): what is there is kept, and --resume scores
-        # the rest. The decode workers ignore Ctrl-C (`resources.prepare_worker`), so they print nothing.
-        try:
-            kept = read_scores(args.output, require_complete=False).num_rows
-        except (OSError, ValueError):
-            kept = 0
-        return fail(
-            f"interrupted; {args.output} holds {kept} scored rows; to continue, run the same command with --resume",
-            EXIT_INTERRUPTED,
-        )
-    if state.is_main_process:
-        print(
-            f"scored {summary.rows_this_run} rows in {summary.seconds:.1f} s ({summary.images_per_second:.2f} "
-            f"images/s, {state.num_processes} process{'es' if state.num_processes > 1 else ''}); {args.output} holds "
-            f"{summary.rows} rows, {summary.failed} failed (see the error column)",
-            file=sys.stderr,
-        )
-    # Failed rows are data (their `error` column), not a failure of the run: a nonzero status would also make torchrun
-    # report a crashed rank.
-    return 0

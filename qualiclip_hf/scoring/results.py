@@ -9,10 +9,11 @@ import csv
 import io
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ..outputs import check_output_location, write_text_atomic
 
 if TYPE_CHECKING:
     from .files import ScoreResult
@@ -53,9 +54,10 @@ class ResultWriter:
     With `resume=True`, the rows already in the file are kept and [`done`] holds their paths, so a run can skip them;
     a last CSV row or JSON line cut off by a crash (no newline) is dropped, and its file is scored again. [`start`]
     (and [`check_settings`], to refuse early) refuses rows recorded with other settings, so that a file never mixes
-    scores computed two ways. Rows written by an earlier version record no settings (no `precision`): they cannot be
-    checked and are accepted, taken to have been scored with this run's settings; [`unrecorded`] counts them, so the
-    caller can say so. They keep empty settings when the file is rewritten.
+    scores computed two ways.
+
+    The writer does not lock its file: the command holds an `outputs.OutputLock` on it for the run, so that two runs
+    never write one file.
 
     Args:
         path: The results file; its folder is created.
@@ -66,8 +68,9 @@ class ResultWriter:
 
     Raises:
         ValueError: an unknown extension; a file to resume that does not parse, or whose rows name another model
-            (or, with `settings`, were scored with other settings).
-        OSError: the folder cannot be created, or a file cannot be written in it.
+            (or, with `settings`, were scored with other settings); a path that cannot be written
+            (`outputs.check_output_location`: under a file, in a folder without write permission).
+        OSError: the folder cannot be created.
     """
 
     def __init__(
@@ -93,15 +96,13 @@ class ResultWriter:
             )
         self.rows: list[dict] = self._read_rows() if resume and self.path.exists() else []
         self.done = {os.path.abspath(row["path"]) for row in self.rows}
-        self.unrecorded = sum(row["precision"] is None for row in self.rows)
         self.settings: dict | None = None
         self._last_dump = 0.0
+        self._dumped = -1  # rows in the file at the last whole write
         self._file = None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         # Nothing is written before `start`, but whether it can be is known now, before a model is loaded.
-        handle, probe = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".partial")
-        os.close(handle)
-        os.unlink(probe)
+        check_output_location(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         if settings is not None:
             self.start(settings)
 
@@ -109,11 +110,9 @@ class ResultWriter:
         """
         Refuses resumed rows recorded with other values of the given settings (any of `SETTING_OPTIONS`; those not
         given are not checked): a `ValueError` of one line naming each setting, the file's value and this run's, and
-        the options that continue the file. Rows without recorded settings (an earlier version's) are accepted.
+        the options that continue the file.
         """
         for row in self.rows:
-            if row["precision"] is None:
-                continue
             changed = [key for key in SETTING_OPTIONS if key in settings and row[key] != settings[key]]
             if changed:
                 theirs = " and ".join(_as_option(key, row[key]) for key in changed)
@@ -135,7 +134,7 @@ class ResultWriter:
             raise ValueError(f"the settings lack {', '.join(sorted(missing))}")
         self.check_settings(settings)
         self.settings = {key: settings[key] for key in SETTING_OPTIONS}
-        self._replace(self._serialise(self.rows))
+        self._dump()
         if self.format != ".json":
             self._file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
 
@@ -153,15 +152,15 @@ class ResultWriter:
             self._file.write(self._serialise([row], header=False))
             self._file.flush()
         elif time.monotonic() - self._last_dump >= self.json_interval_s:
-            self._replace(self._serialise(self.rows))
+            self._dump()
 
     def close(self) -> None:
         """Completes the file (a JSON list is written whole)."""
         if self._file is not None:
             self._file.close()
             self._file = None
-        elif self.format == ".json" and self.settings is not None:  # never started: the file is left as it was
-            self._replace(self._serialise(self.rows))
+        elif self.format == ".json" and self.settings is not None and self._dumped != len(self.rows):
+            self._dump()  # (never started: the file is left as it was; closed twice: written once)
 
     def __enter__(self) -> ResultWriter:
         return self
@@ -181,17 +180,14 @@ class ResultWriter:
         writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
         return text.getvalue()
 
+    def _dump(self) -> None:
+        """Writes every row as the whole file (a JSON list; the resumed rows of a CSV or JSON lines file)."""
+        self._replace(self._serialise(self.rows))
+        self._dumped = len(self.rows)
+
     def _replace(self, text: str) -> None:
-        """Writes `text` as the whole file, through a temporary file in the same folder and an atomic rename."""
-        handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".partial")
-        try:
-            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600, for a file the user meant to share
-            with os.fdopen(handle, "w", newline="", encoding="utf-8") as file:
-                file.write(text)
-            os.replace(temporary, self.path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        """Writes `text` as the whole file, atomically (`outputs.write_text_atomic`)."""
+        write_text_atomic(self.path, text)
         self._last_dump = time.monotonic()
 
     def _read_rows(self) -> list[dict]:
@@ -255,9 +251,3 @@ def _is_json_object(line: str) -> bool:
         return isinstance(json.loads(line), dict)
     except ValueError:
         return False
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
