@@ -770,7 +770,7 @@ def _scorer_in_precision(
         )
     except (ImportError, OSError, ValueError) as error:
         raise CommandError(f"--precision {args.precision} --backend {args.backend}: {error}") from None
-    runtime = "torch" if scorer is model else scorer.runtime
+    runtime = getattr(scorer, "runtime", "torch")  # the ONNX scorers name their runtime
     if announce:
         choice = describe_choice(args.precision, chosen, model.device, args.backend)
         print(f"{choice}; runs in {runtime}", file=sys.stderr)

@@ -417,9 +417,6 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
         self.linear_head = (
             nn.Linear(config.vision_config.projection_dim, 1) if config.quality_head == "linear" else None
         )
-        # Speed settings of `qualiclip_hf.backends.fusion.fuse_for_inference`; a plain model has none.
-        self.cpu_chunk_pixels: int | None = None
-        self.is_fused = False
         self.post_init()
 
     @classmethod
@@ -477,23 +474,6 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
                 f"{pretrained_model_name_or_path}: the weights are corrupt or do not match the config: {found}"
             )
         return (model, info) if output_loading_info else model
-
-    def train(self, mode: bool = True) -> QualiCLIPModel:
-        if mode and getattr(self, "is_fused", False):
-            raise RuntimeError(
-                "this model was fused for inference (qualiclip_hf.backends.fusion.fuse_for_inference): its BatchNorm "
-                "layers "
-                "are gone, so it cannot train; load it again"
-            )
-        return super().train(mode)
-
-    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
-        if getattr(self, "is_fused", False):
-            raise RuntimeError(
-                "this model was fused for inference (qualiclip_hf.backends.fusion.fuse_for_inference) and no longer "
-                "has the weights of the checkpoint layout; save the model as loaded"
-            )
-        super().save_pretrained(save_directory, *args, **kwargs)
 
     @property
     def min_image_size(self) -> int:
@@ -647,35 +627,10 @@ class QualiCLIPModel(QualiCLIPPreTrainedModel):
     def _embed_images(
         self, pixel_values: torch.Tensor, output_hidden_states: bool = False
     ) -> BaseModelOutputWithPooling:
-        """
-        The image tower on `(batch_size, 3, height, width)` images of one size. With `cpu_chunk_pixels` set (by
-        `qualiclip_hf.backends.fusion.fuse_for_inference`), an eval-mode batch on a CPU runs in chunks of at most
-        that many pixels, so that activations stay in the caches; the scores are the same.
-        """
-        batch_size, _, height, width = pixel_values.shape
-        chunk_pixels = self.cpu_chunk_pixels
-        if chunk_pixels is None or self.training or pixel_values.device.type != "cpu":
-            chunk = batch_size
-        else:
-            chunk = max(1, chunk_pixels // (height * width))
-        outputs = []
-        for images in pixel_values.split(chunk):
-            features, hidden_states = self.vision_model.forward_features(images, output_hidden_states)
-            outputs.append(
-                BaseModelOutputWithPooling(
-                    last_hidden_state=features,
-                    pooler_output=self.vision_model.attnpool(features),
-                    hidden_states=hidden_states,
-                )
-            )
-        if len(outputs) == 1:
-            return outputs[0]
+        """The image tower on `(batch_size, 3, height, width)` images of one size."""
+        features, hidden_states = self.vision_model.forward_features(pixel_values, output_hidden_states)
         return BaseModelOutputWithPooling(
-            last_hidden_state=torch.cat([output.last_hidden_state for output in outputs]),
-            pooler_output=torch.cat([output.pooler_output for output in outputs]),
-            hidden_states=None
-            if not output_hidden_states
-            else tuple(torch.cat(level) for level in zip(*(output.hidden_states for output in outputs), strict=True)),
+            last_hidden_state=features, pooler_output=self.vision_model.attnpool(features), hidden_states=hidden_states
         )
 
     def _check_size(self, size: tuple[int, int]) -> None:

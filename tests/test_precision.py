@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qualiclip_hf.backends import precision
-from qualiclip_hf.backends.fusion import fold_batch_norms
+from qualiclip_hf.backends.fusion import FusedQualiCLIP, fold_batch_norms
 from qualiclip_hf.backends.precision import (
     native_formats,
     prepare_scorer,
@@ -99,14 +99,15 @@ def test_fuse_folds_the_fp32_model_only_and_keeps_its_scores(tiny_model):
     pixel_values = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = tiny_model(pixel_values).quality_score
-    fused, chosen = prepare_scorer(copy.deepcopy(tiny_model), None, "fp32", fuse=True)
-    assert chosen == "fp32" and fused.is_fused
+    fused, chosen = prepare_scorer(tiny_model, None, "fp32", fuse=True)
+    assert chosen == "fp32" and isinstance(fused, FusedQualiCLIP)
     assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in fused.modules())
     with torch.inference_mode():
         torch.testing.assert_close(fused(pixel_values).quality_score, expected, rtol=0, atol=1e-5)
-    assert not prepare_scorer(copy.deepcopy(tiny_model), None, "fp32")[0].is_fused  # fuse is asked for, never implied
-    reduced, _ = prepare_scorer(copy.deepcopy(tiny_model), None, "bf16", fuse=True)
-    assert not reduced.is_fused  # reduce_precision folds its own way; no CPU chunking in bf16
+    assert prepare_scorer(tiny_model, None, "fp32")[0] is tiny_model  # fuse is asked for, never implied
+    reduced, _ = prepare_scorer(tiny_model, None, "bf16", fuse=True)
+    assert not isinstance(reduced, FusedQualiCLIP)  # reduce_precision folds its own way; no CPU chunking in bf16
+    assert any(isinstance(module, torch.nn.BatchNorm2d) for module in tiny_model.modules())  # left as it was
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

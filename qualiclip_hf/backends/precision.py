@@ -19,6 +19,7 @@ OpenVINO's own inference precision over the whole graph (`OnnxQualiCLIP`), not `
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import logging
@@ -184,7 +185,7 @@ class _CastInput(nn.Module):
 
 def reduce_precision(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """
-    Puts a float32 `QualiCLIPModel` (eval mode) into `dtype` (bf16 or fp16) for inference, in place: every BatchNorm
+    A copy of a float32 `QualiCLIPModel` (eval mode) in `dtype` (bf16 or fp16) for inference: every BatchNorm
     folded into its convolution in float32 first, then stages 2 to 4 of the image tower (about 80% of its
     multiply-adds at any image size) cast to `dtype`. The stem and stage 1, the attention pool and the score head
     stay in float32: on the demo model, bf16 in stage 1 alone moved a photo's score by 0.034 and stages 2-4 together
@@ -192,10 +193,11 @@ def reduce_precision(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     of 100 pass any rounding on to the score.
 
     Returns:
-        `model`; it takes float32 `pixel_values` as before and returns float32 outputs.
+        The copy (`model` is left as it was); it takes float32 `pixel_values` and returns float32 outputs.
     """
     from .fusion import fold_batch_norms
 
+    model = copy.deepcopy(model)
     vision = model.vision_model
     fold_batch_norms(vision)
     vision.layer2 = _CastInput(vision.layer2, dtype)
@@ -214,8 +216,9 @@ def prepare_scorer(
     fuse: bool = False,
 ) -> tuple[Any, str]:
     """
-    Turns a float32 `QualiCLIPModel` (eval mode, on its device) into what scores in `precision`: the model itself
-    (fp32), the model reduced in place (bf16/fp16, `reduce_precision`), or an `OnnxQualiCLIP` running the exported
+    Makes what scores a float32 `QualiCLIPModel` (eval mode, on its device) in `precision`, leaving the model as it
+    was: the model itself (fp32), a `FusedQualiCLIP` (fp32 with `fuse`), a reduced copy (bf16/fp16,
+    `reduce_precision`), or an `OnnxQualiCLIP` running the exported
     graph with ONNX Runtime or OpenVINO (`backend="onnxruntime"` or `"openvino"`; int8 with the torch backend runs
     in ONNX Runtime), exported and quantized once per model into the cache
     (`qualiclip_hf.backends.quantization.cached_onnx`).
@@ -250,9 +253,9 @@ def prepare_scorer(
         inference_precision = "bf16" if chosen == "bf16" else "fp32"  # int8: the float operations left in fp32
         return OnnxQualiCLIP(graph, runtime=runtime, inference_precision=inference_precision), chosen
     if chosen in ("bf16", "fp16"):
-        reduce_precision(model, TORCH_DTYPES[chosen])
-    elif fuse:
+        return reduce_precision(model, TORCH_DTYPES[chosen]), chosen
+    if fuse:
         from .fusion import fuse_for_inference
 
-        fuse_for_inference(model)
+        return fuse_for_inference(model), chosen
     return model, chosen
