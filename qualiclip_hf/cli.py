@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -1144,5 +1145,14 @@ def _gmad_summarize_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def run() -> None:
+    """The `qualiclip` program (console script, `python -m qualiclip_hf.cli`): [`main`], then exit with its status."""
+    status = main()
+    # The command has answered (its summary, or its one-line interruption): a Ctrl-C that lands while the interpreter
+    # shuts down (torch's finalizers take a moment) would only add a traceback to that answer.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

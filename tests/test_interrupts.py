@@ -19,8 +19,18 @@ pytest.importorskip("datasets")
 EXAMPLES = REPO_ROOT / "examples/images"
 
 
-def _start(output: Path, *options: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "qualiclip_hf.cli", "score", "--dataset", str(EXAMPLES), "--model", "demo"]
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Enough photos (the examples, linked 5 times over) that a run is still going when it is interrupted."""
+    folder = tmp_path_factory.mktemp("photos")
+    for copy in range(5):
+        for path in sorted(EXAMPLES.glob("*.jpg")):
+            os.link(path, folder / f"{copy}_{path.name}")
+    return folder
+
+
+def _start(photos: Path, output: Path, *options: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "qualiclip_hf.cli", "score", "--dataset", str(photos), "--model", "demo"]
     # Its own process group, as a shell gives a command: SIGINT to the group reaches the workers too, as Ctrl-C does.
     return subprocess.Popen(
         [*command, "--output", str(output), "--batch-size", "1", *options],
@@ -56,40 +66,38 @@ def _descendants(pid: int) -> list[int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc are Linux's")
 @pytest.mark.parametrize("delay_s", [0.0, 1.0])
-def test_ctrl_c_at_any_moment_ends_with_one_line_and_resume_finishes(tmp_path, delay_s):
+def test_ctrl_c_at_any_moment_ends_with_one_line_and_resume_finishes(photos, tmp_path, delay_s):
     # The moments count from the first part file on disk: the model is loaded, workers are decoding ahead, rows are
     # being written. Every run ends within seconds, prints no traceback, and says how to continue; --resume then
     # finishes with every row once.
     output = tmp_path / "scores"
-    process = _start(output, "--rows-per-file", "1", "--num-workers", "2")
+    process = _start(photos, output, "--rows-per-file", "1", "--num-workers", "2")
     _wait_for_first_part(output, process)
     time.sleep(delay_s)
-    interrupted = process.poll() is None
-    if interrupted:
-        os.killpg(process.pid, signal.SIGINT)
+    assert process.poll() is None, "the run ended before it could be interrupted; give it more photos"
+    os.killpg(process.pid, signal.SIGINT)
     try:
         _, err = process.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         pytest.fail("the run did not end within 60 s of Ctrl-C")
     assert "Traceback" not in err, err
-    if interrupted and process.returncode != 0:  # a run may finish before the signal lands
-        assert process.returncode == 130, err
-        last = err.strip().splitlines()[-1]
-        assert "interrupted" in last and "--resume" in last, err
-    resumed = _start(output, "--rows-per-file", "1", "--num-workers", "2", "--resume")
+    assert process.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert "interrupted" in last and "--resume" in last, err
+    resumed = _start(photos, output, "--rows-per-file", "1", "--num-workers", "2", "--resume")
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     from qualiclip_hf.scoring.dataset import read_scores
 
     ids = read_scores(output).column("id").to_pylist()
-    assert sorted(ids) == list(range(len(list(EXAMPLES.glob("*.jpg")))))
+    assert sorted(ids) == list(range(len(list(photos.glob("*.jpg")))))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl and /proc are Linux's")
-def test_a_killed_run_leaves_no_decode_worker_behind(tmp_path):
+def test_a_killed_run_leaves_no_decode_worker_behind(photos, tmp_path):
     output = tmp_path / "scores"
-    process = _start(output, "--rows-per-file", "1", "--num-workers", "2")
+    process = _start(photos, output, "--rows-per-file", "1", "--num-workers", "2")
     _wait_for_first_part(output, process)
     workers = _descendants(process.pid)
     assert workers, "the run should decode in worker processes"
