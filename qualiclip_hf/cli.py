@@ -198,8 +198,9 @@ def _add_precision_options(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help="number format: 'auto' takes a faster one only where the hardware runs it natively and its score drift "
-        "met the bar of benchmarks/precision.py, else fp32; bf16/fp16 run stages 2-4 of the image tower in that "
+        help="number format: 'auto' takes the fastest one that the hardware runs natively, that scored a probe set "
+        "as fp32 does (SRCC >= 0.999, max diff <= 0.01) and ran faster, measured once per model and machine (see "
+        "`qualiclip precision`), else fp32; bf16/fp16 run stages 2-4 of the image tower in that "
         "dtype (the rest in fp32); int8 runs an int8 graph on the CPU (ONNX Runtime, or OpenVINO with --backend "
         "openvino; needs the [onnx] extra). "
         "See benchmarks/RESULTS.md (default: fp32)",
@@ -237,8 +238,32 @@ def _add_export_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     onnx.set_defaults(handler=_export_onnx_command)
 
 
+def _add_precision_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    precision = commands.add_parser(
+        "precision",
+        parents=[common],
+        help="measure which number format --precision auto runs for a model on this machine, and show why",
+    )
+    _add_model_options(precision)
+    precision.add_argument(
+        "--backend",
+        choices=(*BACKENDS, "all"),
+        default="all",
+        help="the backend to measure (default: all; onnxruntime and openvino run on the CPU only)",
+    )
+    precision.add_argument(
+        "--calibration-images", type=Path, metavar="DIR", help="photos to calibrate int8 on (as for score)"
+    )
+    precision.add_argument("--remeasure", action="store_true", help="measure again even if a verdict is cached")
+    precision.add_argument(
+        "--threads", type=_positive_int, default=None, help="PyTorch threads on a CPU (default: as for score)"
+    )
+    precision.set_defaults(handler=_precision_command)
+
+
 _PARSERS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_score_parser,
+    _add_precision_parser,
     _add_convert_parser,
     _add_push_parser,
     _add_card_parser,
@@ -380,6 +405,9 @@ def _score_command(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         torch.set_num_threads(args.threads or threads)
     model, processor = _load(resolved, device)
+    from .backends.onnx import model_cache_key
+
+    weights = model_cache_key(model)  # of the weights as loaded, before a reduced precision changes them
     model, precision, runtime = _scorer_in_precision(args, model, processor)
     if writer is not None:
         try:
@@ -389,7 +417,7 @@ def _score_command(args: argparse.Namespace) -> int:
 
                 calibration = calibration_key(args.calibration_images)
             settings = {"precision": precision, "backend": runtime, "max_size": args.max_size}
-            writer.start({**settings, "calibration": calibration})
+            writer.start({**settings, "calibration": calibration, "weights": weights})
         except (OSError, ValueError) as error:
             raise CommandError(f"cannot write --output {args.output}: {error}") from None
     batch_size = args.batch_size or (1 if device.type == "cpu" else 8)
@@ -454,17 +482,20 @@ def _scorer_in_precision(args: argparse.Namespace, model: Any, processor: Any) -
     What scores in `--precision` / `--backend` (`precision.prepare_scorer`), the choice printed once; with the
     precision chosen (`auto` resolved) and what runs the model (`torch`, `onnxruntime` or `openvino`).
     """
-    from .backends.precision import describe_choice, prepare_scorer
+    from .backends.auto_precision import choose_precision
+    from .backends.precision import prepare_scorer
 
     try:
+        precision, line = args.precision, None
+        if precision == "auto":  # measured once per weights and machine, then cached
+            verdict = choose_precision(model, processor, args.backend, args.calibration_images, fuse=True)
+            precision, line = verdict.chosen, verdict.line()
         # Bulk scoring is where the speed layer pays (fuse: BatchNorms folded, CPU chunks).
-        scorer, chosen = prepare_scorer(
-            model, processor, args.precision, args.backend, args.calibration_images, fuse=True
-        )
+        scorer, chosen = prepare_scorer(model, processor, precision, args.backend, args.calibration_images, fuse=True)
     except (ImportError, OSError, ValueError) as error:
         raise CommandError(f"--precision {args.precision} --backend {args.backend}: {error}") from None
     runtime = "torch" if scorer is model else scorer.runtime
-    print(f"{describe_choice(args.precision, chosen, model.device, args.backend)}; runs in {runtime}", file=sys.stderr)
+    print(f"{line or f'precision: {chosen}'}; runs in {runtime}", file=sys.stderr)
     return scorer, chosen, runtime
 
 
@@ -688,6 +719,41 @@ def _explain_command(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot write {args.output}: {error}") from None
     print(f"{args.image}\t{explanation.score:.4f}")
     print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _precision_command(args: argparse.Namespace) -> int:
+    """`qualiclip precision`: the measurements behind `--precision auto` (`auto_precision.choose_precision`)."""
+    import torch
+
+    from .backends.auto_precision import choose_precision
+    from .backends.onnx import model_cache_key
+    from .scoring import choose_thread_counts
+
+    resolved = _resolve_model(args.model)
+    print(f"model: {resolved.name} ({resolved.description})", file=sys.stderr)
+    device = _device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or choose_thread_counts()[1])  # as `score` runs
+    model, processor = _load(resolved, device)
+    weights = model_cache_key(model)
+    for backend in BACKENDS if args.backend == "all" else (args.backend,):
+        print(f"\n--backend {backend}:")
+        if backend != "torch" and device.type != "cpu":
+            print(f"not measured: {backend} runs on the CPU (--device cpu)")
+            continue
+        try:
+            verdict = choose_precision(
+                model, processor, backend, args.calibration_images, fuse=True, remeasure=args.remeasure, weights=weights
+            )
+        except ImportError as error:
+            print(f"not measured: {_first_line(error)}")
+            continue
+        except (OSError, ValueError) as error:
+            raise CommandError(f"--backend {backend}: {error}") from None
+        print(f"{verdict.hardware}; {verdict.probe_images} probe images, one at a time; cache: {verdict.cache_file}")
+        print(verdict.table())
+        print(verdict.line())
     return 0
 
 

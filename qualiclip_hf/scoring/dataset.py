@@ -774,6 +774,8 @@ def score_dataset_command(args: Any) -> int:
     """
     from accelerate import PartialState
 
+    from ..backends.auto_precision import choose_precision
+    from ..backends.onnx import model_cache_key
     from ..backends.precision import prepare_scorer, runtime_for
     from ..loading import load_model_and_processor, resolve_model
 
@@ -800,12 +802,22 @@ def score_dataset_command(args: Any) -> int:
         if state.is_main_process:
             print(f"model: {resolved.name} ({resolved.description})", file=sys.stderr)
         model, processor = load_model_and_processor(resolved, state.device)
+        weights = model_cache_key(model)  # before a reduced precision changes them
+        precision = args.precision
+        if precision == "auto":
+            # Measured by the main process first (then cached); every process runs the main one's choice.
+            with state.main_process_first():
+                verdict = choose_precision(model, processor, runtimes=("torch",), fuse=True, weights=weights)
+            precision = _broadcast(verdict.chosen, state)
+            if state.is_main_process:
+                print(verdict.line(), file=sys.stderr)
         # Bulk scoring, as `qualiclip score` on files (fuse: BatchNorm folded, CPU chunks in fp32).
-        model, chosen = prepare_scorer(model, processor, args.precision, fuse=True)
+        model, chosen = prepare_scorer(model, processor, precision, fuse=True)
     except (OSError, ValueError) as error:
         return fail(f"cannot load model {args.model!r}: {error}")
     # The precision that runs, never "auto": a resumed run must compute its rows the same way.
     settings = {"dataset": args.dataset, "split": args.split, "model": args.model, "precision": chosen}
+    settings["weights"] = weights  # the name stays when the weights change (retrained in place, a new Hub commit)
     try:
         summary = score_dataset(
             dataset,
