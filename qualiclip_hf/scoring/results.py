@@ -117,7 +117,12 @@ class ResultWriter:
         for row in self.rows:
             if row["precision"] is None:
                 continue
-            changed = [key for key in SETTING_OPTIONS if key in settings and row[key] != settings[key]]
+            # A row without a weights hash (written before it was recorded) cannot be checked for it.
+            changed = [
+                key
+                for key in SETTING_OPTIONS
+                if key in settings and row[key] != settings[key] and not (key == "weights" and row[key] is None)
+            ]
             if changed:
                 theirs = " and ".join(_as_option(key, row[key]) for key in changed)
                 ours = " and ".join(_as_option(key, settings[key]) for key in changed)
@@ -236,7 +241,7 @@ def _as_option(key: str, value: object) -> str:
     if key == "calibration":
         return "no int8 calibration" if value is None else f"int8 calibration photos of hash {value}"
     if key == "weights":
-        return "unrecorded weights" if value is None else f"the weights of hash {value}"
+        return f"the weights of hash {value}"
     return f"no {SETTING_OPTIONS[key]}" if value is None else f"{SETTING_OPTIONS[key]} {value}"
 
 
@@ -246,7 +251,7 @@ def _options_to_continue(settings: dict) -> str:
         settings = dict(settings)
         weights = settings.pop("weights")
         advice = _options_to_continue(settings) if settings else ""
-        model = "with the model files of those weights" if weights is not None else "with the weights it was started"
+        model = f"with the model files of those weights ({weights})"
         return f"{advice} and {model}" if advice else model
     if "calibration" in settings:  # a hash names no folder: say which photos
         settings = dict(settings)
