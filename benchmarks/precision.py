@@ -20,9 +20,8 @@ Models:
 
 Fast paths, `backend/precision`, each exactly as `qualiclip score --backend B --precision P` prepares it
 (`qualiclip_hf.backends.precision.prepare_scorer`), against the float32 PyTorch scores of the same model. A backend
-that is not installed is reported, not run. The bar `auto` applies
-(`qualiclip_hf.backends.precision.DRIFT_BAR`): SRCC >= 0.999 and max diff <= 0.01 on both models. SRCC is
-`scipy.stats.spearmanr`.
+that is not installed is reported, not run. The bar is the one `auto` applies, per model, on the package's probe set
+(`qualiclip_hf.backends.precision.DRIFT_BAR`): SRCC >= 0.999 and max diff <= 0.01. SRCC is `scipy.stats.spearmanr`.
 
 `--auto`: for each model and backend, `qualiclip_hf.backends.auto_precision.choose_precision` measured afresh (the
 package's probe set, as on first use; how long it took is printed) and its table; then, at batch 1 on one random
