@@ -11,9 +11,9 @@ depends on the machine. So on first use of a model on a machine, `choose_precisi
 2. takes the fastest format whose scores meet `precision.DRIFT_BAR` against fp32 (SRCC >= 0.999 and max |score
    difference| <= 0.01) and which ran at least `SPEED_MARGIN` times as fast as fp32: never one slower than fp32;
 3. caches the measurements under `cache_dir()/precision/`, keyed by the weights' hash (`onnx.model_cache_key`), the
-   backend, the device and its hardware (CPU model, torch's ISA and the CPU's format flags, or the GPU's name), the
-   library versions (torch, ONNX Runtime, OpenVINO), the probe set and, where int8 is measured, its calibration
-   photos. The next run with the same key reads the verdict in milliseconds.
+   backend, the device and its hardware (CPU model, torch's ISA and the CPU's format flags, or the GPU's name),
+   PyTorch's thread count on a CPU, the library versions (torch, ONNX Runtime, OpenVINO), the probe set and, where
+   int8 is measured, its calibration photos. The next run with the same key reads the verdict in milliseconds.
 
 `qualiclip precision --model NAME` prints the whole table.
 """
@@ -136,7 +136,10 @@ class PrecisionVerdict:
 
     def line(self) -> str:
         """The one line printed when `auto` chooses, e.g. `precision: bf16 (auto, measured for weights ...: ...)`."""
-        origin = "cached" if self.cached else f"measured in {self.seconds:.0f} s, cached"
+        if self.cached:
+            origin = f"cached verdict, measured in {self.seconds:.0f} s"
+        else:
+            origin = f"measured in {self.seconds:.0f} s, now cached"
         where = f"weights {self.weights} on this {self.device}, {self.probe_images} probe images, {origin}"
         if self.chosen != "fp32":
             row = self.row(self.chosen)
@@ -286,6 +289,8 @@ def choose_precision(
         "backend": backend,
         "device": device.type,
         "hardware": hardware,
+        # How much faster a format runs depends on the threads it has (PyTorch's; the ONNX runtimes take the cores).
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "libraries": library_versions(),
         "probe": _files_key(images),
         "calibration": calibration,
