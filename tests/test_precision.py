@@ -398,3 +398,15 @@ def test_cli_int8_scores_follow_float32(tiny_model_dir, tmp_path, monkeypatch, c
         openvino_int8 = scores("--precision", "int8", "--backend", "openvino", "--calibration-images", str(folder))
         assert openvino_int8 != full
         assert openvino_int8 == pytest.approx(int8, abs=0.05)
+
+
+def test_prepare_scorer_auto_runs_what_the_measurement_chose(tiny, small_probe_set, fake_formats):
+    model, processor = tiny
+    settings, _ = fake_formats
+    settings["bf16"] = (1.0, None)  # not faster
+    settings["fp16"] = (0.5, None)  # 2x, exact
+    scorer, chosen = prepare_scorer(copy.deepcopy(model), processor, "auto")
+    assert chosen == "fp16"
+    assert scorer.vision_model.layer4[0].conv3.weight.dtype == torch.float16  # reduced, as --precision fp16 does
+    # Restricted to the PyTorch model (as score --dataset is): fp16 runs in torch, so it is still taken.
+    assert prepare_scorer(copy.deepcopy(model), processor, "auto", runtimes=("torch",))[1] == "fp16"
