@@ -1,6 +1,9 @@
-"""Score drift of each fast path against float32: max |score difference| and SRCC, on two models and ~200 images.
+"""Score drift of each fast path against float32: max |score difference| and SRCC, on two models and ~200 images;
+with `--auto`, what `--precision auto` chooses for each model and how fast it then runs beside pyiqa's QualiCLIP.
 
     python -m benchmarks.precision [--max-size 384] [--paths torch/bf16 openvino/bf16 ...] [--models demo rn50-spread]
+    python -m benchmarks.precision --auto [--backends torch openvino] [--device cpu|cuda] [--speed-size 512x384]
+                                      [--repeats 5] [--models demo rn50-spread]
 
 Images (the same for both models): the README's example photos (`examples/images`), scikit-image's photos that the
 demo model never saw in training (`training/prepare_demo_data.py`'s held-out set), and each of those held-out photos
@@ -13,19 +16,25 @@ Models:
 - `rn50-spread`: the full RN50 image tower in the official layout, loaded through the converter, with random
   weights and BatchNorm statistics, and prompts fitted so that its scores spread over [0, 1] (`rn50_spread`);
   random weights: this measures rounding, not quality;
-- any model folder, e.g. the official weights converted by `qualiclip convert`: the measurement that decides
-  `FORMATS_MEETING_DRIFT_BAR` for the real model.
+- any model folder, e.g. the official weights converted by `qualiclip convert`.
 
 Fast paths, `backend/precision`, each exactly as `qualiclip score --backend B --precision P` prepares it
 (`qualiclip_hf.backends.precision.prepare_scorer`), against the float32 PyTorch scores of the same model. A backend
-that is not installed is reported, not run. The bar `auto` applies
-(`qualiclip_hf.backends.precision.DRIFT_BAR`): SRCC >= 0.999 and max diff <= 0.01 on both models. SRCC is
-`scipy.stats.spearmanr`.
+that is not installed is reported, not run. The bar is the one `auto` applies, per model, on the package's probe set
+(`qualiclip_hf.backends.precision.DRIFT_BAR`): SRCC >= 0.999 and max diff <= 0.01. SRCC is `scipy.stats.spearmanr`.
+
+`--auto`: for each model and backend, `qualiclip_hf.backends.auto_precision.choose_precision` measured afresh (the
+package's probe set, as on first use; how long it took is printed) and its table; then, at batch 1 on one random
+image of `--speed-size`, timed in alternation (median of `--repeats`): pyiqa's own QualiCLIP arch (RN50, random
+weights in the official layout: its speed does not depend on the weights' values), our fp32 (`qualiclip score
+--precision fp32`) and our `auto` with each backend, as images/s and as ratios to pyiqa's and to our fp32. On CUDA
+(`--device cuda`) only the torch backend runs (fp16/bf16); the ONNX runtimes run on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import tempfile
 import time
@@ -40,8 +49,8 @@ from benchmarks.model_throughput import _cache_in
 from qualiclip_hf import QualiCLIPModel, QualiCLIPProcessor
 from qualiclip_hf.backends.precision import DRIFT_BAR, cpu_description, prepare_scorer
 from qualiclip_hf.backends.quantization import default_calibration_images
-from qualiclip_hf.loading import DEMO_MODEL_PATH
-from qualiclip_hf.scoring import read_image
+from qualiclip_hf.loading import BACKENDS, DEMO_MODEL_PATH
+from qualiclip_hf.scoring import choose_thread_counts, read_image
 from training.degradations import ALL_DISTORTIONS, apply_distortion
 from training.prepare_demo_data import HELDOUT, SKIMAGE_PHOTOS
 
@@ -181,13 +190,28 @@ def main() -> None:
         default=list(MODELS),
         help="'demo', 'rn50-spread', or a model folder (e.g. the official weights after `qualiclip convert`)",
     )
+    parser.add_argument("--auto", action="store_true", help="what --precision auto chooses, and its speed vs pyiqa")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=["torch", "openvino"], help="with --auto")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="with --auto")
+    parser.add_argument("--speed-size", default="512x384", help="with --auto: WIDTHxHEIGHT of the timed image")
+    parser.add_argument("--repeats", type=int, default=5, help="with --auto: timed forwards per variant (median)")
+    parser.add_argument(
+        "--threads", type=int, help="PyTorch threads (default: as `qualiclip score` chooses, the cores not busy)"
+    )
     args = parser.parse_args()
+    # As `qualiclip score` runs: on a busy machine torch's default of one thread per core collapses (measured here at
+    # load 12 on 2 cores, the demo model: 8.6 images/s with 1 thread, 0.97 with 2).
+    torch.set_num_threads(args.threads or choose_thread_counts()[1])
     for name in args.models:
         if name not in MODELS and not Path(name, "config.json").is_file():
             parser.error(f"--models: {name!r} is neither {' nor '.join(MODELS)} nor a model folder")
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"# CPU: {cpu_description()}")
     print(f"# load average before: {' '.join(f'{value:.2f}' for value in os.getloadavg())}")
+    if args.auto:
+        auto_main(args)
+        print(f"\n# load average after: {' '.join(f'{value:.2f}' for value in os.getloadavg())}")
+        return
     images = drift_images(args.max_size)
     print(f"# {len(images)} images, longest side <= {args.max_size}\n")
     print(
@@ -197,12 +221,7 @@ def main() -> None:
     print("| --- | --- | ---: | --- | ---: | ---: | ---: | --- |")
     with tempfile.TemporaryDirectory() as workdir, _cache_in(Path(workdir) / "cache"):
         for name in args.models:
-            if name == "demo":
-                folder = DEMO_MODEL_PATH
-            elif name == "rn50-spread":
-                folder = rn50_spread(Path(workdir), args.max_size, images)
-            else:
-                folder = Path(name)
+            folder = model_folder(name, Path(workdir), args.max_size)
             processor = QualiCLIPProcessor.from_pretrained(folder)
             inputs = [processor(images=[image], return_tensors="pt", max_size=args.max_size) for _, image in images]
             reference = score_all(QualiCLIPModel.from_pretrained(folder).eval(), inputs)
@@ -223,6 +242,70 @@ def main() -> None:
                     flush=True,
                 )
     print(f"\n# load average after: {' '.join(f'{value:.2f}' for value in os.getloadavg())}")
+
+
+def model_folder(name: str, workdir: Path, max_size: int) -> Path:
+    """The folder of `name`: the demo model, `rn50-spread` (built in `workdir`), or a model folder."""
+    if name == "demo":
+        return DEMO_MODEL_PATH
+    if name == "rn50-spread":
+        return rn50_spread(workdir, max_size, drift_images(max_size))
+    return Path(name)
+
+
+def auto_main(args: argparse.Namespace) -> None:
+    """`--auto`: each model's verdict per backend, then auto's speed beside pyiqa's and our fp32 at batch 1."""
+    from model_throughput import _normalising as normalising
+    from model_throughput import build_both, timed
+
+    from pyiqa_plugin.qualiclip_arch import QualiCLIPHF
+    from qualiclip_hf.backends.auto_precision import choose_precision
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        print(f"# GPU: {torch.cuda.get_device_name(device)}")
+    width, height = map(int, args.speed_size.split("x"))
+    image = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0)).to(device)
+    summary = []
+    with tempfile.TemporaryDirectory() as workdir, _cache_in(Path(workdir) / "cache"):
+        # pyiqa's arch on random RN50 weights in the official layout: the reference speed for every model.
+        theirs, _ = build_both(Path(workdir), args.device)
+        for name in args.models:
+            folder = model_folder(name, Path(workdir), args.max_size)
+            model = QualiCLIPModel.from_pretrained(folder).eval().to(device)
+            processor = QualiCLIPProcessor.from_pretrained(folder)
+            wrapper = QualiCLIPHF(pretrained_model_name_or_path=str(folder)).eval().to(device)
+            fp32, _ = prepare_scorer(copy.deepcopy(model), processor, "fp32", "torch", fuse=True)
+            variants = {"pyiqa fp32 (RN50)": theirs, "ours fp32": normalising(fp32, wrapper)}
+            for backend in args.backends:
+                if backend != "torch" and device.type != "cpu":
+                    continue
+                started = time.perf_counter()
+                try:
+                    verdict = choose_precision(model, processor, backend, fuse=True, remeasure=True, progress=True)
+                except ImportError as error:
+                    print(f"\n# {name}, --backend {backend}: not run ({error})")
+                    continue
+                print(f"\n### {name}, --backend {backend}: the first `auto` took {time.perf_counter() - started:.0f} s")
+                print(f"\n{verdict.table()}\n\n{verdict.line()}", flush=True)
+                scorer, chosen = prepare_scorer(copy.deepcopy(model), processor, verdict.chosen, backend, fuse=True)
+                variants[f"{backend}/auto ({chosen})"] = normalising(scorer, wrapper)
+            with torch.inference_mode():
+                for variant in variants.values():
+                    variant(image)  # warm-up
+                times: dict[str, list[float]] = {variant: [] for variant in variants}
+                for _ in range(args.repeats):
+                    for variant, run in variants.items():
+                        times[variant].append(timed(run, image))
+            rates = {variant: 1 / float(np.median(values)) for variant, values in times.items()}
+            for variant, rate in rates.items():
+                summary.append(
+                    f"| {name} | {variant} | {rate:.3g} | {rate / rates['pyiqa fp32 (RN50)']:.2f}x "
+                    f"| {rate / rates['ours fp32']:.2f}x |"
+                )
+    print(f"\n### Speed at batch 1, {args.speed_size}, {device.type}, median of {args.repeats}, in alternation\n")
+    print("| model | variant | images/s | vs pyiqa | vs ours fp32 |\n| --- | --- | ---: | ---: | ---: |")
+    print("\n".join(summary))
 
 
 def fast_path(path: str, model: QualiCLIPModel, processor: QualiCLIPProcessor):

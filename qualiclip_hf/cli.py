@@ -269,8 +269,9 @@ def _add_precision_options(parser: argparse.ArgumentParser) -> None:
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help="number format: 'auto' takes a faster one only where the hardware runs it natively and its score drift "
-        "met the bar of benchmarks/precision.py, else fp32; bf16/fp16 run stages 2-4 of the image tower in that "
+        help="number format: 'auto' takes the fastest one that the hardware runs natively, that scored a probe set "
+        "as fp32 does (SRCC >= 0.999, max diff <= 0.01) and ran faster, measured once per model and machine (see "
+        "`qualiclip precision`), else fp32; bf16/fp16 run stages 2-4 of the image tower in that "
         "dtype (the rest in fp32); int8 runs an int8 graph on the CPU (ONNX Runtime, or OpenVINO with --backend "
         "openvino; needs the [onnx] extra). "
         "See benchmarks/RESULTS.md (default: fp32)",
@@ -367,8 +368,32 @@ def _add_gmad_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     summarize.set_defaults(handler=_gmad_summarize_command)
 
 
+def _add_precision_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    precision = commands.add_parser(
+        "precision",
+        parents=[common],
+        help="measure which number format --precision auto runs for a model on this machine, and show why",
+    )
+    _add_model_options(precision)
+    precision.add_argument(
+        "--backend",
+        choices=(*BACKENDS, "all"),
+        default="all",
+        help="the backend to measure (default: all; onnxruntime and openvino run on the CPU only)",
+    )
+    precision.add_argument(
+        "--calibration-images", type=Path, metavar="DIR", help="photos to calibrate int8 on (as for score)"
+    )
+    precision.add_argument("--remeasure", action="store_true", help="measure again even if a verdict is cached")
+    precision.add_argument(
+        "--threads", type=_positive_int, default=None, help="PyTorch threads on a CPU (default: as for score)"
+    )
+    precision.set_defaults(handler=_precision_command)
+
+
 _PARSERS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_score_parser,
+    _add_precision_parser,
     _add_convert_parser,
     _add_push_parser,
     _add_card_parser,
@@ -524,10 +549,16 @@ class _Scorer:
     runtime: str  # torch, onnxruntime or openvino
     batch_size: int
     num_workers: int  # decode processes beside the model
+    weights: str  # a hash of the weights as loaded (`backends.onnx.model_cache_key`), recorded with every row
 
 
 def _prepare_scorer(
-    args: argparse.Namespace, resolved: Any, device: Any, processes: int = 1, announce: bool = True
+    args: argparse.Namespace,
+    resolved: Any,
+    device: Any,
+    processes: int = 1,
+    announce: bool = True,
+    runtimes: Sequence[str] | None = None,
 ) -> _Scorer:
     """
     The one preparation of `score`, for files and datasets: threads (`--threads`, else the cores not already busy,
@@ -542,10 +573,13 @@ def _prepare_scorer(
     if device.type == "cpu":
         torch.set_num_threads(args.threads or threads)
     model, processor = _load(resolved, device)
-    model, precision, runtime = _scorer_in_precision(args, model, processor, announce)
+    from .backends.onnx import model_cache_key
+
+    weights = model_cache_key(model)  # of the weights as loaded: a folder retrained in place keeps its name
+    model, precision, runtime = _scorer_in_precision(args, model, processor, announce, runtimes, weights)
     batch_size = args.batch_size or default_batch_size(device)
     num_workers = workers if args.num_workers is None else args.num_workers
-    return _Scorer(model, processor, precision, runtime, batch_size, num_workers)
+    return _Scorer(model, processor, precision, runtime, batch_size, num_workers, weights)
 
 
 def _max_pixels(args: argparse.Namespace) -> int | None:
@@ -603,7 +637,7 @@ def _score_files_command(args: argparse.Namespace) -> int:
 
                     calibration = calibration_key(args.calibration_images)
                 settings = {"precision": scorer.precision, "backend": scorer.runtime, "max_size": args.max_size}
-                writer.start({**settings, "calibration": calibration})
+                writer.start({**settings, "calibration": calibration, "weights": scorer.weights})
             except (OSError, ValueError) as error:
                 raise CommandError(f"cannot write --output {args.output}: {error}") from None
         results = _score_with_progress(args, paths, scorer, writer)
@@ -701,11 +735,24 @@ def _score_dataset_command(args: argparse.Namespace) -> int:
         resolved = _resolve_model(args.model)
         if state.is_main_process:
             print(f"model: {resolved.name} ({resolved.description})", file=sys.stderr)
+        # `--dataset` runs the PyTorch model: `auto` chooses among its formats.
         scorer = _prepare_scorer(
-            args, resolved, state.device, processes=state.num_processes, announce=state.is_main_process
+            args,
+            resolved,
+            state.device,
+            processes=state.num_processes,
+            announce=state.is_main_process,
+            runtimes=("torch",),
         )
-        # The precision that runs, never "auto": a resumed run must compute its rows the same way.
-        settings = {"dataset": args.dataset, "split": split, "model": args.model, "precision": scorer.precision}
+        # The precision that runs, never "auto": a resumed run must compute its rows the same way. The weights' hash:
+        # the name stays when the weights change (retrained in place, a new Hub commit).
+        settings = {
+            "dataset": args.dataset,
+            "split": split,
+            "model": args.model,
+            "precision": scorer.precision,
+            "weights": scorer.weights,
+        }
         try:
             summary = score_dataset(
                 dataset,
@@ -755,26 +802,35 @@ def _rows_written(output: Path) -> int:
 
 
 def _scorer_in_precision(
-    args: argparse.Namespace, model: Any, processor: Any, announce: bool = True
+    args: argparse.Namespace,
+    model: Any,
+    processor: Any,
+    announce: bool = True,
+    runtimes: Sequence[str] | None = None,
+    weights: str | None = None,
 ) -> tuple[Any, str, str]:
     """
     What scores in `--precision` / `--backend` (`precision.prepare_scorer`), the choice printed once (when
     `announce`); with the precision chosen (`auto` resolved) and what runs the model (`torch`, `onnxruntime` or
     `openvino`).
     """
-    from .backends.precision import describe_choice, prepare_scorer
+    from .backends.auto_precision import choose_precision
+    from .backends.precision import prepare_scorer
 
     try:
+        precision, line = args.precision, None
+        if precision == "auto":  # measured once per weights and machine, then cached
+            verdict = choose_precision(
+                model, processor, args.backend, args.calibration_images, fuse=True, runtimes=runtimes, weights=weights
+            )
+            precision, line = verdict.chosen, verdict.line()
         # Bulk scoring is where the speed layer pays (fuse: BatchNorms folded, CPU chunks).
-        scorer, chosen = prepare_scorer(
-            model, processor, args.precision, args.backend, args.calibration_images, fuse=True
-        )
+        scorer, chosen = prepare_scorer(model, processor, precision, args.backend, args.calibration_images, fuse=True)
     except (ImportError, OSError, ValueError) as error:
         raise CommandError(f"--precision {args.precision} --backend {args.backend}: {error}") from None
     runtime = getattr(scorer, "runtime", "torch")  # the ONNX scorers name their runtime
     if announce:
-        choice = describe_choice(args.precision, chosen, model.device, args.backend)
-        print(f"{choice}; runs in {runtime}", file=sys.stderr)
+        print(f"{line or f'precision: {chosen}'}; runs in {runtime}", file=sys.stderr)
     return scorer, chosen, runtime
 
 
@@ -1152,6 +1208,41 @@ def run() -> None:
     # shuts down (torch's finalizers take a moment) would only add a traceback to that answer.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(status)
+
+
+def _precision_command(args: argparse.Namespace) -> int:
+    """`qualiclip precision`: the measurements behind `--precision auto` (`auto_precision.choose_precision`)."""
+    import torch
+
+    from .backends.auto_precision import choose_precision
+    from .backends.onnx import model_cache_key
+    from .scoring import choose_thread_counts
+
+    resolved = _resolve_model(args.model)
+    print(f"model: {resolved.name} ({resolved.description})", file=sys.stderr)
+    device = _device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or choose_thread_counts()[1])  # as `score` runs
+    model, processor = _load(resolved, device)
+    weights = model_cache_key(model)
+    for backend in BACKENDS if args.backend == "all" else (args.backend,):
+        print(f"\n--backend {backend}:")
+        if backend != "torch" and device.type != "cpu":
+            print(f"not measured: {backend} runs on the CPU (--device cpu)")
+            continue
+        try:
+            verdict = choose_precision(
+                model, processor, backend, args.calibration_images, fuse=True, remeasure=args.remeasure, weights=weights
+            )
+        except ImportError as error:
+            print(f"not measured: {_first_line(error)}")
+            continue
+        except (OSError, ValueError) as error:
+            raise CommandError(f"--backend {backend}: {error}") from None
+        print(f"{verdict.hardware}; {verdict.probe_images} probe images, one at a time; cache: {verdict.cache_file}")
+        print(verdict.table())
+        print(verdict.line())
+    return 0
 
 
 if __name__ == "__main__":

@@ -131,6 +131,20 @@ def photo(height: int, width: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8))
 
 
+@pytest.fixture
+def small_probe_set(tmp_path, monkeypatch) -> Path:
+    """`--precision auto` measures on 4 small photos instead of the package's 96, and caches under `tmp_path`."""
+    from qualiclip_hf.backends import auto_precision
+
+    folder = tmp_path / "probe"
+    folder.mkdir()
+    for seed in range(4):
+        photo(64 + 16 * seed, 80, seed=seed).save(folder / f"{seed}.jpg")
+    monkeypatch.setattr(auto_precision, "PROBE_DIR", folder)
+    monkeypatch.setenv("QUALICLIP_CACHE", str(tmp_path / "cache"))
+    return folder
+
+
 def image_bytes(image: Image.Image, image_format: str, **options) -> bytes:
     """The bytes of `image` saved in `image_format` ("PNG", "JPEG", ...) with Pillow's save `options`."""
     buffer = io.BytesIO()

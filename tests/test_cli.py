@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -430,21 +431,24 @@ def _interrupted_run(folder: Path, model_dir: Path, output: Path, monkeypatch, c
     return output.read_text()
 
 
-def test_rows_record_the_settings_that_change_scores(good_folder, tiny_model_dir, tmp_path):
-    from qualiclip_hf.backends.precision import resolve_precision
+def test_rows_record_the_settings_that_change_scores(good_folder, tiny, tiny_model_dir, tmp_path, small_probe_set):
+    from qualiclip_hf.backends.auto_precision import choose_precision
+    from qualiclip_hf.backends.onnx import model_cache_key
 
+    weights = model_cache_key(tiny[0])
     for suffix in (".csv", ".jsonl", ".json"):
         output = tmp_path / f"scores{suffix}"
         assert main(_command(good_folder, tiny_model_dir, output, "--max-size", "48", "--precision", "bf16")) == 0
         rows = _rows(output)
         assert len(rows) == 6
-        assert {(row["precision"], row["backend"], str(row["max_size"])) for row in rows} == {("bf16", "torch", "48")}
+        settings = {(row["precision"], row["backend"], str(row["max_size"]), row["weights"]) for row in rows}
+        assert settings == {("bf16", "torch", "48", weights)}  # the weights as loaded, not as reduced to bf16
     # `auto` is recorded as the format it chose, never as "auto"; no --max-size as full resolution (null).
     output = tmp_path / "auto.json"
     assert main(_command(good_folder, tiny_model_dir, output, "--precision", "auto")) == 0
-    chosen = resolve_precision("auto", "cpu", "torch")
-    assert chosen != "auto"
-    assert {(row["precision"], row["max_size"]) for row in _rows(output)} == {(chosen, None)}
+    verdict = choose_precision(*tiny, "torch", fuse=True)
+    assert verdict.cached  # what the run measured
+    assert {(row["precision"], row["max_size"]) for row in _rows(output)} == {(verdict.chosen, None)}
 
 
 def test_resume_refuses_a_file_scored_with_another_max_size(good_folder, tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -472,14 +476,19 @@ def test_resume_refuses_a_file_scored_with_another_max_size(good_folder, tiny_mo
     assert {row["max_size"] for row in rows} == {"48"}
 
 
-def test_resume_refuses_a_file_scored_in_another_precision(good_folder, tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from qualiclip_hf.backends.precision import resolve_precision
+def test_resume_refuses_a_file_scored_in_another_precision(
+    good_folder, tiny_model_dir, tmp_path, monkeypatch, capsys, small_probe_set
+):
+    from qualiclip_hf.backends import auto_precision
 
     output = tmp_path / "scores.json"
     kept = _interrupted_run(good_folder, tiny_model_dir, output, monkeypatch, capsys, "--precision", "bf16")
+    # `_interrupted_run` undid the fixture's patches: the small probe set and the cache folder again.
+    monkeypatch.setattr(auto_precision, "PROBE_DIR", small_probe_set)
+    monkeypatch.setenv("QUALICLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(auto_precision, "native_formats", lambda device: set())  # auto then measures fp32 only
     refused = [[], ["--precision", "fp32"]]
-    if resolve_precision("auto", "cpu", "torch") == "fp32":
-        refused.append(["--precision", "auto"])  # refused once the model is loaded and auto has chosen fp32
+    refused.append(["--precision", "auto"])  # refused once the model is loaded and auto has chosen fp32
     for options in refused:
         assert main(_resume_command(good_folder, tiny_model_dir, output, *options)) == 2
         err = capsys.readouterr().err
@@ -488,6 +497,30 @@ def test_resume_refuses_a_file_scored_in_another_precision(good_folder, tiny_mod
         assert output.read_text() == kept
     assert main(_resume_command(good_folder, tiny_model_dir, output, "--precision", "bf16")) == 0
     assert len(_rows(output)) == 6
+
+
+def test_resume_refuses_rows_of_other_weights(good_folder, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from qualiclip_hf import QualiCLIPModel
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    output = tmp_path / "scores.csv"
+    kept = _interrupted_run(good_folder, model_dir, output, monkeypatch, capsys)
+    recorded = {row["weights"] for row in _rows(output)}
+    assert len(recorded) == 1 and None not in recorded
+    # Retrained in place: the same folder, so the same model name, other weights.
+    model = QualiCLIPModel.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.prompt_embeds.mul_(-1)
+    model.save_pretrained(model_dir)
+    assert main(_resume_command(good_folder, model_dir, output)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    (old,) = recorded
+    # Refused once the model is loaded (its weights are hashed then), in one line naming both hashes.
+    assert err[-1].startswith(f"qualiclip: cannot write --output {output}: ")
+    assert f"computed with the weights of hash {old}, and this run uses the weights of hash " in err[-1]
+    assert "continue it with the model files of those weights" in err[-1]
+    assert output.read_text() == kept
 
 
 def test_resume_refuses_a_file_scored_by_another_backend(good_folder, tiny_model_dir, tmp_path, capsys):

@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from qualiclip_hf import QualityScorer
-from qualiclip_hf.backends.precision import resolve_precision
+from qualiclip_hf.backends import auto_precision
+from qualiclip_hf.backends.onnx import model_cache_key
 from qualiclip_hf.cli import main
 from qualiclip_hf.scoring import score_files
 from qualiclip_hf.scoring.dataset import RUN_FILE, open_dataset, read_scores, score_dataset
@@ -248,7 +249,9 @@ def test_corrupt_rows_get_their_error_and_the_run_goes_on(photo_files, file_scor
     assert errors[7] == "row 7: <0 bytes>: empty file (0 bytes)"
 
 
-def test_an_output_folder_is_not_overwritten_and_resume_checks_the_settings(photo_files, tmp_path, capsys):
+def test_an_output_folder_is_not_overwritten_and_resume_checks_the_settings(
+    photo_files, tmp_path, capsys, demo, monkeypatch, small_probe_set
+):
     write_parquet_folder(image_table(photo_files[:2]), tmp_path / "data", files=1)
     command = ["score", "--dataset", str(tmp_path / "data"), "--model", "demo", "--output", str(tmp_path / "out")]
     assert main(command) == 0
@@ -259,9 +262,11 @@ def test_an_output_folder_is_not_overwritten_and_resume_checks_the_settings(phot
     assert main([*command, "--resume"]) == 0  # complete: nothing left to do
     assert "scored 0 rows" in capsys.readouterr().err
     # `auto` is the precision it chooses: fp32 here, so it continues an fp32 run, and the run records no "auto".
-    assert resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(auto_precision, "native_formats", lambda device: set())  # auto then measures fp32 only
     assert main([*command, "--resume", "--precision", "auto"]) == 0
-    assert json.loads((tmp_path / "out" / RUN_FILE).read_text())["precision"] == "fp32"
+    run = json.loads((tmp_path / "out" / RUN_FILE).read_text())
+    assert run["precision"] == "fp32"
+    assert run["weights"] == model_cache_key(demo[0])  # the name stays when the weights change; the hash does not
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     assert (

@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,6 +25,7 @@ from .conftest import REPO_ROOT, photo
 
 AVX512_BF16_VNNI = frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"})
 AVX2_ONLY = frozenset({"avx2", "fma"})
+SAPPHIRE_RAPIDS = AVX512_BF16_VNNI | {"avx512_fp16", "amx_bf16", "amx_int8"}
 
 
 @pytest.fixture
@@ -44,32 +46,6 @@ def test_native_formats_follow_the_cpu_flags(cpu):
     assert native_formats("cpu") == set()
     cpu(frozenset({"avx_vnni", "avx512_bf16"}), "AVX2")  # bf16 kernels need torch's AVX-512 build
     assert native_formats("cpu") == {"int8"}
-
-
-def passing(**formats: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
-    """`FORMATS_MEETING_DRIFT_BAR` with the given backends' formats, none for the others."""
-    return {backend: formats.get(backend, ()) for backend in precision.BACKEND_PRECISIONS}
-
-
-def test_auto_takes_only_a_native_format_that_met_the_drift_bar_with_that_backend(cpu, monkeypatch):
-    monkeypatch.setattr(precision, "FORMATS_MEETING_DRIFT_BAR", passing(torch=("bf16",), onnxruntime=("int8",)))
-    cpu(AVX512_BF16_VNNI)
-    assert resolve_precision("auto", "cpu") == "bf16"
-    assert resolve_precision("auto", "cpu", backend="openvino") == "fp32"  # bf16 passed with torch, not openvino
-    cpu(AVX2_ONLY, "AVX2")
-    assert resolve_precision("auto", "cpu") == "fp32"  # never an emulated format: slower than fp32
-    assert resolve_precision("auto", "cpu", backend="onnxruntime") == "fp32"  # no VNNI: int8 not native
-    monkeypatch.setattr(precision, "FORMATS_MEETING_DRIFT_BAR", passing())
-    cpu(AVX512_BF16_VNNI)
-    assert resolve_precision("auto", "cpu") == "fp32"  # native, but its scores moved too much
-    assert resolve_precision("bf16", "cpu") == "bf16"  # an explicit choice is obeyed
-
-
-def test_auto_skips_a_format_whose_runtime_is_not_installed(cpu, monkeypatch):
-    monkeypatch.setattr(precision, "FORMATS_MEETING_DRIFT_BAR", passing(torch=("int8", "bf16")))
-    monkeypatch.setattr(precision, "_runtime_available", lambda runtime: runtime != "onnxruntime")
-    cpu(AVX512_BF16_VNNI)
-    assert resolve_precision("auto", "cpu") == "bf16"  # int8 would run in ONNX Runtime, missing here
 
 
 def test_impossible_choices_are_refused():
@@ -127,15 +103,160 @@ def test_reduced_precision_runs_late_stages_in_it_and_keeps_the_rest_in_float32(
     torch.testing.assert_close(got, expected, rtol=0, atol=0.05)
 
 
-def test_cli_prints_the_choice_once(tiny_model_dir, tmp_path, capsys, cpu, monkeypatch):
-    monkeypatch.setattr(precision, "FORMATS_MEETING_DRIFT_BAR", passing(torch=("bf16",)))
-    cpu(AVX512_BF16_VNNI)
+class FakeClock:
+    """Stands in for `time` in `auto_precision`: time passes only when a fake scorer runs."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def fake_formats(monkeypatch, cpu):
+    """
+    Makes `prepare_scorer` give, for each format, the fp32 model timed by a fake clock (`seconds` per image) and with
+    its scores moved by `drift(scores)`: what `auto` measures is then set by the test, not by this machine's load.
+    Returns the settings dict and the list of formats prepared (one entry per call).
+    """
+    from types import SimpleNamespace
+
+    from qualiclip_hf.backends import auto_precision
+
+    clock = FakeClock()
+    monkeypatch.setattr(auto_precision, "time", clock)
+    cpu(SAPPHIRE_RAPIDS)
+    settings = {"fp32": (1.0, None), "bf16": (0.25, None), "fp16": (0.25, None)}
+    prepared = []
+
+    class Timed:
+        def __init__(self, model, seconds, drift):
+            self.model, self.seconds, self.drift = model, seconds, drift
+
+        def __call__(self, **inputs):
+            clock.now += self.seconds
+            scores = self.model(**inputs).quality_score
+            return SimpleNamespace(quality_score=scores if self.drift is None else scores + self.drift(scores))
+
+    def fake_prepare(model, processor, precision_name, backend="torch", calibration_images=None, **options):
+        if precision_name not in settings:
+            raise ImportError(f"{precision_name} is not measured in this test")
+        prepared.append(precision_name)
+        seconds, drift = settings[precision_name]
+        return Timed(model, seconds, drift), precision_name
+
+    monkeypatch.setattr(auto_precision, "prepare_scorer", fake_prepare)
+    return settings, prepared
+
+
+def test_auto_stays_fp32_when_the_faster_format_drifts(tiny, small_probe_set, fake_formats):
+    from qualiclip_hf.backends.auto_precision import choose_precision
+
+    settings, _ = fake_formats
+    settings["bf16"] = (0.25, lambda scores: 0.05 * scores)  # 4x faster, ranks kept, scores moved by up to 0.05
+    settings["fp16"] = (0.25, lambda scores: 0.02 * torch.randn_like(scores))  # ranks and scores moved
+    verdict = choose_precision(*tiny, "torch")
+    assert verdict.chosen == "fp32"
+    bf16, fp16 = verdict.row("bf16"), verdict.row("fp16")
+    assert bf16.speedup == pytest.approx(4.0) and bf16.max_abs_diff > 0.01 and not bf16.meets_drift_bar
+    assert not fp16.meets_drift_bar
+    assert verdict.row("int8").not_run  # not measured in this test
+    line = verdict.line()
+    assert line.startswith("precision: fp32 (auto, weights ") and "bf16 drifts" in line and "\n" not in line
+
+
+def test_auto_takes_the_fastest_format_within_the_bar_and_never_a_slower_one(tiny, small_probe_set, fake_formats):
+    from qualiclip_hf.backends.auto_precision import choose_precision
+
+    settings, _ = fake_formats
+    settings["bf16"] = (0.5, lambda scores: 0.001 * scores)  # 2x fp32's speed, within the bar
+    settings["fp16"] = (0.25, None)  # 4x, the same scores
+    verdict = choose_precision(*tiny, "torch", remeasure=True)
+    assert verdict.chosen == "fp16" and verdict.row("fp16").speedup == pytest.approx(4.0)
+    assert "precision: fp16 (auto, " in verdict.line() and "4.00x fp32's speed" in verdict.line()
+    assert "| fp16 | torch |" in verdict.table() and "chosen" in verdict.table()
+    settings["bf16"] = settings["fp16"] = (0.95, None)  # exact, but hardly faster than fp32 (1.05x < SPEED_MARGIN)
+    assert choose_precision(*tiny, "torch", remeasure=True).chosen == "fp32"
+    settings["bf16"] = settings["fp16"] = (1.5, None)  # slower
+    assert choose_precision(*tiny, "torch", remeasure=True).chosen == "fp32"
+
+
+def test_auto_measures_only_native_formats_and_the_runtimes_allowed(tiny, small_probe_set, fake_formats, cpu):
+    from qualiclip_hf.backends import auto_precision
+
+    _, prepared = fake_formats
+    cpu(AVX2_ONLY, "AVX2")  # no bf16/fp16 kernels: emulated, slower than fp32
+    verdict = auto_precision.choose_precision(*tiny, "torch")
+    assert verdict.chosen == "fp32" and prepared == ["fp32"]
+    assert verdict.row("bf16").not_run == "not native on this cpu"
+    rows = [
+        auto_precision.FormatMeasurement("fp32", "torch", 1.0, 0.0, 10.0, 1.0),
+        auto_precision.FormatMeasurement("bf16", "torch", 0.9999, 0.005, 20.0, 2.0),
+        auto_precision.FormatMeasurement("int8", "onnxruntime", 0.9999, 0.005, 40.0, 4.0),
+    ]
+    assert auto_precision.pick_format(rows) == "int8"
+    assert auto_precision.pick_format(rows, runtimes=("torch",)) == "bf16"  # e.g. score --dataset: PyTorch only
+
+
+def test_the_verdict_is_cached_per_weights_and_a_corrupt_cache_is_measured_again(
+    tiny, small_probe_set, fake_formats, recwarn
+):
+    from qualiclip_hf.backends.auto_precision import choose_precision
+
+    model, processor = tiny
+    _, prepared = fake_formats
+    first = choose_precision(model, processor, "torch")
+    assert not first.cached and first.chosen == "bf16" and len(prepared) == 3
+    again = choose_precision(model, processor, "torch")
+    assert again.cached and again.chosen == "bf16" and len(prepared) == 3  # nothing prepared nor scored again
+    assert again.rows == first.rows
+    assert "cached" in again.line()
+    # The same name with other weights (retrained in place): measured again, into another entry.
+    retrained = copy.deepcopy(model)
+    with torch.no_grad():
+        retrained.vision_model.conv1.weight.mul_(1.01)
+    other = choose_precision(retrained, processor, "torch")
+    assert not other.cached and other.weights != first.weights and other.cache_file != first.cache_file
+    assert len(prepared) == 6
+    first.cache_file.write_text("{ not json")
+    with pytest.warns(UserWarning, match="ignoring a corrupt precision verdict"):
+        remeasured = choose_precision(model, processor, "torch")
+    assert not remeasured.cached and len(prepared) == 9
+    assert choose_precision(model, processor, "torch").cached  # written again, whole
+
+
+def test_srcc_is_spearmans_rank_correlation_with_ties():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    from qualiclip_hf.backends.auto_precision import srcc
+
+    rng = np.random.default_rng(0)
+    a = rng.random(50).round(1)  # many ties
+    b = a + rng.normal(0, 0.1, 50)
+    assert srcc(a, b) == pytest.approx(scipy_stats.spearmanr(a, b).statistic, abs=1e-12)
+    assert srcc(a, a) == pytest.approx(1.0)
+
+
+def test_cli_prints_the_choice_once_and_precision_shows_the_table(
+    tiny_model_dir, tmp_path, capsys, small_probe_set, fake_formats
+):
+    folder = tmp_path / "photos"
+    folder.mkdir()
     for seed in range(3):
-        photo(64, 80, seed=seed).save(tmp_path / f"{seed}.png")
-    assert main(["score", str(tmp_path), "--model", str(tiny_model_dir), "--precision", "auto"]) == 0
+        photo(64, 80, seed=seed).save(folder / f"{seed}.png")
+    output = tmp_path / "scores.jsonl"
+    command = ["score", str(folder), "--model", str(tiny_model_dir), "--precision", "auto", "--output", str(output)]
+    assert main(command) == 0
     err = capsys.readouterr().err
-    assert err.count("precision:") == 1
-    assert "precision: bf16 (auto:" in err
+    assert err.count("precision:") == 1 and "precision: bf16 (auto, weights " in err
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert {row["precision"] for row in rows} == {"bf16"}  # what auto chose, never "auto"
+
+    assert main(["precision", "--model", str(tiny_model_dir), "--backend", "torch"]) == 0
+    out = capsys.readouterr().out
+    assert "| precision | runs in | SRCC | max abs diff | images/s | vs fp32 | verdict |" in out
+    assert "| bf16 | torch |" in out and "| fp32 | torch |" in out and "precision: bf16 (auto, " in out
+    assert "cached" in out  # measured by the score command above
 
 
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -310,3 +431,15 @@ def test_calibration_photos_missing_or_too_small_are_named(tmp_path, tiny_model_
     err = capsys.readouterr().err
     assert f"calibration photo {folder / 'small.png'}: 20x20 pixels is below the model's 32x32 minimum" in err
     assert "Traceback" not in err
+
+
+def test_prepare_scorer_auto_runs_what_the_measurement_chose(tiny, small_probe_set, fake_formats):
+    model, processor = tiny
+    settings, _ = fake_formats
+    settings["bf16"] = (1.0, None)  # not faster
+    settings["fp16"] = (0.5, None)  # 2x, exact
+    scorer, chosen = prepare_scorer(copy.deepcopy(model), processor, "auto")
+    assert chosen == "fp16"
+    assert scorer.vision_model.layer4[0].conv3.weight.dtype == torch.float16  # reduced, as --precision fp16 does
+    # Restricted to the PyTorch model (as score --dataset is): fp16 runs in torch, so it is still taken.
+    assert prepare_scorer(copy.deepcopy(model), processor, "auto", runtimes=("torch",))[1] == "fp16"

@@ -8,9 +8,10 @@
   score head in float32 (see `reduce_precision`).
 - `int8`: the image tower quantized to int8 by ONNX Runtime (`qualiclip_hf.backends.quantization`), run by ONNX Runtime
   (or OpenVINO with `backend="openvino"`).
-- `auto`: the fastest reduced format that the device runs natively *and* whose score drift, with that backend, met
-  the bar of `DRIFT_BAR` on the drift benchmark (`benchmarks/precision.py`, figures in `benchmarks/RESULTS.md`); fp32
-  otherwise.
+- `auto`: measured for the model in hand on this machine (`qualiclip_hf.backends.auto_precision.choose_precision`):
+  the fastest format that the backend runs, the device runs natively, whose scores of a probe set met `DRIFT_BAR`
+  against fp32 and which ran clearly faster than fp32; fp32 otherwise. Measured once per weights, machine and library
+  versions, then cached.
 
 `--backend` / `backend=` takes `torch` (the model itself), `onnxruntime` or `openvino` (the exported ONNX graph,
 `qualiclip_hf.backends.onnx`, run by that runtime on the CPU, no PyTorch in the forward pass). With OpenVINO, bf16 is
@@ -34,9 +35,8 @@ from ..loading import BACKENDS, PRECISIONS
 logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# What `auto` asks of a reduced format, against float32 scores of the same images, on both models of
-# benchmarks/precision.py (the demo model on photos and their degraded versions, and an RN50 in the official layout
-# whose scores spread over [0, 1]): Spearman rank correlation (SRCC) and the largest absolute score difference.
+# What `auto` asks of a reduced format, against float32 scores of the same images (the probe set of
+# `auto_precision`): Spearman rank correlation (SRCC) and the largest absolute score difference (scores in [0, 1]).
 DRIFT_BAR = {"min_srcc": 0.999, "max_abs_diff": 0.01}
 # The formats each backend runs (torch runs int8 through ONNX Runtime: PyTorch has no int8 path kept here).
 BACKEND_PRECISIONS = {
@@ -44,11 +44,6 @@ BACKEND_PRECISIONS = {
     "onnxruntime": ("fp32", "int8"),
     "openvino": ("fp32", "bf16", "int8"),
 }
-# Per backend, the formats that met `DRIFT_BAR` on both models in the last run of benchmarks/precision.py
-# (RESULTS.md, section "Precision past fp32 on the CPU"), fastest first. Re-run the benchmark after changing how a
-# format is computed.
-FORMATS_MEETING_DRIFT_BAR: dict[str, tuple[str, ...]] = {"torch": (), "onnxruntime": (), "openvino": ()}
-
 # /proc/cpuinfo flags of the x86 instructions that run each format natively (Intel's and AMD's names, as Linux
 # prints them): bf16 dot products (AVX512_BF16, AMX-BF16), fp16 arithmetic (AVX512_FP16, AMX-FP16), int8 dot products
 # (AVX512_VNNI, AVX_VNNI, AMX-INT8).
@@ -108,9 +103,8 @@ def native_formats(device: torch.device | str = "cpu") -> set[str]:
 
 def resolve_precision(requested: str, device: torch.device | str = "cpu", backend: str = "torch") -> str:
     """
-    The format to run: `requested` itself, or for `"auto"` the first of `FORMATS_MEETING_DRIFT_BAR[backend]` that
-    `device` runs natively and whose runtime is installed (int8 needs ONNX Runtime with the torch backend), else
-    `"fp32"`.
+    Checks that `requested` runs with `backend` on `device`, and returns it. `"auto"` is returned as it is: what it
+    runs depends on the model and is measured (`qualiclip_hf.backends.auto_precision.choose_precision`).
 
     Raises:
         ValueError: an unknown name or backend, a format the backend does not run (`BACKEND_PRECISIONS`), or int8 or
@@ -125,30 +119,10 @@ def resolve_precision(requested: str, device: torch.device | str = "cpu", backen
         raise ValueError(f"the {backend} backend runs on the CPU; use --device cpu")
     if requested == "int8" and device.type != "cpu":
         raise ValueError("int8 runs on the CPU (through ONNX Runtime or OpenVINO); use fp16 or bf16 on a GPU")
-    if requested != "auto":
-        if requested not in BACKEND_PRECISIONS[backend]:
-            runs = ", ".join(BACKEND_PRECISIONS[backend])
-            raise ValueError(f"the {backend} backend runs {runs}, not {requested}")
-        return requested
-    native = native_formats(device)
-    for fmt in FORMATS_MEETING_DRIFT_BAR[backend]:
-        if fmt in native and _runtime_available(runtime_for(backend, fmt)):
-            return fmt
-    return "fp32"
-
-
-def describe_choice(requested: str, chosen: str, device: torch.device | str = "cpu", backend: str = "torch") -> str:
-    """The line printed once when a precision is chosen: what runs, and why for `auto`."""
-    device = torch.device(device)
-    if requested != "auto":
-        return f"precision: {chosen}"
-    native = sorted(native_formats(device)) or ["none"]
-    passing = list(FORMATS_MEETING_DRIFT_BAR[backend]) or ["none"]
-    return (
-        f"precision: {chosen} (auto: native on this {device.type}: {', '.join(native)}; within the drift bar "
-        f"SRCC >= {DRIFT_BAR['min_srcc']}, max score diff <= {DRIFT_BAR['max_abs_diff']} with {backend}: "
-        f"{', '.join(passing)})"
-    )
+    if requested not in ("auto", *BACKEND_PRECISIONS[backend]):
+        runs = ", ".join(BACKEND_PRECISIONS[backend])
+        raise ValueError(f"the {backend} backend runs {runs}, not {requested}")
+    return requested
 
 
 def runtime_for(backend: str, precision: str) -> str:
@@ -214,6 +188,7 @@ def prepare_scorer(
     backend: str = "torch",
     calibration_images: str | Path | None = None,
     fuse: bool = False,
+    runtimes: tuple[str, ...] | None = None,
 ) -> tuple[Any, str]:
     """
     Makes what scores a float32 `QualiCLIPModel` (eval mode, on its device) in `precision`, leaving the model as it
@@ -225,11 +200,13 @@ def prepare_scorer(
     Both kinds take `model(**processor_outputs)` and work with `qualiclip_hf.scoring.score_files`.
 
     Args:
-        precision: one of `PRECISIONS`; `"auto"` as `resolve_precision` decides.
+        precision: one of `PRECISIONS`; `"auto"` as `auto_precision.choose_precision` measures (once per weights
+            and machine, then cached; its line is logged at INFO level).
         backend: `"torch"`, `"onnxruntime"` or `"openvino"` (CPU; the formats of `BACKEND_PRECISIONS`).
         calibration_images: a folder of photos to calibrate int8 on (default: the bundled examples).
         fuse: when the model itself scores in fp32, apply `qualiclip_hf.backends.fusion.fuse_for_inference` (BatchNorms
             folded, CPU batches in chunks), as `qualiclip score` does: scores move by float rounding only.
+        runtimes: with `"auto"`, the runtimes it may choose (e.g. `("torch",)`: int8 would run in ONNX Runtime).
 
     Returns:
         `(scorer, chosen precision)`.
@@ -241,6 +218,12 @@ def prepare_scorer(
     """
     device = next(model.parameters()).device
     chosen = resolve_precision(precision, device, backend)
+    if chosen == "auto":
+        from .auto_precision import choose_precision
+
+        verdict = choose_precision(model, processor, backend, calibration_images, fuse=fuse, runtimes=runtimes)
+        logger.info(verdict.line())
+        chosen = verdict.chosen
     runtime = runtime_for(backend, chosen)
     if runtime != "torch":
         if not _runtime_available(runtime):

@@ -28,6 +28,9 @@ SETTING_OPTIONS = {
     # photos
     # give other int8 scores.
     "calibration": "--calibration-images",
+    # A hash of the model's config and weights (`qualiclip_hf.backends.onnx.model_cache_key`): the model's name stays
+    # when its weights change (a folder retrained in place, a Hub id with a new commit).
+    "weights": "--model",
 }
 RESULT_FIELDS = ("path", "score", "error", "model", *SETTING_OPTIONS)
 
@@ -45,7 +48,7 @@ class ResultWriter:
     `openvino`), `max_size` (empty in CSV, `null` in JSON: full resolution) and, for int8, `calibration` (a hash of
     the calibration photos). Not recorded: `--max-pixels`, which only decides which files are refused (their rows
     have an error), the device, batch size and `--decode-on`, which move scores by float rounding (nvJPEG's decoding,
-    by small pixel differences), and the model's weights: the model is known by its name.
+    by small pixel differences). The weights are recorded by a hash (`weights`), as the name stays when they change.
 
     The file is checked when the writer is made: its extension, that it can be created, and with `resume=True` that
     its rows parse and name this model. It is written from [`start`] on, once the settings are known (after the model
@@ -113,7 +116,12 @@ class ResultWriter:
         the options that continue the file.
         """
         for row in self.rows:
-            changed = [key for key in SETTING_OPTIONS if key in settings and row[key] != settings[key]]
+            # A row without a weights hash (written before it was recorded) cannot be checked for it.
+            changed = [
+                key
+                for key in SETTING_OPTIONS
+                if key in settings and row[key] != settings[key] and not (key == "weights" and row[key] is None)
+            ]
             if changed:
                 theirs = " and ".join(_as_option(key, row[key]) for key in changed)
                 ours = " and ".join(_as_option(key, settings[key]) for key in changed)
@@ -228,11 +236,19 @@ def _as_option(key: str, value: object) -> str:
     """A setting as the command line gives it: `--precision bf16`, or `no --max-size` (full resolution)."""
     if key == "calibration":
         return "no int8 calibration" if value is None else f"int8 calibration photos of hash {value}"
+    if key == "weights":
+        return f"the weights of hash {value}"
     return f"no {SETTING_OPTIONS[key]}" if value is None else f"{SETTING_OPTIONS[key]} {value}"
 
 
 def _options_to_continue(settings: dict) -> str:
     """How to run with `settings`: `with --precision bf16 and without --max-size`."""
+    if "weights" in settings:  # no option brings back other weights: only the model files they were scored with
+        settings = dict(settings)
+        weights = settings.pop("weights")
+        advice = _options_to_continue(settings) if settings else ""
+        model = f"with the model files of those weights ({weights})"
+        return f"{advice} and {model}" if advice else model
     if "calibration" in settings:  # a hash names no folder: say which photos
         settings = dict(settings)
         calibration = settings.pop("calibration")
