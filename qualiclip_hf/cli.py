@@ -489,9 +489,9 @@ def _score_command(args: argparse.Namespace) -> int:
                 "this run's",
                 file=sys.stderr,
             )
-        paths = [path for path in paths if os.path.abspath(path) not in writer.done]
-        if writer.done:
-            print(f"{len(writer.done)} files already in {args.output}; {len(paths)} to score", file=sys.stderr)
+        if writer.rows:
+            paths, line = writer.resume_plan(paths)
+            print(line, file=sys.stderr)
 
     import torch
 

@@ -28,7 +28,33 @@ SETTING_OPTIONS = {
     # give other int8 scores.
     "calibration": "--calibration-images",
 }
-RESULT_FIELDS = ("path", "score", "error", "model", *SETTING_OPTIONS)
+# What identifies the scored file, recorded in every row so that `--resume` knows a file again whatever path names it
+# (another working directory, a symbolic link) and notices one that changed since (`file_identity`).
+IDENTITY_FIELDS = ("resolved_path", "size", "mtime_ns")
+RESULT_FIELDS = ("path", "score", "error", "model", *SETTING_OPTIONS, *IDENTITY_FIELDS)
+# Names of files are written as the file system holds them: one that is not valid UTF-8 keeps its bytes in a CSV file
+# (read back exactly on resume), and JSON escapes them (`"\\udce9"`), which Python's `json` reads back exactly.
+_ENCODING_ERRORS = "surrogateescape"
+
+
+def file_identity(path: str | os.PathLike) -> dict:
+    """
+    What identifies an image file across runs: `resolved_path` (absolute, symbolic links resolved), and the file's
+    `size` in bytes and `mtime_ns` (its modification time, in nanoseconds since the epoch), both `None` for a file that
+    cannot be read. Size and modification time, not a hash of the content: resuming a million files must not read
+    them all again, and any tool that rewrites a photo changes its modification time.
+    """
+    resolved = os.path.realpath(path)
+    try:
+        stat = os.stat(resolved)
+    except OSError:
+        return {"resolved_path": resolved, "size": None, "mtime_ns": None}
+    return {"resolved_path": resolved, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _row_key(row: dict) -> str:
+    # Rows of an earlier version record no resolved path: their path is taken from the current working directory.
+    return row["resolved_path"] or os.path.realpath(row["path"])
 
 
 class ResultWriter:
@@ -50,8 +76,12 @@ class ResultWriter:
     its rows parse and name this model. It is written from [`start`] on, once the settings are known (after the model
     is loaded and its precision chosen); until then it is left as it was.
 
-    With `resume=True`, the rows already in the file are kept and [`done`] holds their paths, so a run can skip them;
-    a last CSV row or JSON line cut off by a crash (no newline) is dropped, and its file is scored again. [`start`]
+    Every row also records the file's identity (`IDENTITY_FIELDS`, see [`file_identity`]): its resolved path, size and
+    modification time. With `resume=True`, the rows already in the file are kept and [`resume_plan`] tells which of
+    this run's files they cover, by resolved path (so a resumed run may start from another folder, or name the files
+    through a symbolic link), which are new, and which changed since they were scored (other size or modification
+    time: their rows are dropped and they are scored again); [`done`] holds the resolved paths of the rows. A last
+    CSV row or JSON line cut off by a crash (no newline) is dropped, and its file is scored again. [`start`]
     (and [`check_settings`], to refuse early) refuses rows recorded with other settings, so that a file never mixes
     scores computed two ways. Rows written by an earlier version record no settings (no `precision`): they cannot be
     checked and are accepted, taken to have been scored with this run's settings; [`unrecorded`] counts them, so the
@@ -92,7 +122,7 @@ class ResultWriter:
                 "another --output"
             )
         self.rows: list[dict] = self._read_rows() if resume and self.path.exists() else []
-        self.done = {os.path.abspath(row["path"]) for row in self.rows}
+        self.done = {_row_key(row) for row in self.rows}
         self.unrecorded = sum(row["precision"] is None for row in self.rows)
         self.settings: dict | None = None
         self._last_dump = 0.0
@@ -104,6 +134,36 @@ class ResultWriter:
         os.unlink(probe)
         if settings is not None:
             self.start(settings)
+
+    def resume_plan(self, paths: list[Path]) -> tuple[list[Path], str]:
+        """
+        Which of `paths` (this run's files) still need scoring, and a line that says what the resumed rows cover:
+        `"resuming: 5 already scored, 2 new, 1 gone (its row kept), 1 changed (rescored)"`. A file is known by its
+        resolved path; one whose size or modification time differs from its row's changed since: the row is
+        dropped (before [`start`] writes the file) and the file is scored again. Rows of files this run does not
+        name are *gone*: they are kept. Rows of an earlier version, without size and time, count as unchanged.
+        """
+        identities = {file_identity(path)["resolved_path"]: path for path in paths}
+        current = {key: file_identity(key) for key in identities if key in self.done}
+        changed = set()
+        for row in self.rows:
+            key = _row_key(row)
+            if (
+                key in current
+                and row["size"] is not None
+                and ((row["size"], row["mtime_ns"]) != (current[key]["size"], current[key]["mtime_ns"]))
+            ):
+                changed.add(key)
+        self.rows = [row for row in self.rows if _row_key(row) not in changed]
+        self.done -= changed
+        gone = len({_row_key(row) for row in self.rows} - set(identities))
+        todo = [path for key, path in identities.items() if key not in self.done]
+        scored = len(identities) - len(todo)
+        line = (
+            f"resuming {self.path}: {scored} already scored, {len(todo) - len(changed)} new, {gone} gone (their rows "
+            f"kept), {len(changed)} changed (rescored)"
+        )
+        return todo, line
 
     def check_settings(self, settings: dict) -> None:
         """
@@ -137,7 +197,7 @@ class ResultWriter:
         self.settings = {key: settings[key] for key in SETTING_OPTIONS}
         self._replace(self._serialise(self.rows))
         if self.format != ".json":
-            self._file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
+            self._file = open(self.path, "a", newline="", encoding="utf-8", errors=_ENCODING_ERRORS)  # noqa: SIM115
 
     @property
     def failed(self) -> int:
@@ -147,7 +207,14 @@ class ResultWriter:
     def write(self, result: ScoreResult) -> None:
         if self.settings is None:
             raise RuntimeError("ResultWriter.start(settings) comes before the first row")
-        row = {"path": result.path, "score": result.score, "error": result.error, "model": self.model, **self.settings}
+        row = {
+            "path": result.path,
+            "score": result.score,
+            "error": result.error,
+            "model": self.model,
+            **self.settings,
+            **file_identity(result.path),
+        }
         self.rows.append(row)
         if self._file is not None:
             self._file.write(self._serialise([row], header=False))
@@ -176,9 +243,16 @@ class ResultWriter:
             return "".join(json.dumps(row) + "\n" for row in rows)
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=RESULT_FIELDS, lineterminator="\n")
+        # `csv` quotes a field holding "\n" but not one holding a lone "\r" when lines end with "\n": such a row
+        # (a file name with a carriage return) is written with every field quoted, so that it reads back whole.
+        quoted = csv.DictWriter(text, fieldnames=RESULT_FIELDS, lineterminator="\n", quoting=csv.QUOTE_ALL)
         if header:
             writer.writeheader()
-        writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
+        for row in rows:
+            values = {key: "" if value is None else value for key, value in row.items()}
+            (quoted if any("\r" in value for value in values.values() if isinstance(value, str)) else writer).writerow(
+                values
+            )
         return text.getvalue()
 
     def _replace(self, text: str) -> None:
@@ -186,7 +260,7 @@ class ResultWriter:
         handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".partial")
         try:
             os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600, for a file the user meant to share
-            with os.fdopen(handle, "w", newline="", encoding="utf-8") as file:
+            with os.fdopen(handle, "w", newline="", encoding="utf-8", errors=_ENCODING_ERRORS) as file:
                 file.write(text)
             os.replace(temporary, self.path)
         except BaseException:
@@ -195,12 +269,15 @@ class ResultWriter:
         self._last_dump = time.monotonic()
 
     def _read_rows(self) -> list[dict]:
-        text = self.path.read_text(encoding="utf-8")
+        with open(self.path, encoding="utf-8", errors=_ENCODING_ERRORS, newline="") as file:
+            text = file.read()
         try:
             if self.format == ".json":
                 rows = json.loads(text) if text.strip() else []
             else:
-                lines = text.splitlines(keepends=True)
+                # Lines end at "\n", "\r\n" or "\r" only: `str.splitlines` would also cut at U+2028, U+0085 or a
+                # form feed, which may be part of a file name.
+                lines = io.StringIO(text, newline="").readlines()
                 if lines and not lines[-1].endswith("\n") and not _is_json_object(lines[-1]):
                     # Rows are written with their newline: one without it was cut off mid-write (a complete JSON
                     # object, written by hand, is kept). Its file is scored again.
@@ -211,7 +288,8 @@ class ResultWriter:
                     rows = [{key: row.get(key) or None for key in RESULT_FIELDS} for row in csv.DictReader(lines)]
                     for row in rows:
                         row["score"] = None if row["score"] is None else float(row["score"])
-                        row["max_size"] = None if row["max_size"] is None else int(row["max_size"])
+                        for key in ("max_size", "size", "mtime_ns"):
+                            row[key] = None if row[key] is None else int(row[key])
             rows = [{key: row.get(key) for key in RESULT_FIELDS} for row in rows]
         except (ValueError, TypeError, AttributeError) as error:  # JSON, float() or a row that is no object
             raise ValueError(
