@@ -6,14 +6,21 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
+import datasets
+import numpy as np
 import pytest
 
 import qualiclip_hf.scoring
 from qualiclip_hf.cli import main
+from qualiclip_hf.scoring import score_files
+from qualiclip_hf.scoring.dataset import read_scores, score_dataset
 
-from .conftest import photo
+from .conftest import REPO_ROOT, photo
+
+EXAMPLES = REPO_ROOT / "examples" / "images"
 
 
 @pytest.fixture
@@ -123,3 +130,79 @@ def test_names_with_line_separators_survive_resume(tiny_model_dir, tmp_path, sco
     else:
         rows = json.loads(output.read_text())
     assert sorted(Path(row["path"]).name for row in rows) == sorted(names)
+
+
+# ---------------------------------------------------------------------------------------------------------- datasets
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("pictures")
+    paths = []
+    for index in range(6):
+        paths.append(folder / f"p{index}.png")
+        photo(48 + 8 * index, 56, seed=20 + index).save(paths[-1])
+    return paths
+
+
+def _table(paths: list[Path], **columns: list) -> datasets.Dataset:
+    rows = {"image": [{"bytes": path.read_bytes(), "path": None} for path in paths], **columns}
+    return datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ([1, None, 3, 4, None, 6], "2 rows have no id (rows 1, 4)"),
+        (["a", None, "c", "d", "e", "f"], "1 rows have no id (rows 1)"),
+        (["a", "b", "a", "c", "b", "d"], "2 ids are repeated, on 4 rows (ids 'a', 'b'; rows 0, 1, 2, ...)"),
+    ],
+)
+def test_missing_or_repeated_ids_are_refused_before_anything_is_written(pictures, demo, tmp_path, keys, message):
+    dataset = _table(pictures, key=keys)
+    with pytest.raises(ValueError, match="the id column 'key' must name every row once") as error:
+        score_dataset(dataset, tmp_path / "out", *demo, id_column="key", progress=False, num_workers=0)
+    assert message in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_streamed_row_without_an_id_stops_the_run_naming_it(pictures, demo, tmp_path):
+    dataset = _table(pictures, key=["a", "b", None, "d", "e", "f"]).to_iterable_dataset(num_shards=2)
+    with pytest.raises(ValueError, match=r"row 2 of shard 0: no id in the id column 'key'"):
+        score_dataset(dataset, tmp_path / "out", *demo, id_column="key", progress=False, num_workers=0, batch_size=1)
+
+
+def test_relative_image_paths_are_read_from_the_datasets_folder(demo, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "images").mkdir(parents=True)
+    # Other pictures under the same names in the folder the command runs from.
+    ours, theirs = ["coffee.jpg", "chelsea.jpg"], ["coffee_jpeg_q5.jpg", "coffee_blurred.jpg"]
+    for mine, other in zip(ours, theirs, strict=True):
+        shutil.copy(EXAMPLES / mine, data / "images" / mine)
+        shutil.copy(EXAMPLES / other, elsewhere / "images" / mine)
+    datasets.Dataset.from_dict({"image": [f"images/{name}" for name in ours]}).to_parquet(str(data / "rows.parquet"))
+    monkeypatch.chdir(elsewhere)
+    expected = [result.score for result in score_files([EXAMPLES / name for name in ours], *demo, num_workers=0)]
+    for source in (data, data / "rows.parquet"):
+        output = tmp_path / f"out-{source.name}"
+        assert main(["score", "--dataset", str(source), "--model", "demo", "--output", str(output)]) == 0
+        np.testing.assert_allclose(read_scores(output).column("quality_score").to_pylist(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_ids", [True, False])
+def test_resuming_a_dataset_whose_rows_changed_says_so_instead_of_mislabelling(pictures, demo, tmp_path, with_ids):
+    before = _table(pictures[:5], key=[f"k{i}" for i in range(5)])
+    options = {"id_column": "key"} if with_ids else {}
+    output = tmp_path / "out"
+    score_dataset(before, output, *demo, rows_per_file=2, progress=False, num_workers=0, **options)
+    # Two photos added at the front: as many units (3), other rows in each.
+    after = _table([pictures[5], *pictures[:5]], key=["k5", *[f"k{i}" for i in range(5)]])
+    with pytest.raises(ValueError, match="the dataset changed since this run began: it now has 6 rows") as error:
+        score_dataset(after, output, *demo, rows_per_file=2, progress=False, num_workers=0, resume=True, **options)
+    if with_ids:
+        assert "(0 scored ids are gone from it, 1 of its ids are not scored)" in str(error.value)
+    # The same rows resume (nothing left to do), whichever way they are given.
+    summary = score_dataset(before, output, *demo, rows_per_file=2, progress=False, resume=True, **options)
+    assert summary.rows == 5 and summary.rows_this_run == 0
