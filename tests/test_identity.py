@@ -6,7 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -14,6 +17,7 @@ import numpy as np
 import pytest
 
 import qualiclip_hf.scoring
+from qualiclip_hf import QualityScorer
 from qualiclip_hf.cli import main
 from qualiclip_hf.scoring import score_files
 from qualiclip_hf.scoring.dataset import read_scores, score_dataset
@@ -206,3 +210,60 @@ def test_resuming_a_dataset_whose_rows_changed_says_so_instead_of_mislabelling(p
     # The same rows resume (nothing left to do), whichever way they are given.
     summary = score_dataset(before, output, *demo, rows_per_file=2, progress=False, resume=True, **options)
     assert summary.rows == 5 and summary.rows_this_run == 0
+
+
+# ------------------------------------------------------------------------------------------ QualityScorer in map
+
+
+def _example_rows(count: int) -> datasets.Dataset:
+    files = sorted(EXAMPLES.glob("*.jpg"))[:count]
+    rows = {"image": [{"bytes": path.read_bytes(), "path": None} for path in files]}
+    return datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+
+
+def test_quality_scorer_refuses_one_row_at_a_time_clearly():
+    scorer = QualityScorer("demo", device="cpu")
+    with pytest.raises(TypeError, match=r"scores batches of rows: call dataset.map\(scorer, batched=True\)"):
+        _example_rows(2).map(scorer, load_from_cache_file=False)
+    with pytest.raises(TypeError, match="batched=True"):
+        _example_rows(2).map(scorer, with_indices=True, load_from_cache_file=False)
+
+
+def test_a_scorer_made_from_a_name_travels_as_its_name():
+    scorer = QualityScorer("demo", device="cpu")
+    copy = pickle.loads(pickle.dumps(scorer))
+    assert copy.model is None and len(pickle.dumps(scorer)) < 10_000  # no weights: `datasets` hashes it at once
+    batch = _example_rows(2)[:]
+    assert copy(batch)["quality_score"] == pytest.approx(scorer(batch)["quality_score"], abs=1e-6)
+
+
+NUM_PROC_SCRIPT = """
+import datasets, sys
+from pathlib import Path
+from qualiclip_hf import QualityScorer, load_model_and_processor
+files = sorted(Path(sys.argv[1]).glob("*.jpg"))[:6]
+rows = {"image": [{"bytes": path.read_bytes(), "path": None} for path in files]}
+ds = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+for scorer in (QualityScorer("demo", device="cpu"), QualityScorer(*load_model_and_processor("demo", "cpu"))):
+    one = ds.map(scorer, batched=True, batch_size=2, load_from_cache_file=False)["quality_score"]
+    two = ds.map(scorer, batched=True, batch_size=2, num_proc=2, load_from_cache_file=False)["quality_score"]
+    assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < 1e-5, (one, two)
+print("same scores")
+"""
+
+
+def test_quality_scorer_with_num_proc_after_use_in_the_parent_finishes_with_the_same_scores(tmp_path):
+    # In a child process with a deadline: a hang (forked workers entering the parent's thread pool) fails the test.
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", NUM_PROC_SCRIPT, str(EXAMPLES)],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env=environment,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("dataset.map(QualityScorer, num_proc=2) did not finish within 240 s")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "same scores" in done.stdout

@@ -113,6 +113,13 @@ class QualityScorer:
         max_size: Downscale images whose longest side exceeds this many pixels (default: full resolution).
         max_pixels: Refuse images of more pixels before decoding them (default: Pillow's limit; `None`: no limit).
         save_embeddings: Also add the `image_embeds` column.
+
+    `map(..., num_proc=N)` works on the CPU: a scorer made from a model name travels to the worker processes as that
+    name and its settings (so `datasets` also fingerprints it in milliseconds) and loads the model again there, on
+    first use; a loaded model travels whole. In a process other than the one that made it, the scorer sets PyTorch
+    to one thread before it scores: the workers are forked, and a forked child that enters the thread pool its
+    parent already used hangs; `num_proc` workers are the parallelism. On a GPU, use one process and a larger
+    `batch_size` (CUDA cannot be used again in a forked child).
     """
 
     def __init__(
@@ -125,6 +132,9 @@ class QualityScorer:
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         save_embeddings: bool = False,
     ) -> None:
+        # A scorer made from a name is rebuilt from it in other processes (`__getstate__`); `_pid` is where it was made.
+        self._model_name = model if isinstance(model, str) else None
+        self._pid = os.getpid()
         if isinstance(model, str):
             from ..loading import load_model_and_processor
 
@@ -132,12 +142,30 @@ class QualityScorer:
             model, processor = load_model_and_processor(model, device)
         elif processor is None:
             raise ValueError("a loaded model needs its processor: QualityScorer(model, processor)")
+        self._device = device
         self.model = model.eval()
         self.processor = processor
         self.image_column = image_column
         self.max_size = max_size
         self.max_pixels = max_pixels
         self.save_embeddings = save_embeddings
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if self._model_name is not None:  # loaded again from its name where it is unpickled, on first use
+            state["model"] = state["processor"] = None
+        return state
+
+    def _ready(self) -> None:
+        if os.getpid() != self._pid:
+            # A forked `map(num_proc=N)` worker: entering the parent's used thread pool would hang (see the class).
+            torch.set_num_threads(1)
+            self._pid = os.getpid()
+        if self.model is None:
+            from ..loading import load_model_and_processor
+
+            model, self.processor = load_model_and_processor(self._model_name, self._device or "cpu")
+            self.model = model.eval()
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, list], indices: list[int] | None = None) -> dict[str, list]:
@@ -146,6 +174,7 @@ class QualityScorer:
 
         Raises:
             KeyError: when the batch has no `image_column`, naming the columns it has.
+            TypeError: when called on one row (`map` without `batched=True`).
         """
         if self.image_column not in batch:
             raise KeyError(
@@ -153,6 +182,15 @@ class QualityScorer:
                 "(QualityScorer(..., image_column=NAME))"
             )
         values = batch[self.image_column]
+        if (
+            isinstance(indices, int)
+            or not isinstance(values, (list, tuple, np.ndarray, torch.Tensor))
+            or (isinstance(values, (np.ndarray, torch.Tensor)) and values.ndim == 3)
+        ):
+            raise TypeError(
+                "QualityScorer scores batches of rows: call dataset.map(scorer, batched=True), not one row at a time"
+            )
+        self._ready()
         labels = [f"row {index}" for index in indices] if indices is not None else ["image"] * len(values)
         decoded = decode_values(values, labels, self.max_pixels)
         outcomes = score_images(decoded, self.model, self.processor, labels, self.max_size, self.save_embeddings)
