@@ -19,6 +19,7 @@ import pytest
 import qualiclip_hf.scoring
 from qualiclip_hf import QualityScorer
 from qualiclip_hf.cli import main
+from qualiclip_hf.image_reader import find_image_files
 from qualiclip_hf.scoring import score_files
 from qualiclip_hf.scoring.dataset import read_scores, score_dataset
 
@@ -267,3 +268,23 @@ def test_quality_scorer_with_num_proc_after_use_in_the_parent_finishes_with_the_
         pytest.fail("dataset.map(QualityScorer, num_proc=2) did not finish within 240 s")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "same scores" in done.stdout
+
+
+# ------------------------------------------------------------------------------------------------------------ folders
+
+
+def test_recursive_follows_linked_folders_once_and_ends_on_loops(tmp_path, caplog):
+    top, outside = tmp_path / "top", tmp_path / "outside"
+    (top / "sub").mkdir(parents=True)
+    outside.mkdir()
+    photo(40, 40).save(top / "a.png")
+    photo(40, 40).save(top / "sub" / "b.png")
+    photo(40, 40).save(outside / "c.png")
+    (top / "linked").symlink_to(outside)
+    (top / "sub" / "again").symlink_to(outside)  # the same folder by a second link
+    (top / "sub" / "loop").symlink_to(top)  # back up: a loop
+    with caplog.at_level("WARNING"):
+        images, _ = find_image_files(top, recursive=True)
+    assert [path.relative_to(top).as_posix() for path in images] == ["a.png", "linked/c.png", "sub/b.png"]
+    assert "a symbolic link to a folder already walked" in caplog.text
+    assert find_image_files(top)[0] == [top / "a.png"]
