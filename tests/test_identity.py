@@ -4,12 +4,15 @@ relative paths inside datasets and odd file names are never lost, doubled or swa
 from __future__ import annotations
 
 import csv
+import http.server
 import json
 import os
 import pickle
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import datasets
@@ -288,3 +291,68 @@ def test_recursive_follows_linked_folders_once_and_ends_on_loops(tmp_path, caplo
     assert [path.relative_to(top).as_posix() for path in images] == ["a.png", "linked/c.png", "sub/b.png"]
     assert "a symbolic link to a folder already walked" in caplog.text
     assert find_image_files(top)[0] == [top / "a.png"]
+
+
+# ------------------------------------------------------------------------------------------------ pipeline on URLs
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/photo.png":
+            data = (EXAMPLES / "coffee.jpg").read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        elif self.path == "/silent.png":
+            time.sleep(5)  # longer than the timeout the test sets
+        else:
+            self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def judge(tiny_model_dir):
+    from transformers import pipeline
+
+    from qualiclip_hf import IMAGE_QUALITY_TASK, QualiCLIPImageProcessor, QualiCLIPModel
+
+    model = QualiCLIPModel.from_pretrained(tiny_model_dir)
+    return pipeline(
+        IMAGE_QUALITY_TASK, model=model, image_processor=QualiCLIPImageProcessor.from_pretrained(tiny_model_dir)
+    )
+
+
+def test_url_errors_are_one_line_and_a_silent_server_times_out_by_default(judge, server, monkeypatch):
+    from qualiclip_hf import pipeline_qualiclip
+
+    assert judge(f"{server}/photo.png")[0]["label"] == "good"
+    with pytest.raises(ValueError, match=r"cannot read image '.*/missing.png': the server answered HTTP 404 Not Found"):
+        judge(f"{server}/missing.png")
+    with pytest.raises(ValueError, match=r"/silent.png': no answer within 0.5 s"):
+        judge(f"{server}/silent.png", timeout=0.5)
+    monkeypatch.setattr(pipeline_qualiclip, "URL_TIMEOUT_S", 0.5)  # the default applies without `timeout`
+    with pytest.raises(ValueError, match=r"no answer within 0\.5 s"):
+        judge(f"{server}/silent.png")
+    with pytest.raises(ValueError, match="cannot fetch it: "):
+        judge("http://127.0.0.1:9/photo.png")  # the discard port: nothing listens there
+
+
+def test_offline_mode_fetches_local_addresses_only(judge, server, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert judge(f"{server}/photo.png")[0]["label"] == "good"
+    with pytest.raises(ValueError, match=r"offline mode .* local addresses only, and example\.com is not one"):
+        judge("https://example.com/photo.jpg")
