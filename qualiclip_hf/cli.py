@@ -666,6 +666,8 @@ def _print_table(results: list) -> None:
     from rich.console import Console
     from rich.table import Column, Table
 
+    from .scoring.results import printable
+
     table = Table(
         Column("path", overflow="fold"),
         Column("score", justify="right", no_wrap=True),
@@ -675,7 +677,7 @@ def _print_table(results: list) -> None:
         score = "" if result.score is None else f"{result.score:.4f}"
         # The path has its own column; the error need not repeat it.
         error = (result.error or "").removeprefix(f"{result.path}: ")
-        table.add_row(result.path, score, error)
+        table.add_row(printable(result.path), score, printable(error))
     Console().print(table)
 
 

@@ -106,7 +106,7 @@ def test_resume_scores_new_and_changed_files_and_says_so(photos, tiny_model_dir,
 # --------------------------------------------------------------------------------------------------- odd file names
 
 
-def test_a_name_that_is_not_utf8_is_written_and_resumed_exactly(photos, tiny_model_dir, tmp_path, scored):
+def test_a_name_that_is_not_utf8_is_written_and_resumed_exactly(photos, tiny_model_dir, tmp_path, scored, capsys):
     odd = os.path.join(os.fsencode(photos), b"caf\xe9.png")
     photo(60, 60, seed=5).save(odd)
     output = tmp_path / "scores.csv"
@@ -117,6 +117,9 @@ def test_a_name_that_is_not_utf8_is_written_and_resumed_exactly(photos, tiny_mod
     scored.clear()
     assert _score([str(photos)], tiny_model_dir, output, "--resume") == 0
     assert scored == [] and len(_csv_rows(output)) == 4
+    capsys.readouterr()
+    assert main(["score", str(photos), "--model", str(tiny_model_dir)]) == 0  # the table, on a UTF-8 stdout
+    assert "caf\\xe9.png" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json"])

@@ -52,6 +52,14 @@ def file_identity(path: str | os.PathLike) -> dict:
     return {"resolved_path": resolved, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def printable(text: str) -> str:
+    """
+    `text` as a terminal can show it: the bytes of a file name that is not valid UTF-8 (held as surrogates by
+    `os.fsdecode`) written as `\\xe9`, where printing them to a UTF-8 terminal would raise `UnicodeEncodeError`.
+    """
+    return text.encode("utf-8", _ENCODING_ERRORS).decode("utf-8", "backslashreplace")
+
+
 def _row_key(row: dict) -> str:
     # Rows of an earlier version record no resolved path: their path is taken from the current working directory.
     return row["resolved_path"] or os.path.realpath(row["path"])
