@@ -103,6 +103,18 @@ def test_resume_scores_new_and_changed_files_and_says_so(photos, tiny_model_dir,
     assert by_name["1.png"]["size"] == (photos / "1.png").stat().st_size
 
 
+def test_a_file_missing_when_scored_is_scored_once_it_is_there(photos, tiny_model_dir, tmp_path, scored, capsys):
+    output = tmp_path / "scores.json"
+    late = photos / "late.png"
+    assert _score([str(photos / "0.png"), str(late)], tiny_model_dir, output) == 1  # its row holds the error
+    photo(64, 64, seed=7).save(late)
+    scored.clear()
+    assert _score([str(photos / "0.png"), str(late)], tiny_model_dir, output, "--resume") == 0
+    assert scored == [str(late)]
+    assert "1 already scored, 0 new, 0 gone (their rows kept), 1 changed (rescored)" in capsys.readouterr().err
+    assert [row["error"] for row in json.loads(output.read_text())] == [None, None]
+
+
 # --------------------------------------------------------------------------------------------------- odd file names
 
 

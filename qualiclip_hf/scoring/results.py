@@ -148,19 +148,20 @@ class ResultWriter:
         Which of `paths` (this run's files) still need scoring, and a line that says what the resumed rows cover:
         `"resuming: 5 already scored, 2 new, 1 gone (its row kept), 1 changed (rescored)"`. A file is known by its
         resolved path; one whose size or modification time differs from its row's changed since: the row is
-        dropped (before [`start`] writes the file) and the file is scored again. Rows of files this run does not
-        name are *gone*: they are kept. Rows of an earlier version, without size and time, count as unchanged.
+        dropped (before [`start`] writes the file) and the file is scored again; so is one that was missing when it
+        was scored and is there now. Rows of files this run does not name are *gone*: they are kept. Rows of an
+        earlier version, without size and time, count as unchanged.
         """
         identities = {file_identity(path)["resolved_path"]: path for path in paths}
         current = {key: file_identity(key) for key in identities if key in self.done}
         changed = set()
         for row in self.rows:
             key = _row_key(row)
-            if (
-                key in current
-                and row["size"] is not None
-                and ((row["size"], row["mtime_ns"]) != (current[key]["size"], current[key]["mtime_ns"]))
-            ):
+            # A row of an earlier version records no identity: it counts as unchanged. One of a file that was
+            # missing then (no size) and is there now has changed too.
+            recorded = row["resolved_path"] is not None
+            now = current.get(key)
+            if recorded and now is not None and (row["size"], row["mtime_ns"]) != (now["size"], now["mtime_ns"]):
                 changed.add(key)
         self.rows = [row for row in self.rows if _row_key(row) not in changed]
         self.done -= changed
