@@ -23,8 +23,10 @@ import qualiclip_hf.scoring
 from qualiclip_hf import QualityScorer
 from qualiclip_hf.cli import main
 from qualiclip_hf.image_reader import find_image_files
-from qualiclip_hf.scoring import score_files
+from qualiclip_hf.report import read_score_table
+from qualiclip_hf.scoring import ScoreResult, score_files
 from qualiclip_hf.scoring.dataset import read_scores, score_dataset
+from qualiclip_hf.scoring.results import ResultWriter
 
 from .conftest import REPO_ROOT, photo
 
@@ -371,3 +373,15 @@ def test_offline_mode_fetches_local_addresses_only(judge, server, monkeypatch):
     assert judge(f"{server}/photo.png")[0]["label"] == "good"
     with pytest.raises(ValueError, match=r"offline mode .* local addresses only, and example\.com is not one"):
         judge("https://example.com/photo.jpg")
+
+
+def test_the_report_reads_odd_names_of_a_results_file_back_exactly(tmp_path):
+    names = [os.fsdecode(b"caf\xe9.png"), "a\u2028b.png", "e\x0cf.png", "g\rh.png", "plain.png"]
+    writer = ResultWriter(tmp_path / "scores.csv", "demo")
+    writer.start({"precision": "fp32", "backend": "torch", "max_size": None, "calibration": None})
+    for index, name in enumerate(names):
+        writer.write(ScoreResult(name, score=index / 10))
+    writer.close()
+    table = read_score_table(tmp_path / "scores.csv")
+    assert table.ids == names
+    assert table.scores.tolist() == [0.0, 0.1, 0.2, 0.3, 0.4]
