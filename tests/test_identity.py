@@ -252,7 +252,7 @@ def test_quality_scorer_refuses_one_row_at_a_time_clearly():
 
 def test_a_scorer_made_from_a_name_travels_as_its_name():
     scorer = QualityScorer("demo", device="cpu")
-    copy = pickle.loads(pickle.dumps(scorer))
+    copy = pickle.loads(pickle.dumps(scorer))  # as `datasets` hands it to a worker
     assert copy.model is None and len(pickle.dumps(scorer)) < 10_000  # no weights: `datasets` hashes it at once
     batch = _example_rows(2)[:]
     assert copy(batch)["quality_score"] == pytest.approx(scorer(batch)["quality_score"], abs=1e-6)
@@ -270,6 +270,7 @@ for scorer in (QualityScorer("demo", device="cpu"), QualityScorer(*load_model_an
     two = ds.map(scorer, batched=True, batch_size=2, num_proc=2, load_from_cache_file=False)["quality_score"]
     assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < 1e-5, (one, two)
 print("same scores")
+print("fingerprint", datasets.fingerprint.Hasher.hash(QualityScorer("demo", device="cpu")))
 """
 
 
@@ -288,6 +289,9 @@ def test_quality_scorer_with_num_proc_after_use_in_the_parent_finishes_with_the_
         pytest.fail("dataset.map(QualityScorer, num_proc=2) did not finish within 240 s")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "same scores" in done.stdout
+    # The fingerprint `datasets` caches `map` by is the same in another session.
+    fingerprint = datasets.fingerprint.Hasher.hash(QualityScorer("demo", device="cpu"))
+    assert f"fingerprint {fingerprint}" in done.stdout
 
 
 # ------------------------------------------------------------------------------------------------------------ folders

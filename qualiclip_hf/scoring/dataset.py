@@ -83,6 +83,19 @@ def decode_values(values: Sequence[Any], labels: Sequence[str], max_pixels: int 
 
 # --------------------------------------------------------------------------------------------------- scoring rows
 
+# Whether this process was forked from the one that imported this module (a `datasets.map(num_proc=N)` worker, say):
+# noted by a fork hook, not by comparing process ids, which would differ in every session and so change the
+# fingerprint `datasets` computes of a `QualityScorer`, and with it the cache of `map`.
+_in_forked_child = False
+
+
+def _note_fork() -> None:
+    global _in_forked_child
+    _in_forked_child = True
+
+
+os.register_at_fork(after_in_child=_note_fork)
+
 
 class QualityScorer:
     """
@@ -116,9 +129,9 @@ class QualityScorer:
 
     `map(..., num_proc=N)` works on the CPU: a scorer made from a model name travels to the worker processes as that
     name and its settings (so `datasets` also fingerprints it in milliseconds) and loads the model again there, on
-    first use; a loaded model travels whole. In a process other than the one that made it, the scorer sets PyTorch
-    to one thread before it scores: the workers are forked, and a forked child that enters the thread pool its
-    parent already used hangs; `num_proc` workers are the parallelism. On a GPU, use one process and a larger
+    first use; a loaded model travels whole. In a forked process, the scorer sets PyTorch to one thread before it
+    scores: a forked child that enters the thread pool its parent already used hangs; the `num_proc` workers are the
+    parallelism. On a GPU, use one process and a larger
     `batch_size` (CUDA cannot be used again in a forked child).
     """
 
@@ -132,9 +145,8 @@ class QualityScorer:
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         save_embeddings: bool = False,
     ) -> None:
-        # A scorer made from a name is rebuilt from it in other processes (`__getstate__`); `_pid` is where it was made.
+        # A scorer made from a name is rebuilt from it in other processes (`__getstate__`).
         self._model_name = model if isinstance(model, str) else None
-        self._pid = os.getpid()
         if isinstance(model, str):
             from ..loading import load_model_and_processor
 
@@ -157,10 +169,9 @@ class QualityScorer:
         return state
 
     def _ready(self) -> None:
-        if os.getpid() != self._pid:
+        if _in_forked_child and torch.get_num_threads() > 1:
             # A forked `map(num_proc=N)` worker: entering the parent's used thread pool would hang (see the class).
             torch.set_num_threads(1)
-            self._pid = os.getpid()
         if self.model is None:
             from ..loading import load_model_and_processor
 
