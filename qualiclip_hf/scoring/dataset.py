@@ -16,6 +16,9 @@ does no sharding of its own (both together would shard twice and lose rows). Eac
 `.manifest/unit-UUUUUU.json` marks the unit complete. Since names, row order and batch boundaries depend only on the
 dataset, the files in name order are the dataset's rows in order, the same for any number of processes, and a run
 killed at any moment and resumed (`resume=True`, `--resume`) ends with the same files as one never interrupted.
+Units are positions in the dataset, so a resumed run first checks that the rows are still where the run found them
+(`_check_rows_unchanged`: the ids of every part file written against the dataset's ids there) and refuses a dataset
+that changed, rather than score its rows under other rows' ids.
 
 The run's bookkeeping (`.run.json`, `.manifest/`, `.manifest.json`, `.progress/`) has names that start with a dot, so
 that the folder reads as one Parquet dataset: `pyarrow.parquet.read_table(folder)`, `pandas.read_parquet(folder)` and
