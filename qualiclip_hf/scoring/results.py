@@ -152,8 +152,12 @@ class ResultWriter:
         was scored and is there now. Rows of files this run does not name are *gone*: they are kept. Rows of an
         earlier version, without size and time, count as unchanged.
         """
-        identities = {file_identity(path)["resolved_path"]: path for path in paths}
-        current = {key: file_identity(key) for key in identities if key in self.done}
+        current: dict[str, dict] = {}
+        identities: dict[str, Path] = {}
+        for path in paths:
+            identity = file_identity(path)
+            current.setdefault(identity["resolved_path"], identity)
+            identities.setdefault(identity["resolved_path"], path)  # a file named twice is scored once
         changed = set()
         for row in self.rows:
             key = _row_key(row)
