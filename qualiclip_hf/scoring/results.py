@@ -146,8 +146,8 @@ class ResultWriter:
     def resume_plan(self, paths: list[Path]) -> tuple[list[Path], str]:
         """
         Which of `paths` (this run's files) still need scoring, and a line that says what the resumed rows cover:
-        `"resuming: 5 already scored, 2 new, 1 gone (its row kept), 1 changed (rescored)"`. A file is known by its
-        resolved path; one whose size or modification time differs from its row's changed since: the row is
+        `"resuming FILE: 5 already scored, 2 new, 1 gone (their rows kept), 1 changed (rescored)"`. A file is known by
+        its resolved path; one whose size or modification time differs from its row's changed since: the row is
         dropped (before [`start`] writes the file) and the file is scored again; so is one that was missing when it
         was scored and is there now. Rows of files this run does not name are *gone*: they are kept. Rows of an
         earlier version, without size and time, count as unchanged.
