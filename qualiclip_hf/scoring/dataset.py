@@ -134,8 +134,7 @@ class QualityScorer:
     name and its settings (so `datasets` also fingerprints it in milliseconds) and loads the model again there, on
     first use; a loaded model travels whole. In a forked process, the scorer sets PyTorch to one thread before it
     scores: a forked child that enters the thread pool its parent already used hangs; the `num_proc` workers are the
-    parallelism. On a GPU, use one process and a larger
-    `batch_size` (CUDA cannot be used again in a forked child).
+    parallelism. On a GPU, use one process and a larger `batch_size` (CUDA cannot be used again in a forked child).
     """
 
     def __init__(
