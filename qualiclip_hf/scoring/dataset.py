@@ -574,9 +574,10 @@ def _check_rows_unchanged(dataset: Any, output_dir: Path, units: list[_Unit], id
         gone = len(set(scored) - present)
         counts = f" ({gone} scored ids are gone from it, {len(present - set(scored))} of its ids are not scored)"
     raise ValueError(
-        f"{output_dir}: the dataset changed since this run began: it now has {len(dataset)} rows{counts}, and "
-        f"{len(mismatches)} of the run's files no longer match its rows ({mismatches[0]}); resuming would write scores "
-        "under other rows' ids: score it into a new folder"
+        f"{output_dir}: the dataset changed since this run began: it now has {len(dataset)} rows{counts}, and what "
+        f"the run scored no longer matches its rows ({mismatches[0]}"
+        + (f"; {len(mismatches) - 1} more such differences" if len(mismatches) > 1 else "")
+        + "); resuming would write scores under other rows' ids: score it into a new folder"
     )
 
 
