@@ -214,6 +214,9 @@ def test_relative_image_paths_are_read_from_the_datasets_folder(demo, tmp_path, 
         output = tmp_path / f"out-{source.name}"
         assert main(["score", "--dataset", str(source), "--model", "demo", "--output", str(output)]) == 0
         np.testing.assert_allclose(read_scores(output).column("quality_score").to_pylist(), expected, atol=1e-5)
+    rows = datasets.load_dataset("parquet", data_files=str(data / "rows.parquet"), split="train")
+    scored = rows.map(QualityScorer(*demo, image_root=data), batched=True, load_from_cache_file=False)
+    np.testing.assert_allclose(scored["quality_score"], expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("with_ids", [True, False])

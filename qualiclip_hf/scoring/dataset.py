@@ -129,6 +129,8 @@ class QualityScorer:
         max_size: Downscale images whose longest side exceeds this many pixels (default: full resolution).
         max_pixels: Refuse images of more pixels before decoding them (default: Pillow's limit; `None`: no limit).
         save_embeddings: Also add the `image_embeds` column.
+        image_root: The folder that relative image paths are read from (the dataset's folder; default: the current
+            working directory).
 
     `map(..., num_proc=N)` works on the CPU: a scorer made from a model name travels to the worker processes as that
     name and its settings (so `datasets` also fingerprints it in milliseconds) and loads the model again there, on
@@ -146,6 +148,7 @@ class QualityScorer:
         max_size: int | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         save_embeddings: bool = False,
+        image_root: str | os.PathLike | None = None,
     ) -> None:
         # A scorer made from a name is rebuilt from it in other processes (`__getstate__`).
         self._model_name = model if isinstance(model, str) else None
@@ -163,6 +166,7 @@ class QualityScorer:
         self.max_size = max_size
         self.max_pixels = max_pixels
         self.save_embeddings = save_embeddings
+        self.image_root = None if image_root is None else Path(image_root).absolute()
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -205,7 +209,7 @@ class QualityScorer:
             )
         self._ready()
         labels = [f"row {index}" for index in indices] if indices is not None else ["image"] * len(values)
-        decoded = decode_values(values, labels, self.max_pixels)
+        decoded = decode_values([_rooted(value, self.image_root) for value in values], labels, self.max_pixels)
         outcomes = score_images(decoded, self.model, self.processor, labels, self.max_size, self.save_embeddings)
         columns: dict[str, list] = {
             "quality_score": [outcome.score for outcome in outcomes],
