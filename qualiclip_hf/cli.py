@@ -624,9 +624,9 @@ def _score_files_command(args: argparse.Namespace) -> int:
                 raise CommandError(str(error)) from None
             except (OSError, ValueError) as error:
                 raise CommandError(f"cannot write --output {args.output}: {error}") from None
-            paths = [path for path in paths if os.path.abspath(path) not in writer.done]
-            if writer.done:
-                print(f"{len(writer.done)} files already in {args.output}; {len(paths)} to score", file=sys.stderr)
+            if writer.rows:
+                paths, line = writer.resume_plan(paths)
+                print(line, file=sys.stderr)
 
         scorer = _prepare_scorer(args, resolved, device)
         if writer is not None:
@@ -704,7 +704,7 @@ def _score_dataset_command(args: argparse.Namespace) -> int:
 
     from . import register_auto_classes
     from .outputs import OutputInUseError, OutputLock
-    from .scoring.dataset import open_dataset, score_dataset
+    from .scoring.dataset import local_dataset_folder, open_dataset, score_dataset
 
     register_auto_classes()  # a model folder's `auto_map` then needs no remote code
     if not args.verbose:  # imported only now, after `_quiet_libraries`
@@ -768,6 +768,7 @@ def _score_dataset_command(args: argparse.Namespace) -> int:
                 save_embeddings=args.save_embeddings,
                 resume=args.resume,
                 settings=settings,
+                image_root=local_dataset_folder(args.dataset),
                 **({"rows_per_file": args.rows_per_file} if args.rows_per_file else {}),
             )
         except ValueError as error:
@@ -929,6 +930,8 @@ def _print_table(results: list) -> None:
     from rich.console import Console
     from rich.table import Column, Table
 
+    from .scoring.results import printable
+
     table = Table(
         Column("path", overflow="fold"),
         Column("score", justify="right", no_wrap=True),
@@ -938,7 +941,7 @@ def _print_table(results: list) -> None:
         score = "" if result.score is None else f"{result.score:.4f}"
         # The path has its own column; the error need not repeat it.
         error = (result.error or "").removeprefix(f"{result.path}: ")
-        table.add_row(result.path, score, error)
+        table.add_row(printable(result.path), score, printable(error))
     Console().print(table)
 
 

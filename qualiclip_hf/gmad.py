@@ -547,12 +547,14 @@ def _read_rows(path: Path) -> list[dict]:
     if suffix == ".parquet":
         return _read_parquet([path]).to_pylist()
     try:
-        text = path.read_text(encoding="utf-8")
+        # Names as `qualiclip score` writes them: bytes that are not UTF-8 kept, and "\r" not read as a line end.
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as file:
+            text = file.read()
     except (OSError, UnicodeDecodeError) as error:
         raise GMADError(f"cannot read {path}: {error}") from None
     try:
         if suffix == ".csv":
-            return list(csv.DictReader(io.StringIO(text)))
+            return list(csv.DictReader(io.StringIO(text, newline="")))
         if suffix == ".jsonl":
             return [json.loads(line) for line in text.splitlines() if line.strip()]
         rows = json.loads(text)

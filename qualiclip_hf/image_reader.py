@@ -106,16 +106,39 @@ def find_image_files(folder: str | os.PathLike, recursive: bool = False) -> tupl
     The files of `folder` (and its subfolders when `recursive`) whose extension an installed reader opens, sorted,
     and the other files, which are skipped (`(images, skipped)`). A loop of symbolic links is listed with the images
     whatever its name, so that reading it says what it is rather than it being skipped as "not an image".
+
+    `recursive` follows symbolic links to folders, as `find -L` does, but walks each folder once: a link back into a
+    folder already walked (a loop) or a second link to one is not entered again, with a warning, so that the walk
+    ends and no file is listed twice.
     """
     extensions = image_file_extensions()
     images: list[Path] = []
     skipped: list[Path] = []
-    for path in Path(folder).glob("**/*" if recursive else "*"):
+    for path in _walk_files(Path(folder)) if recursive else Path(folder).glob("*"):
         if path.is_dir():
             continue
         is_image = path.suffix.lower() in extensions or (path.is_symlink() and _is_symlink_loop(path))
         (images if is_image else skipped).append(path)
     return sorted(images), sorted(skipped)
+
+
+def _walk_files(folder: Path) -> Iterator[Path]:
+    seen: set[tuple[int, int]] = set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        try:
+            status = os.stat(root)
+        except OSError:  # gone while walking
+            folders.clear()
+            continue
+        if (status.st_dev, status.st_ino) in seen:
+            folders.clear()  # walked already, with its subfolders
+            logger.warning(
+                "%s: not entered: a symbolic link to a folder already walked (%s)", root, Path(root).resolve()
+            )
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        folders.sort()  # walked in name order: a folder linked twice is listed under the same name on every run
+        yield from (Path(root) / name for name in files)
 
 
 def is_local_file_name(text: str) -> bool:

@@ -77,9 +77,13 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_text_atomic(target: str | os.PathLike, text: str) -> None:
-    """Writes `text` (UTF-8, newlines as given) as the whole of `target`, atomically (see [`atomic_path`])."""
-    with atomic_path(target) as temporary, open(temporary, "w", newline="", encoding="utf-8") as file:
+def write_text_atomic(target: str | os.PathLike, text: str, errors: str = "strict") -> None:
+    """
+    Writes `text` (UTF-8, newlines as given) as the whole of `target`, atomically (see [`atomic_path`]). `errors` is
+    the encoder's error handler: `"surrogateescape"` writes back the original bytes of file names that are not valid
+    UTF-8 (as `os.fsdecode` holds them).
+    """
+    with atomic_path(target) as temporary, open(temporary, "w", newline="", encoding="utf-8", errors=errors) as file:
         file.write(text)
 
 

@@ -20,6 +20,9 @@ from .image_reader import decode_file
 
 IMAGE_QUALITY_TASK = "image-quality-assessment"
 GOOD_LABEL, BAD_LABEL = "good", "bad"
+# Seconds an image URL may take to connect, and between two reads, when the call gives no `timeout`: a server that
+# never answers fails the image instead of hanging the pipeline.
+URL_TIMEOUT_S = 30.0
 
 __all__ = ["BAD_LABEL", "GOOD_LABEL", "IMAGE_QUALITY_TASK", "ImageQualityAssessmentPipeline"]
 
@@ -47,7 +50,10 @@ class ImageQualityAssessmentPipeline(Pipeline):
     Call arguments:
         top_k (`int`, *optional*): return the `top_k` most likely labels, sorted by score as image classification
             does. Without it, both labels come back, `"good"` first, so `result[0]["score"]` is always the quality.
-        timeout (`float`, *optional*): seconds to wait for an image URL.
+        timeout (`float`, *optional*): seconds to wait for an image URL to connect, and between two reads (default
+            `URL_TIMEOUT_S`, 30). A URL that fails (an HTTP error status, no answer in time, no connection) raises
+            a one-line `ValueError` naming it. With `HF_HUB_OFFLINE=1`, only local addresses are fetched
+            (`localhost`, loopback, private and link-local IP addresses).
         Any option of the image processor (`max_size`, `convert_icc`, `do_rescale`, ...): passed to it.
     """
 
@@ -142,12 +148,7 @@ def _load(image: Any, timeout: float | None) -> Image.Image | np.ndarray | torch
         image = str(image)
     if isinstance(image, str):
         if image.startswith(("http://", "https://")):
-            from huggingface_hub import get_session
-
-            options = {} if timeout is None else {"timeout": timeout}
-            response = get_session().get(image, follow_redirects=True, **options)
-            response.raise_for_status()
-            return _open_named(response.content, image)
+            return _open_named(_fetch(image, URL_TIMEOUT_S if timeout is None else timeout), image)
         if os.path.lexists(image):
             return _open_named(image, image)
         text = image.split(",", 1)[1] if image.startswith("data:") else image
@@ -161,6 +162,50 @@ def _load(image: Any, timeout: float | None) -> Image.Image | np.ndarray | torch
     if isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):
         return image
     raise TypeError(f"unsupported input type {type(image).__name__}; give a path, URL, bytes, PIL image or array")
+
+
+def _fetch(url: str, timeout: float) -> bytes:
+    """
+    The bytes at an image URL, fetched with `httpx` (redirects followed, `timeout` seconds for each of connecting and
+    each read). With `HF_HUB_OFFLINE` set, only local addresses are fetched (`_is_local_host`): offline mode is about
+    leaving the machine, and an image served on it or on the local network does not.
+
+    Raises:
+        ValueError: one line, for an HTTP error status (`HTTP 404 Not Found`), no answer within `timeout`, a failed
+            connection, or a non-local address in offline mode.
+    """
+    import httpx
+    from huggingface_hub import constants
+
+    host = httpx.URL(url).host
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    if offline and not _is_local_host(host):
+        raise ValueError(
+            f"offline mode (HF_HUB_OFFLINE) fetches images from local addresses only, and {host} is not one; give the "
+            "image's file or bytes, or unset HF_HUB_OFFLINE"
+        )
+    try:
+        response = httpx.get(url, follow_redirects=True, timeout=timeout)
+    except httpx.TimeoutException:
+        raise ValueError(f"no answer within {timeout:g} s (raise it with timeout=SECONDS)") from None
+    except httpx.HTTPError as error:
+        raise ValueError(f"cannot fetch it: {error or type(error).__name__}") from None
+    if response.is_error:
+        raise ValueError(f"the server answered HTTP {response.status_code} {response.reason_phrase}")
+    return response.content
+
+
+def _is_local_host(host: str) -> bool:
+    """`localhost`, or an IP address of this machine or of a private or link-local network (no name is resolved)."""
+    import ipaddress
+
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_private or address.is_link_local
 
 
 def _open_named(source: Any, name: str | None) -> Image.Image:

@@ -20,6 +20,7 @@ read Parquet.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -166,9 +167,12 @@ def read_score_table(source: str | os.PathLike, require_complete: bool = True) -
     if suffix not in RESULT_SUFFIXES:
         raise ValueError(f"{path}: scores are read from .csv, .json, .jsonl or .parquet files, or a --dataset folder")
     try:
-        text = path.read_text(encoding="utf-8")
+        # As `qualiclip score` writes them (`scoring.results`): a name that is not UTF-8 keeps its bytes, and lines
+        # end at "\n" only (`str.splitlines` would also cut a name at U+2028 or a form feed).
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="") as file:  # "\r" kept as it is
+            text = file.read()
         if suffix == ".csv":
-            rows = list(csv.DictReader(text.splitlines()))
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
         elif suffix == ".jsonl":
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:

@@ -204,7 +204,7 @@ def test_ctrl_c_keeps_what_was_scored_and_resume_finishes_the_run(
     rows = _rows(output)
     assert sorted(Path(row["path"]).name for row in rows) == [f"{i}.png" for i in range(6)]
     assert rows[:2] == first
-    assert "2 files already in" in capsys.readouterr().err
+    assert "2 already scored, 4 new" in capsys.readouterr().err
     for row in rows:
         assert float(row["score"]) == pytest.approx(expected_score(tiny, row["path"]), abs=1e-6)
 

@@ -16,6 +16,9 @@ does no sharding of its own (both together would shard twice and lose rows). Eac
 `.manifest/unit-UUUUUU.json` marks the unit complete. Since names, row order and batch boundaries depend only on the
 dataset, the files in name order are the dataset's rows in order, the same for any number of processes, and a run
 killed at any moment and resumed (`resume=True`, `--resume`) ends with the same files as one never interrupted.
+Units are positions in the dataset, so a resumed run first checks that the rows are still where the run found them
+(`_check_rows_unchanged`: the ids of every part file written against the dataset's ids there) and refuses a dataset
+that changed, rather than score its rows under other rows' ids.
 
 The run's bookkeeping (`.run.json`, `.manifest/`, `.manifest.json`, `.progress/`) has names that start with a dot, so
 that the folder reads as one Parquet dataset: `pyarrow.parquet.read_table(folder)`, `pandas.read_parquet(folder)` and
@@ -80,6 +83,19 @@ def decode_values(values: Sequence[Any], labels: Sequence[str], max_pixels: int 
 
 # --------------------------------------------------------------------------------------------------- scoring rows
 
+# Whether this process was forked from the one that imported this module (a `datasets.map(num_proc=N)` worker, say):
+# noted by a fork hook, not by comparing process ids, which would differ in every session and so change the
+# fingerprint `datasets` computes of a `QualityScorer`, and with it the cache of `map`.
+_in_forked_child = False
+
+
+def _note_fork() -> None:
+    global _in_forked_child
+    _in_forked_child = True
+
+
+os.register_at_fork(after_in_child=_note_fork)
+
 
 class QualityScorer:
     """
@@ -111,6 +127,14 @@ class QualityScorer:
         max_size: Downscale images whose longest side exceeds this many pixels (default: full resolution).
         max_pixels: Refuse images of more pixels before decoding them (default: Pillow's limit; `None`: no limit).
         save_embeddings: Also add the `image_embeds` column.
+        image_root: The folder that relative image paths are read from (the dataset's folder; default: the current
+            working directory).
+
+    `map(..., num_proc=N)` works on the CPU: a scorer made from a model name travels to the worker processes as that
+    name and its settings (so `datasets` also fingerprints it in milliseconds) and loads the model again there, on
+    first use; a loaded model travels whole. In a forked process, the scorer sets PyTorch to one thread before it
+    scores: a forked child that enters the thread pool its parent already used hangs; the `num_proc` workers are the
+    parallelism. On a GPU, use one process and a larger `batch_size` (CUDA cannot be used again in a forked child).
     """
 
     def __init__(
@@ -122,19 +146,40 @@ class QualityScorer:
         max_size: int | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         save_embeddings: bool = False,
+        image_root: str | os.PathLike | None = None,
     ) -> None:
+        # A scorer made from a name is rebuilt from it in other processes (`__getstate__`).
+        self._model_name = model if isinstance(model, str) else None
         if isinstance(model, str):
             from ..loading import load_model_and_processor, select_device
 
             model, processor = load_model_and_processor(model, device or select_device())
         elif processor is None:
             raise ValueError("a loaded model needs its processor: QualityScorer(model, processor)")
+        self._device = device
         self.model = model.eval()
         self.processor = processor
         self.image_column = image_column
         self.max_size = max_size
         self.max_pixels = max_pixels
         self.save_embeddings = save_embeddings
+        self.image_root = None if image_root is None else Path(image_root).absolute()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if self._model_name is not None:  # loaded again from its name where it is unpickled, on first use
+            state["model"] = state["processor"] = None
+        return state
+
+    def _ready(self) -> None:
+        if _in_forked_child and torch.get_num_threads() > 1:
+            # A forked `map(num_proc=N)` worker: entering the parent's used thread pool would hang (see the class).
+            torch.set_num_threads(1)
+        if self.model is None:
+            from ..loading import load_model_and_processor
+
+            model, self.processor = load_model_and_processor(self._model_name, self._device or "cpu")
+            self.model = model.eval()
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, list], indices: list[int] | None = None) -> dict[str, list]:
@@ -143,6 +188,7 @@ class QualityScorer:
 
         Raises:
             KeyError: when the batch has no `image_column`, naming the columns it has.
+            TypeError: when called on one row (`map` without `batched=True`).
         """
         if self.image_column not in batch:
             raise KeyError(
@@ -150,8 +196,17 @@ class QualityScorer:
                 "(QualityScorer(..., image_column=NAME))"
             )
         values = batch[self.image_column]
+        if (
+            isinstance(indices, int)
+            or not isinstance(values, (list, tuple, np.ndarray, torch.Tensor))
+            or (isinstance(values, (np.ndarray, torch.Tensor)) and values.ndim == 3)
+        ):
+            raise TypeError(
+                "QualityScorer scores batches of rows: call dataset.map(scorer, batched=True), not one row at a time"
+            )
+        self._ready()
         labels = [f"row {index}" for index in indices] if indices is not None else ["image"] * len(values)
-        decoded = decode_values(values, labels, self.max_pixels)
+        decoded = decode_values([_rooted(value, self.image_root) for value in values], labels, self.max_pixels)
         outcomes = score_images(decoded, self.model, self.processor, labels, self.max_size, self.save_embeddings)
         columns: dict[str, list] = {
             "quality_score": [outcome.score for outcome in outcomes],
@@ -377,11 +432,13 @@ def _batches(
     id_column: str | None,
     rows_per_file: int,
     batch_size: int,
+    image_root: Path | None = None,
 ) -> Iterator[tuple[_Batch, list[Any]]]:
     """
     This process's rows, as batches that never cross a part file: batch boundaries depend only on the dataset, so the
     same rows meet in a batch whatever the number of processes and wherever a run was resumed. Complete units and
-    complete parts are skipped.
+    complete parts are skipped. A row without an id (`id_column` given) is refused; relative image paths are read from
+    `image_root` (`_rooted`).
     """
     for unit in units:
         if _unit_marker(output_dir, unit.index).is_file():
@@ -399,10 +456,16 @@ def _batches(
             keys = chunk[id_column] if id_column else [None] * len(values)
             for value, key in zip(values, keys, strict=True):
                 if position >= done:
+                    if key is None and id_column:
+                        # Checked up front for a map-style dataset (`_check_ids`); a streamed one is known only now.
+                        raise ValueError(
+                            f"row {position} of shard {unit.index}: no id in the id column {id_column!r}; every row "
+                            "needs one, to join its score back"
+                        )
                     if key is None:
                         key = unit.start + position if unit.start is not None else f"{unit.index}/{position}"
                     pending_ids.append(key)
-                    pending_values.append(value)
+                    pending_values.append(_rooted(value, image_root))
                     in_part += 1
                     if len(pending_ids) == batch_size or in_part == rows_per_file:
                         yield _batch(unit, part, pending_ids, in_part == rows_per_file, False), pending_values
@@ -415,6 +478,113 @@ def _batches(
 
 def _batch(unit: _Unit, part: int, ids: list[Any], end_of_part: bool, end_of_unit: bool) -> _Batch:
     return _Batch(unit, part, ids, [f"row {key}" for key in ids], end_of_part, end_of_unit)
+
+
+def _rooted(value: Any, image_root: Path | None) -> Any:
+    """
+    An image value whose relative path is made absolute under `image_root`, the dataset's folder: a path stored in a
+    dataset is relative to the dataset, not to the folder the command runs from. Bytes, images, absolute paths and
+    URLs are left alone; so is everything when `image_root` is `None`.
+    """
+    if image_root is None:
+        return value
+    if isinstance(value, dict) and value.get("bytes") is None and isinstance(value.get("path"), str):
+        return {**value, "path": _rooted(value["path"], image_root)}
+    if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value):
+        return str(image_root / value)
+    return value
+
+
+def _check_ids(dataset: Any, id_column: str) -> None:
+    """
+    Refuses a map-style dataset whose `id_column` has missing or repeated values, naming the first rows: the ids are
+    what joins the scores back to the data, so two rows with one id, or a row without one, would mislabel scores. (A
+    streamed dataset is checked for missing ids as its rows are read; repeats are not looked for.)
+
+    Raises:
+        ValueError: naming the column, how many rows are affected and the first few.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from datasets import IterableDataset
+
+    if isinstance(dataset, IterableDataset):
+        return
+    ids = dataset.select_columns([id_column]).with_format("arrow")[:].column(id_column).combine_chunks()
+    hint = f"the id column {id_column!r} must name every row once (leave out --id-column / id_column for row numbers)"
+    if ids.null_count:
+        rows = pc.indices_nonzero(ids.is_null()).to_pylist()
+        raise ValueError(f"{hint}: {len(rows)} rows have no id (rows {_first(rows)})")
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        values = repeated.field("values")
+        positions = pc.indices_nonzero(pc.is_in(ids, value_set=values)).to_pylist()
+        first = pa.array(values).slice(0, 3).to_pylist()
+        raise ValueError(
+            f"{hint}: {len(values)} ids are repeated, on {len(positions)} rows (ids {_first(first)}; rows "
+            f"{_first(positions)})"
+        )
+
+
+def _first(items: list, count: int = 3) -> str:
+    return ", ".join(map(repr if items and isinstance(items[0], str) else str, items[:count])) + (
+        ", ..." if len(items) > count else ""
+    )
+
+
+def _check_rows_unchanged(dataset: Any, output_dir: Path, units: list[_Unit], id_column: str | None) -> None:
+    """
+    On resume, refuses a map-style dataset whose rows are no longer those the run scored so far: every part file
+    written is compared, id by id, with the dataset's ids at the rows it covers (the row numbers themselves without
+    an id column), and every complete unit's row count with the unit's size now. Rows added, removed or reordered
+    since the run began would otherwise be scored under other rows' ids, or never. A streamed dataset's shards are
+    taken as they were. Without an id column, a row replaced in place (same position) cannot be noticed.
+
+    Raises:
+        ValueError: saying how the dataset changed (rows now; the first part that no longer matches; with an id
+            column, how many scored ids are gone from it and how many of its ids are new).
+    """
+    import pyarrow.parquet as pq
+    from datasets import IterableDataset
+
+    if isinstance(dataset, IterableDataset) or not units:
+        return
+    ids = dataset.select_columns([id_column]) if id_column else None
+    ends = [unit.start for unit in units[1:]] + [len(dataset)]
+    mismatches: list[str] = []
+    scored: list[Any] = []
+    for unit, end in zip(units, ends, strict=True):
+        marker = _unit_marker(output_dir, unit.index)
+        if marker.is_file():
+            rows = json.loads(marker.read_text(encoding="utf-8"))["rows"]
+            if rows != end - unit.start:
+                mismatches.append(f"unit {unit.index} scored {rows} rows and now holds {end - unit.start}")
+        start = unit.start
+        for part in _existing_parts(output_dir, unit.index):
+            written = pq.read_table(part, columns=["id"]).column("id").to_pylist()
+            scored.extend(written)
+            stop = min(start + len(written), len(dataset))
+            now = ids[start:stop][id_column] if ids is not None else list(range(start, stop))
+            if now != written:
+                mismatches.append(
+                    f"{part.name} scored the ids {_first(written, 2)} to {written[-1]!r}, and rows {start} to "
+                    f"{start + len(written) - 1} now hold " + (f"{_first(now, 2)}" if now else "nothing")
+                )
+            start += len(written)
+    if not mismatches:
+        return
+    counts = ""
+    if ids is not None:
+        present = set(ids[:][id_column])
+        gone = len(set(scored) - present)
+        counts = f" ({gone} scored ids are gone from it, {len(present - set(scored))} of its ids are not scored)"
+    raise ValueError(
+        f"{output_dir}: the dataset changed since this run began: it now has {len(dataset)} rows{counts}, and what "
+        f"the run scored no longer matches its rows ({mismatches[0]}"
+        + (f"; {len(mismatches) - 1} more such differences" if len(mismatches) > 1 else "")
+        + "); resuming would write scores under other rows' ids: score it into a new folder"
+    )
 
 
 def _parquet_rows(path: Path) -> int:
@@ -439,6 +609,7 @@ def score_dataset(
     resume: bool = False,
     settings: dict | None = None,
     progress: bool = True,
+    image_root: str | os.PathLike | None = None,
 ) -> DatasetScoringSummary:
     """
     Scores every row of a dataset into Parquet files under `output_dir`, in this process or, under
@@ -474,13 +645,16 @@ def score_dataset(
         settings: Extra settings recorded in `.run.json` and checked on resume (the CLI passes the dataset's name,
             split and the model's name).
         progress: Show a progress bar (on the main process only, counting the rows of all processes).
+        image_root: The folder that relative image paths in the image column are read from: the dataset's own folder
+            (`qualiclip score --dataset FOLDER` passes it). Default: the current working directory.
 
     Returns:
         The [`DatasetScoringSummary`] of all processes (on every process).
 
     Raises:
-        ValueError: for an output folder holding another run, a missing column, or settings that differ from the
-            stopped run's on resume.
+        ValueError: for an output folder holding another run, a missing column, an id column with missing or
+            repeated ids, settings that differ from the stopped run's on resume, or a dataset whose rows changed since
+            the run began (`_check_rows_unchanged`).
     """
     from accelerate import PartialState
 
@@ -492,6 +666,8 @@ def score_dataset(
         id_column = next((name for name in KEY_COLUMNS if name in columns), None)
     elif dataset.features and id_column not in dataset.features:
         raise ValueError(f"no id column {id_column!r}; the dataset's columns are {', '.join(dataset.features)}")
+    if id_column is not None:
+        _check_ids(dataset, id_column)
     dataset = _without_decoding(dataset, image_column)
     units = _units(dataset, rows_per_file)
     run = {
@@ -505,13 +681,16 @@ def score_dataset(
         "save_embeddings": save_embeddings,
     }
     _start_run(output_dir, run, resume, state)
+    if resume:
+        _check_rows_unchanged(dataset, output_dir, units, id_column)
 
     mine = [unit for unit in units if unit.index % state.num_processes == state.process_index]
     # Image embeddings live in the space of the stored prompt embeddings.
     embed_dim = int(model.prompt_embeds.shape[-1]) if save_embeddings else None
     started = time.perf_counter()
     counter = _ProgressCounter(output_dir, state, dataset, units, enabled=progress)
-    batches = _batches(dataset, mine, len(units), output_dir, image_column, id_column, rows_per_file, batch_size)
+    root = None if image_root is None else Path(image_root).absolute()
+    batches = _batches(dataset, mine, len(units), output_dir, image_column, id_column, rows_per_file, batch_size, root)
     buffer = _PartBuffer()
     with _Decoder(num_workers, state.num_processes, max_pixels) as decoder:
         for batch in decoder.decode_ahead(batches):
@@ -788,3 +967,10 @@ def read_scores(output_dir: str | os.PathLike, require_complete: bool = True) ->
     if not parts:
         raise ValueError(f"{output_dir}: no part files")
     return pa.concat_tables([pq.read_table(path) for path in parts])
+
+
+def local_dataset_folder(source: str) -> Path | None:
+    """The folder of a local dataset (a folder, or a data file's folder), which relative image paths are read from;
+    `None` for a Hub id."""
+    path = Path(source)
+    return path if path.is_dir() else path.parent if path.is_file() else None

@@ -32,7 +32,41 @@ SETTING_OPTIONS = {
     # when its weights change (a folder retrained in place, a Hub id with a new commit).
     "weights": "--model",
 }
-RESULT_FIELDS = ("path", "score", "error", "model", *SETTING_OPTIONS)
+# What identifies the scored file, recorded in every row so that `--resume` knows a file again whatever path names it
+# (another working directory, a symbolic link) and notices one that changed since (`file_identity`).
+IDENTITY_FIELDS = ("resolved_path", "size", "mtime_ns")
+RESULT_FIELDS = ("path", "score", "error", "model", *SETTING_OPTIONS, *IDENTITY_FIELDS)
+# Names of files are written as the file system holds them: one that is not valid UTF-8 keeps its bytes in a CSV file
+# (read back exactly on resume), and JSON escapes them (`"\\udce9"`), which Python's `json` reads back exactly.
+_ENCODING_ERRORS = "surrogateescape"
+
+
+def file_identity(path: str | os.PathLike) -> dict:
+    """
+    What identifies an image file across runs: `resolved_path` (absolute, symbolic links resolved), and the file's
+    `size` in bytes and `mtime_ns` (its modification time, in nanoseconds since the epoch), both `None` for a file that
+    cannot be read. Size and modification time, not a hash of the content: resuming a million files must not read
+    them all again, and any tool that rewrites a photo changes its modification time.
+    """
+    resolved = os.path.realpath(path)
+    try:
+        stat = os.stat(resolved)
+    except OSError:
+        return {"resolved_path": resolved, "size": None, "mtime_ns": None}
+    return {"resolved_path": resolved, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def printable(text: str) -> str:
+    """
+    `text` as a terminal can show it: the bytes of a file name that is not valid UTF-8 (held as surrogates by
+    `os.fsdecode`) written as `\\xe9`, where printing them to a UTF-8 terminal would raise `UnicodeEncodeError`.
+    """
+    return text.encode("utf-8", _ENCODING_ERRORS).decode("utf-8", "backslashreplace")
+
+
+def _row_key(row: dict) -> str:
+    # Rows of an earlier version record no resolved path: their path is taken from the current working directory.
+    return row["resolved_path"] or os.path.realpath(row["path"])
 
 
 class ResultWriter:
@@ -54,8 +88,12 @@ class ResultWriter:
     its rows parse and name this model. It is written from [`start`] on, once the settings are known (after the model
     is loaded and its precision chosen); until then it is left as it was.
 
-    With `resume=True`, the rows already in the file are kept and [`done`] holds their paths, so a run can skip them;
-    a last CSV row or JSON line cut off by a crash (no newline) is dropped, and its file is scored again. [`start`]
+    Every row also records the file's identity (`IDENTITY_FIELDS`, see [`file_identity`]): its resolved path, size and
+    modification time. With `resume=True`, the rows already in the file are kept and [`resume_plan`] tells which of
+    this run's files they cover, by resolved path (so a resumed run may start from another folder, or name the files
+    through a symbolic link), which are new, and which changed since they were scored (other size or modification
+    time: their rows are dropped and they are scored again); [`done`] holds the resolved paths of the rows. A last
+    CSV row or JSON line cut off by a crash (no newline) is dropped, and its file is scored again. [`start`]
     (and [`check_settings`], to refuse early) refuses rows recorded with other settings, so that a file never mixes
     scores computed two ways.
 
@@ -98,7 +136,7 @@ class ResultWriter:
                 "another --output"
             )
         self.rows: list[dict] = self._read_rows() if resume and self.path.exists() else []
-        self.done = {os.path.abspath(row["path"]) for row in self.rows}
+        self.done = {_row_key(row) for row in self.rows}
         self.settings: dict | None = None
         self._last_dump = 0.0
         self._dumped = -1  # rows in the file at the last whole write
@@ -108,6 +146,41 @@ class ResultWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if settings is not None:
             self.start(settings)
+
+    def resume_plan(self, paths: list[Path]) -> tuple[list[Path], str]:
+        """
+        Which of `paths` (this run's files) still need scoring, and a line that says what the resumed rows cover:
+        `"resuming FILE: 5 already scored, 2 new, 1 gone (their rows kept), 1 changed (rescored)"`. A file is known by
+        its resolved path; one whose size or modification time differs from its row's changed since: the row is
+        dropped (before [`start`] writes the file) and the file is scored again; so is one that was missing when it
+        was scored and is there now. Rows of files this run does not name are *gone*: they are kept. Rows of an
+        earlier version, without size and time, count as unchanged.
+        """
+        current: dict[str, dict] = {}
+        identities: dict[str, Path] = {}
+        for path in paths:
+            identity = file_identity(path)
+            current.setdefault(identity["resolved_path"], identity)
+            identities.setdefault(identity["resolved_path"], path)  # a file named twice is scored once
+        changed = set()
+        for row in self.rows:
+            key = _row_key(row)
+            # A row of an earlier version records no identity: it counts as unchanged. One of a file that was
+            # missing then (no size) and is there now has changed too.
+            recorded = row["resolved_path"] is not None
+            now = current.get(key)
+            if recorded and now is not None and (row["size"], row["mtime_ns"]) != (now["size"], now["mtime_ns"]):
+                changed.add(key)
+        self.rows = [row for row in self.rows if _row_key(row) not in changed]
+        self.done -= changed
+        gone = len({_row_key(row) for row in self.rows} - set(identities))
+        todo = [path for key, path in identities.items() if key not in self.done]
+        scored = len(identities) - len(todo)
+        line = (
+            f"resuming {self.path}: {scored} already scored, {len(todo) - len(changed)} new, {gone} gone (their rows "
+            f"kept), {len(changed)} changed (rescored)"
+        )
+        return todo, line
 
     def check_settings(self, settings: dict) -> None:
         """
@@ -144,7 +217,7 @@ class ResultWriter:
         self.settings = {key: settings[key] for key in SETTING_OPTIONS}
         self._dump()
         if self.format != ".json":
-            self._file = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115
+            self._file = open(self.path, "a", newline="", encoding="utf-8", errors=_ENCODING_ERRORS)  # noqa: SIM115
 
     @property
     def failed(self) -> int:
@@ -154,7 +227,14 @@ class ResultWriter:
     def write(self, result: ScoreResult) -> None:
         if self.settings is None:
             raise RuntimeError("ResultWriter.start(settings) comes before the first row")
-        row = {"path": result.path, "score": result.score, "error": result.error, "model": self.model, **self.settings}
+        row = {
+            "path": result.path,
+            "score": result.score,
+            "error": result.error,
+            "model": self.model,
+            **self.settings,
+            **file_identity(result.path),
+        }
         self.rows.append(row)
         if self._file is not None:
             self._file.write(self._serialise([row], header=False))
@@ -183,9 +263,16 @@ class ResultWriter:
             return "".join(json.dumps(row) + "\n" for row in rows)
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=RESULT_FIELDS, lineterminator="\n")
+        # `csv` quotes a field holding "\n" but not one holding a lone "\r" when lines end with "\n": such a row
+        # (a file name with a carriage return) is written with every field quoted, so that it reads back whole.
+        quoted = csv.DictWriter(text, fieldnames=RESULT_FIELDS, lineterminator="\n", quoting=csv.QUOTE_ALL)
         if header:
             writer.writeheader()
-        writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
+        for row in rows:
+            values = {key: "" if value is None else value for key, value in row.items()}
+            (quoted if any("\r" in value for value in values.values() if isinstance(value, str)) else writer).writerow(
+                values
+            )
         return text.getvalue()
 
     def _dump(self) -> None:
@@ -195,16 +282,19 @@ class ResultWriter:
 
     def _replace(self, text: str) -> None:
         """Writes `text` as the whole file, atomically (`outputs.write_text_atomic`)."""
-        write_text_atomic(self.path, text)
+        write_text_atomic(self.path, text, errors=_ENCODING_ERRORS)
         self._last_dump = time.monotonic()
 
     def _read_rows(self) -> list[dict]:
-        text = self.path.read_text(encoding="utf-8")
+        with open(self.path, encoding="utf-8", errors=_ENCODING_ERRORS, newline="") as file:
+            text = file.read()
         try:
             if self.format == ".json":
                 rows = json.loads(text) if text.strip() else []
             else:
-                lines = text.splitlines(keepends=True)
+                # Lines end at "\n", "\r\n" or "\r" only: `str.splitlines` would also cut at U+2028, U+0085 or a
+                # form feed, which may be part of a file name.
+                lines = io.StringIO(text, newline="").readlines()
                 if lines and not lines[-1].endswith("\n") and not _is_json_object(lines[-1]):
                     # Rows are written with their newline: one without it was cut off mid-write (a complete JSON
                     # object, written by hand, is kept). Its file is scored again.
@@ -215,7 +305,8 @@ class ResultWriter:
                     rows = [{key: row.get(key) or None for key in RESULT_FIELDS} for row in csv.DictReader(lines)]
                     for row in rows:
                         row["score"] = None if row["score"] is None else float(row["score"])
-                        row["max_size"] = None if row["max_size"] is None else int(row["max_size"])
+                        for key in ("max_size", "size", "mtime_ns"):
+                            row[key] = None if row[key] is None else int(row[key])
             rows = [{key: row.get(key) for key in RESULT_FIELDS} for row in rows]
         except (ValueError, TypeError, AttributeError) as error:  # JSON, float() or a row that is no object
             raise ValueError(
