@@ -385,7 +385,7 @@ def test_offline_mode_fetches_local_addresses_only(judge, server, monkeypatch):
 def test_the_report_reads_odd_names_of_a_results_file_back_exactly(tmp_path):
     names = [os.fsdecode(b"caf\xe9.png"), "a\u2028b.png", "e\x0cf.png", "g\rh.png", "plain.png"]
     writer = ResultWriter(tmp_path / "scores.csv", "demo")
-    writer.start({"precision": "fp32", "backend": "torch", "max_size": None, "calibration": None})
+    writer.start({"precision": "fp32", "backend": "torch", "max_size": None, "calibration": None, "weights": None})
     for index, name in enumerate(names):
         writer.write(ScoreResult(name, score=index / 10))
     writer.close()
