@@ -108,7 +108,7 @@ def _add_score_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep the rows already in --output and score only the other files (with --dataset: what is complete)",
     )
-    data = score.add_argument_group("datasets (instead of PATH: Parquet files of scores, resumable, accelerate launch)")
+    data = score.add_argument_group("datasets (instead of PATH: Parquet files of scores, resumable; Ray for clusters)")
     data.add_argument("--dataset", help="a Hub dataset id, or a folder of Parquet/Arrow files, images or .tar shards")
     data.add_argument("--split", default="train", help="the split to score (default: train)")
     data.add_argument("--image-column", help="the column of images (default: the only Image column, else 'image')")
@@ -117,6 +117,14 @@ def _add_score_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     data.add_argument("--save-embeddings", action="store_true", help="also write the image embeddings")
     data.add_argument("--rows-per-file", type=_positive_int, default=10_000, help="rows per output file (10000)")
     data.add_argument("--num-workers", type=_non_negative_int, help="decoding processes per scoring process")
+    data.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (default); ray: Ray Data, on the cluster of RAY_ADDRESS or a local Ray started for "
+        "the run (needs the [ray] extra)",
+    )
+    data.add_argument("--num-actors", type=_positive_int, help="with --engine ray: scoring actors (default: per GPU)")
     score.set_defaults(handler=_score_command)
 
 
@@ -314,9 +322,14 @@ def _score_command(args: argparse.Namespace) -> int:
         raise CommandError("give image files or folders, or --dataset NAME_OR_FOLDER (not both)")
     if args.dataset is not None:
         from . import register_auto_classes
-        from .scoring.dataset import score_dataset_command
 
         register_auto_classes()  # a model folder's `auto_map` then needs no remote code
+        if args.engine == "ray":
+            from .scoring.ray_data import score_dataset_command_ray
+
+            return score_dataset_command_ray(args)
+        from .scoring.dataset import score_dataset_command
+
         return score_dataset_command(args)
     from .scoring.results import ResultWriter
 
