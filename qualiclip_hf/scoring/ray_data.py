@@ -85,10 +85,15 @@ def _with_columns(batch: pa.Table | dict[str, np.ndarray], columns: dict[str, pa
         return table
     out = {name: array for name, array in batch.items() if name not in drop and name not in columns}
     for name, array in columns.items():
-        # Nullable columns as object arrays of Python values (None where null), which Ray turns back into Arrow.
-        out[name] = (
-            array.to_numpy(zero_copy_only=False) if array.null_count == 0 else np.array(array.to_pylist(), object)
-        )
+        if array.null_count:
+            # An object array of Python values (None where null), which Ray turns back into Arrow.
+            out[name] = np.empty(len(array), object)
+            for index, value in enumerate(array.to_pylist()):
+                out[name][index] = value
+        elif pa.types.is_fixed_size_list(array.type):  # embeddings: a (B, D) array
+            out[name] = array.flatten().to_numpy().reshape(len(array), array.type.list_size)
+        else:
+            out[name] = array.to_numpy(zero_copy_only=False)
     return out
 
 
@@ -170,7 +175,7 @@ class QualiCLIPPredictor:
         model: A model name (`"demo"`, `"official"`, a folder, a Hub id), as `qualiclip score --model`.
         image_column: The column of images (when not decoded by [`decode_images`]).
         device: Where to run the model (default: CUDA when the actor has a GPU, else the CPU).
-        precision: `"auto"`, `"fp32"`, `"bf16"` or `"fp16"`, as `qualiclip score --precision` (the PyTorch model).
+        precision: `"fp32"` (default), `"auto"`, `"bf16"` or `"fp16"`, as `qualiclip score --precision` (PyTorch).
         max_size: Downscale images whose longest side exceeds this many pixels (default: full resolution).
         max_pixels: Refuse images of more pixels before decoding them (default: Pillow's limit; `None`: no limit).
         save_embeddings: Also add the `image_embeds` column.
@@ -183,7 +188,7 @@ class QualiCLIPPredictor:
         model: str = "demo",
         image_column: str = "image",
         device: str | None = None,
-        precision: str = "auto",
+        precision: str = "fp32",
         max_size: int | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         save_embeddings: bool = False,
@@ -243,13 +248,11 @@ class QualiCLIPPredictor:
 
 def _assigned_cpus() -> int:
     """The whole CPUs Ray gave this actor (at least 1; a fractional share counts as 1)."""
-    try:
-        import ray
+    import ray
 
-        share = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    except Exception:  # not in a Ray worker
+    if not ray.is_initialized():  # not in a Ray worker (asking would start a Ray)
         return 1
-    return max(1, int(share))
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)))
 
 
 # ------------------------------------------------------------------------------------------------------- inputs
@@ -413,6 +416,7 @@ def _plan(cluster_cpus: float, cluster_gpus: float, use_gpus: bool, actors: int 
     if actors * actor_cpus + decode_cpus > cluster_cpus:
         decode_cpus = min(1.0, cluster_cpus / (actors + 1))
         actor_cpus = (cluster_cpus - decode_cpus) / actors
+    # A decode task asks for a hair less than an actor: stages of equal resources would be fused (see above).
     return _Plan(actors, round(actor_cpus, 3), 1.0 if use_gpus else 0.0, round(decode_cpus * 0.999, 3))
 
 
@@ -608,7 +612,7 @@ def score_dataset_ray(
     batch_size: int | None = None,
     num_actors: int | None = None,
     device: str = "auto",
-    precision: str = "auto",
+    precision: str = "fp32",
     max_size: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     save_embeddings: bool = False,
@@ -694,9 +698,9 @@ def score_dataset_ray(
                            "drop_image_column": True},
                 batch_format="pyarrow",
                 batch_size=batch_size,
-                # A function, not `num_cpus=`: Ray Data then never fuses this stage into the scoring actors, where
-                # decoding would take turns with the model instead of running beside it.
-                ray_remote_args_fn=lambda: {"num_cpus": plan.decode_cpus},
+                # Fewer CPU slots than an actor's (see `_plan`): Ray Data fuses stages of equal resources, and fused
+                # into the scoring actors, decoding would take turns with the model instead of running beside it.
+                num_cpus=plan.decode_cpus,
             )  # fmt: skip
             dataset = dataset.map_batches(
                 QualiCLIPPredictor,
@@ -734,10 +738,17 @@ def _read(source: _Source, pending: list[_Input], image_column: str, id_column: 
     import ray
 
     paths = [path for item in pending for path in item.paths]
+    # Ray 2.60 lists files from several threads, each importing fsspec's HTTP filesystem, and takes "not installed"
+    # (ModuleNotFoundError: without aiohttp) for "not HTTP"; but a thread racing another's failing import gets a plain
+    # ImportError, which fails the read. Where the module cannot be imported, it is marked as missing once, here.
+    try:
+        import fsspec.implementations.http  # noqa: F401
+    except ImportError:
+        sys.modules.setdefault("fsspec.implementations.http", None)
     options = {"filesystem": source.filesystem, "include_paths": True}
     if source.kind == "parquet":
         columns = [image_column] + ([id_column] if id_column else [])
-        return ray.data.read_parquet(paths, columns=columns, **options)
+        return ray.data.read_parquet(paths, **options).select_columns(["path", *columns])
     if source.kind == "webdataset":
         dataset = ray.data.read_webdataset(paths, decoder=None, **options)
         return dataset.select_columns(["path", image_column] + ([id_column] if id_column else []))
