@@ -691,7 +691,7 @@ def score_dataset_ray(
         started = time.perf_counter()
         writer = None
         if pending:
-            dataset = _read(resolved, pending, image_column, id_column)
+            dataset = _read(resolved, pending, image_column, id_column, plan.decode_cpus)
             dataset = dataset.map_batches(
                 decode_images,
                 fn_kwargs={"image_column": image_column, "max_pixels": max_pixels, "label_column": id_column,
@@ -733,8 +733,11 @@ def score_dataset_ray(
     return _summarize(folder, resolved.inputs, writer.rows if writer else 0, seconds, plan.actors)
 
 
-def _read(source: _Source, pending: list[_Input], image_column: str, id_column: str | None) -> Any:
-    """The pending inputs as a Ray dataset with a `path` column, read by Ray's own readers (image bytes undecoded)."""
+def _read(source: _Source, pending: list[_Input], image_column: str, id_column: str | None, num_cpus: float) -> Any:
+    """
+    The pending inputs as a Ray dataset with a `path` column, read by Ray's own readers (image bytes undecoded), in
+    tasks of `num_cpus` slots (the decode stage's, into which Ray fuses them).
+    """
     import ray
 
     paths = [path for item in pending for path in item.paths]
@@ -745,7 +748,7 @@ def _read(source: _Source, pending: list[_Input], image_column: str, id_column: 
         import fsspec.implementations.http  # noqa: F401
     except ImportError:
         sys.modules.setdefault("fsspec.implementations.http", None)
-    options = {"filesystem": source.filesystem, "include_paths": True}
+    options = {"filesystem": source.filesystem, "include_paths": True, "num_cpus": num_cpus}
     if source.kind == "parquet":
         columns = [image_column] + ([id_column] if id_column else [])
         return ray.data.read_parquet(paths, **options).select_columns(["path", *columns])
