@@ -192,7 +192,8 @@ def test_a_killed_driver_resumed_gives_the_uninterrupted_rows(photo_files, tmp_p
     values = [image_struct(photo_files[index % 8]) for index in range(33)] + [{"bytes": b"junk", "path": None}] * 3
     source = write_parquet([{"image": value} for value in values], tmp_path / "shards", files=12)
     uninterrupted = tmp_path / "uninterrupted"
-    score_dataset_ray(str(source), str(uninterrupted), num_actors=1, batch_size=1)
+    # Two actors on 2 CPUs: more slots than the cluster has unless the stages shrink theirs (they did hang).
+    score_dataset_ray(str(source), str(uninterrupted), num_actors=2, batch_size=1)
 
     output = tmp_path / "killed"
     command = [sys.executable, "-m", "qualiclip_hf.cli", "score", "--dataset", str(source), "--engine", "ray",
@@ -235,3 +236,9 @@ def test_a_corrupt_value_in_a_user_pipeline_gets_its_error(photo_files):
     batch = decode_images(ds.take_batch(2, batch_format="pyarrow"))
     assert batch.column("quality_error").to_pylist()[0].startswith("row 7: ")
     assert batch.column("height").to_pylist()[0] is None and batch.column("height").to_pylist()[1] > 0
+
+
+def test_importing_the_package_never_imports_ray():
+    code = "import sys, qualiclip_hf, qualiclip_hf.cli, qualiclip_hf.scoring.dataset; print('ray' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

@@ -403,20 +403,19 @@ def _plan(cluster_cpus: float, cluster_gpus: float, use_gpus: bool, actors: int 
 
     On GPUs: one actor per GPU; on CPUs: one per core, less one core in eight (at least one) left to decoding, which
     is about ten times as fast per core as the model (`benchmarks/RESULTS.md`). Stages that ask for more slots than
-    the cluster has would wait for each other for ever (seen with 2 CPUs), so when the actors and one decode task do
-    not fit, their slots shrink to fractions that do.
+    the cluster has wait for each other for ever (seen with 2 CPUs: two 1-CPU actors, and Ray Data's own 1-CPU
+    file-listing task never started). So one whole CPU is always left beside the actors, for listing, reading and
+    decoding; when the actors do not fit in the rest, their slots shrink to fractions that do.
     """
     if use_gpus:
         actors = actors or max(1, int(cluster_gpus))
-        wanted_actor_cpus = 1.0
     else:
         actors = actors or max(1, int(cluster_cpus) - max(1, int(cluster_cpus) // 8))
-        wanted_actor_cpus = 1.0
-    actor_cpus, decode_cpus = wanted_actor_cpus, 1.0
-    if actors * actor_cpus + decode_cpus > cluster_cpus:
-        decode_cpus = min(1.0, cluster_cpus / (actors + 1))
-        actor_cpus = (cluster_cpus - decode_cpus) / actors
-    # A decode task asks for a hair less than an actor: stages of equal resources would be fused (see above).
+    actor_cpus = 1.0
+    if actors * actor_cpus + 1.0 > cluster_cpus:
+        actor_cpus = max(cluster_cpus - 1.0, cluster_cpus / 2) / actors
+    decode_cpus = min(1.0, cluster_cpus - actors * actor_cpus)
+    # A decode task asks for a hair less than an actor: Ray Data fuses stages of equal resources (see the caller).
     return _Plan(actors, round(actor_cpus, 3), 1.0 if use_gpus else 0.0, round(decode_cpus * 0.999, 3))
 
 
