@@ -51,6 +51,22 @@ __all__ = ["PIXELS_COLUMN", "QualiCLIPPredictor", "RayScoringSummary", "decode_i
 # `decode_images` to `QualiCLIPPredictor`, which drops it. Large binary: a batch of big images passes 2 GiB.
 PIXELS_COLUMN = "__qualiclip_pixels"
 SCORE_COLUMNS = ("quality_score", "quality_error", "height", "width", "image_embeds")
+
+
+def _mark_http_filesystem_missing() -> None:
+    """
+    Ray 2.60 lists files from several threads, each importing fsspec's HTTP filesystem, and takes "not installed"
+    (ModuleNotFoundError, without aiohttp) for "not HTTP"; but a thread racing another's failing import gets a plain
+    ImportError, which fails the whole read (seen with 8 and 12 Parquet files). Where the module cannot be imported,
+    it is marked as missing once, at import, so that every later import fails the same way, for every Ray read.
+    """
+    try:
+        import fsspec.implementations.http  # noqa: F401
+    except ImportError:
+        sys.modules.setdefault("fsspec.implementations.http", None)
+
+
+_mark_http_filesystem_missing()
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
@@ -377,7 +393,12 @@ def _image_column_of(source: _Source, requested: str | None) -> str:
         )
     import tarfile
 
-    opened = source.filesystem.open(first, "rb") if source.filesystem is not None else open(first, "rb")  # noqa: SIM115
+    if source.filesystem is None:
+        opened = open(first, "rb")  # noqa: SIM115
+    elif hasattr(source.filesystem, "open_input_stream"):  # PyArrow's (object stores)
+        opened = source.filesystem.open_input_stream(first)
+    else:  # fsspec's (the Hub)
+        opened = source.filesystem.open(first, "rb")
     with opened as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             suffix = PurePosixPath(member.name).name.partition(".")[2].lower()
@@ -740,13 +761,6 @@ def _read(source: _Source, pending: list[_Input], image_column: str, id_column: 
     import ray
 
     paths = [path for item in pending for path in item.paths]
-    # Ray 2.60 lists files from several threads, each importing fsspec's HTTP filesystem, and takes "not installed"
-    # (ModuleNotFoundError: without aiohttp) for "not HTTP"; but a thread racing another's failing import gets a plain
-    # ImportError, which fails the read. Where the module cannot be imported, it is marked as missing once, here.
-    try:
-        import fsspec.implementations.http  # noqa: F401
-    except ImportError:
-        sys.modules.setdefault("fsspec.implementations.http", None)
     options = {"filesystem": source.filesystem, "include_paths": True, "num_cpus": num_cpus}
     if source.kind == "parquet":
         columns = [image_column] + ([id_column] if id_column else [])
