@@ -25,7 +25,12 @@ from .conftest import REPO_ROOT, image_bytes, photo
 
 ray = pytest.importorskip("ray")
 
-from qualiclip_hf.scoring.ray_data import QualiCLIPPredictor, decode_images, score_dataset_ray  # noqa: E402
+from qualiclip_hf.scoring.ray_data import (  # noqa: E402
+    WORKER_SETUP_HOOK,
+    QualiCLIPPredictor,
+    decode_images,
+    score_dataset_ray,
+)
 
 ATOL = 1e-5  # scores of one image in different batches differ by float rounding (tests/test_determinism.py)
 
@@ -34,7 +39,12 @@ ATOL = 1e-5  # scores of one image in different batches differ by float rounding
 def ray_cluster():
     """One local Ray of 2 CPUs for the whole file (no dashboard, no auth token in the home folder)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK},
+    )
     # Small blocks, so that a few small files stream through the stages in many blocks as large data would.
     ray.data.DataContext.get_current().target_max_block_size = 4096
     yield
@@ -187,10 +197,11 @@ def test_a_killed_actor_is_restarted_and_no_row_is_lost_or_duplicated(photo_file
 
 
 def test_a_killed_driver_resumed_gives_the_uninterrupted_rows(photo_files, tmp_path):
-    # 12 Parquet files of 3 rows (some corrupt); the driver, a CLI process joined to this cluster, is killed with
-    # SIGKILL once some outputs are written, then resumed: the same rows as a run never interrupted.
-    values = [image_struct(photo_files[index % 8]) for index in range(33)] + [{"bytes": b"junk", "path": None}] * 3
-    source = write_parquet([{"image": value} for value in values], tmp_path / "shards", files=12)
+    # 16 Parquet files of 10 rows (3 corrupt); the driver, a CLI process joined to this cluster, is killed with
+    # SIGKILL once some outputs are written, then resumed: the same rows as a run never interrupted. (Enough rows
+    # that the outputs are written over seconds, not all at once.)
+    values = [image_struct(photo_files[index % 8]) for index in range(157)] + [{"bytes": b"junk", "path": None}] * 3
+    source = write_parquet([{"image": value} for value in values], tmp_path / "shards", files=16)
     uninterrupted = tmp_path / "uninterrupted"
     # Two actors on 2 CPUs: more slots than the cluster has unless the stages shrink theirs (they did hang).
     score_dataset_ray(str(source), str(uninterrupted), num_actors=2, batch_size=1)
@@ -208,7 +219,7 @@ def test_a_killed_driver_resumed_gives_the_uninterrupted_rows(photo_files, tmp_p
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     written = sorted(path.name for path in output.glob("data-*.parquet"))
-    assert 1 <= len(written) < 12, "the run ended before its driver was killed"
+    assert 1 <= len(written) < 16, "the run ended before its driver was killed"
     assert not (output / ".manifest.json").exists()
 
     with pytest.raises(ValueError, match="already holds a run"):
@@ -221,7 +232,7 @@ def test_a_killed_driver_resumed_gives_the_uninterrupted_rows(photo_files, tmp_p
     )  # fmt: skip
     assert not list(output.glob(".*.tmp"))
     resumed, expected = scores_of(output), scores_of(uninterrupted)
-    assert resumed.column("id").to_pylist() == list(range(36)) == expected.column("id").to_pylist()
+    assert resumed.column("id").to_pylist() == list(range(160)) == expected.column("id").to_pylist()
     assert resumed.column("error").to_pylist() == expected.column("error").to_pylist()
     np.testing.assert_allclose(
         resumed.column("quality_score").to_numpy(zero_copy_only=False).astype(float),

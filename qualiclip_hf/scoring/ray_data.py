@@ -58,7 +58,9 @@ def _mark_http_filesystem_missing() -> None:
     Ray 2.60 lists files from several threads, each importing fsspec's HTTP filesystem, and takes "not installed"
     (ModuleNotFoundError, without aiohttp) for "not HTTP"; but a thread racing another's failing import gets a plain
     ImportError, which fails the whole read (seen with 8 and 12 Parquet files). Where the module cannot be imported,
-    it is marked as missing once, at import, so that every later import fails the same way, for every Ray read.
+    it is marked as missing once, so that every later import fails the same way: at import of this module (the
+    driver), and in each Ray worker as its setup hook ([`start_ray`]). Installing aiohttp (the `[ray]` extra) makes
+    the import succeed instead.
     """
     try:
         import fsspec.implementations.http  # noqa: F401
@@ -67,6 +69,8 @@ def _mark_http_filesystem_missing() -> None:
 
 
 _mark_http_filesystem_missing()
+# What each Ray worker runs first (`runtime_env`'s `worker_process_setup_hook`, set by `start_ray`).
+WORKER_SETUP_HOOK = f"{__name__}._mark_http_filesystem_missing"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
@@ -450,14 +454,15 @@ def start_ray(num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    runtime_env = {"worker_process_setup_hook": WORKER_SETUP_HOOK}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
+        ray.init(runtime_env=runtime_env, log_to_driver=False)
         return True
     from .resources import usable_cores
 
     # A local cluster for this run only: Ray 2.60 otherwise writes an auth token under the home folder.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=num_cpus or usable_cores(), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=num_cpus or usable_cores(), include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
     return True
 
 
