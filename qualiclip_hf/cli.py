@@ -124,7 +124,11 @@ def _add_score_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         help="local: this process (default); ray: Ray Data, on the cluster of RAY_ADDRESS or a local Ray started for "
         "the run (needs the [ray] extra)",
     )
-    data.add_argument("--num-actors", type=_positive_int, help="with --engine ray: scoring actors (default: per GPU)")
+    data.add_argument(
+        "--num-actors",
+        type=_positive_int,
+        help="with --engine ray: scoring actors (default: one per GPU, else per core less 1 in 8)",
+    )
     score.set_defaults(handler=_score_command)
 
 

@@ -45,12 +45,20 @@ from ..image_reader import DEFAULT_MAX_PIXELS
 from .core import DecodedImage, score_images
 from .dataset import KEY_COLUMNS, RUN_FILE, SUMMARY_FILE, _schema, decode_values
 
-__all__ = ["PIXELS_COLUMN", "QualiCLIPPredictor", "RayScoringSummary", "decode_images", "score_dataset_ray"]
+__all__ = [
+    "PIXELS_COLUMN",
+    "WORKER_SETUP_HOOK",
+    "QualiCLIPPredictor",
+    "RayScoringSummary",
+    "decode_images",
+    "score_dataset_command_ray",
+    "score_dataset_ray",
+    "start_ray",
+]
 
 # The decoded `(height, width, 3)` uint8 pixels of a row, as raw bytes (`height` and `width` give the shape), from
 # `decode_images` to `QualiCLIPPredictor`, which drops it. Large binary: a batch of big images passes 2 GiB.
 PIXELS_COLUMN = "__qualiclip_pixels"
-SCORE_COLUMNS = ("quality_score", "quality_error", "height", "width", "image_embeds")
 
 
 def _mark_http_filesystem_missing() -> None:
