@@ -711,6 +711,8 @@ def score_dataset_ray(
     }
     _start_run(folder, run, resume)
     pending = [item for item in resolved.inputs if not folder.exists(item.name)]
+    if not pending:  # a complete run resumed: nothing for Ray to do
+        return _summarize(folder, resolved.inputs, 0, 0.0, 0)
 
     started_ray = start_ray()
     try:
@@ -720,50 +722,47 @@ def score_dataset_ray(
             raise ValueError("--device cuda was asked for, but the Ray cluster has no GPU")
         plan = _plan(cluster.get("CPU", 1.0), cluster.get("GPU", 0.0), use_gpus, num_actors)
         batch_size = batch_size or default_batch_size("cuda" if use_gpus else "cpu")
-        embed_dim = None
-        started = time.perf_counter()
         writer = None
-        if pending:
-            dataset = _read(resolved, pending, image_column, id_column, plan.decode_cpus)
-            dataset = dataset.map_batches(
-                decode_images,
-                fn_kwargs={"image_column": image_column, "max_pixels": max_pixels, "label_column": id_column,
-                           "drop_image_column": True},
-                batch_format="pyarrow",
-                batch_size=batch_size,
-                # Fewer CPU slots than an actor's (see `_plan`): Ray Data fuses stages of equal resources, and fused
-                # into the scoring actors, decoding would take turns with the model instead of running beside it.
-                num_cpus=plan.decode_cpus,
-            )  # fmt: skip
-            dataset = dataset.map_batches(
-                QualiCLIPPredictor,
-                fn_constructor_kwargs={
-                    "model": model, "device": "cuda" if use_gpus else "cpu", "precision": precision,
-                    "max_size": max_size, "max_pixels": max_pixels, "save_embeddings": save_embeddings,
-                    "label_column": id_column,
-                },
-                compute=ray.data.ActorPoolStrategy(size=plan.actors),
-                num_cpus=plan.actor_cpus,
-                num_gpus=plan.actor_gpus,
-                batch_size=batch_size,
-                batch_format="pyarrow",
-            )  # fmt: skip
-            # Rows in input order, so that each input's rows come back together and its file can be written at once.
-            dataset.context.execution_options.preserve_order = True
-            writer = None
-            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-                if writer is None:
-                    embed_dim = batch.schema.field("image_embeds").type.list_size if save_embeddings else None
-                    writer = _Writer(folder, pending, resolved, id_column, embed_dim)
-                writer.add(batch)
-            if writer is None:  # no rows at all: empty files
-                writer = _Writer(folder, pending, resolved, id_column, None)
-            writer.finish()
+        started = time.perf_counter()
+        dataset = _read(resolved, pending, image_column, id_column, plan.decode_cpus)
+        dataset = dataset.map_batches(
+            decode_images,
+            fn_kwargs={"image_column": image_column, "max_pixels": max_pixels, "label_column": id_column,
+                       "drop_image_column": True},
+            batch_format="pyarrow",
+            batch_size=batch_size,
+            # Fewer CPU slots than an actor's (see `_plan`): Ray Data fuses stages of equal resources, and fused
+            # into the scoring actors, decoding would take turns with the model instead of running beside it.
+            num_cpus=plan.decode_cpus,
+        )  # fmt: skip
+        dataset = dataset.map_batches(
+            QualiCLIPPredictor,
+            fn_constructor_kwargs={
+                "model": model, "device": "cuda" if use_gpus else "cpu", "precision": precision,
+                "max_size": max_size, "max_pixels": max_pixels, "save_embeddings": save_embeddings,
+                "label_column": id_column,
+            },
+            compute=ray.data.ActorPoolStrategy(size=plan.actors),
+            num_cpus=plan.actor_cpus,
+            num_gpus=plan.actor_gpus,
+            batch_size=batch_size,
+            batch_format="pyarrow",
+        )  # fmt: skip
+        # Rows in input order, so that each input's rows come back together and its file can be written at once.
+        dataset.context.execution_options.preserve_order = True
+        for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+            if writer is None:
+                embed_dim = batch.schema.field("image_embeds").type.list_size if save_embeddings else None
+                writer = _Writer(folder, pending, resolved, id_column, embed_dim)
+            writer.add(batch)
+        if writer is None:  # no rows at all: empty files
+            writer = _Writer(folder, pending, resolved, id_column, None)
+        writer.finish()
         seconds = time.perf_counter() - started
     finally:
         if started_ray:
             ray.shutdown()
-    return _summarize(folder, resolved.inputs, writer.rows if writer else 0, seconds, plan.actors)
+    return _summarize(folder, resolved.inputs, writer.rows, seconds, plan.actors)
 
 
 def _read(source: _Source, pending: list[_Input], image_column: str, id_column: str | None, num_cpus: float) -> Any:
@@ -861,7 +860,7 @@ def score_dataset_command_ray(args: Any) -> int:
         return fail(str(error))
     print(
         f"scored {summary.rows_this_run} rows in {summary.seconds:.1f} s ({summary.images_per_second:.2f} images/s, "
-        f"{summary.actors} actor{'s' if summary.actors > 1 else ''}); {args.output} holds {summary.rows} rows, "
+        f"{summary.actors} actor{'' if summary.actors == 1 else 's'}); {args.output} holds {summary.rows} rows, "
         f"{summary.failed} failed (see the error column)",
         file=sys.stderr,
     )
