@@ -1,7 +1,7 @@
-"""Dataset scoring (`qualiclip score --dataset`, `score_dataset`): images/s in 1 and 2 processes against the
-decode-only and model-only rates of the same rows.
+"""Dataset scoring in one process (`qualiclip score --dataset`, `score_dataset`): images/s against the decode-only
+and model-only rates of the same rows. Many processes (Ray Data): `python -m benchmarks.ray_scoring`.
 
-    python -m benchmarks.dataset_scoring [--rows 2000] [--batch-size 1] [--processes 1 2] [--device cpu|cuda]
+    python -m benchmarks.dataset_scoring [--rows 2000] [--batch-size 1] [--device cpu|cuda] [--competing-load]
                                          [--inputs parquet webdataset] [--model demo]
 
 Writes `--rows` JPEGs of mixed sizes (smooth random pictures, 128 to 512 px on the long side, quality 90) as the bytes
@@ -11,10 +11,7 @@ of an `Image` column in 4 Parquet files, and as 4 WebDataset `.tar` shards, then
   process (all its torch threads);
 - decode only, per input: the rows read from the dataset (`datasets`: the Parquet files prepared, the tars streamed)
   and decoded by the project's reader in the decoding workers `score_dataset` would use in one process, no model;
-- 1 process: `score_dataset` in this process (`--processes 1`);
-- 2 processes: `accelerate launch --multi_gpu --num_processes 2 -m qualiclip_hf.cli score --dataset ...` (torchrun;
-  on a CPU-only machine the processes join one gloo group; each gets half the cores as torch threads), its own
-  final images/s line (`--processes 2`).
+- 1 process: `score_dataset` in this process.
 
 A pipeline can at best reach the slower of decoding and the model; the ratio columns say how close it gets.
 
@@ -32,9 +29,6 @@ import argparse
 import io
 import os
 import platform
-import re
-import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -58,7 +52,6 @@ from qualiclip_hf.scoring.dataset import (
 )
 from qualiclip_hf.scoring.resources import choose_thread_counts, usable_cores
 
-REPO = Path(__file__).resolve().parents[1]
 LONG_SIDES = (128, 192, 256, 320, 384, 448, 512)
 ASPECTS = (4 / 3, 3 / 2, 1.0, 3 / 4)
 
@@ -111,7 +104,7 @@ def decode_only(dataset: object, batch_size: int, output: Path) -> float:
     output.mkdir()
     count = 0
     started = time.perf_counter()
-    with _Decoder(None, 1, None) as decoder:
+    with _Decoder(None, None) as decoder:
         batches = _batches(dataset, units, len(units), output, column, None, 10_000, batch_size)
         for batch in decoder.decode_ahead(batches):
             decoded = batch.decoded.result() if hasattr(batch.decoded, "result") else batch.decoded
@@ -127,25 +120,6 @@ def model_only(rows: list[bytes], model: object, processor: object, batch_size: 
         inputs = processor(images=images[start : start + batch_size], return_tensors="pt").to(model.device)
         model(**inputs).quality_score.cpu()
     return len(images) / (time.perf_counter() - started)
-
-
-def two_processes(
-    path: Path, kind: str, output: Path, batch_size: int, model: str, device: str, threads: int | None
-) -> float:
-    threads = threads or max(1, (os.cpu_count() or 2) // 2)
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "qualiclip_hf.cli", "score", "--dataset", str(path), "--output", str(output),
-        "--batch-size", str(batch_size), "--model", model, "--device", device,
-        *(["--streaming"] if kind == "webdataset" else []),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
-    found = re.search(r"\(([\d.]+) images/s, 2 processes\)", done.stderr)
-    if done.returncode != 0 or found is None:
-        raise SystemExit(f"the two-process run failed:\n{done.stderr[-3000:]}")
-    return float(found.group(1))
 
 
 def _spin() -> None:
@@ -210,7 +184,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=1, help="1: the CLI's default on a CPU; 8 on CUDA")
-    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], choices=(1, 2))
     parser.add_argument("--inputs", nargs="+", default=["parquet", "webdataset"], choices=("parquet", "webdataset"))
     parser.add_argument("--model", default="demo")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -218,8 +191,8 @@ def main() -> None:
         "--threads",
         type=int,
         default=None,
-        help="torch threads of each scoring process (default: torch's own in one process, half the cores in each of "
-        "two); 1 on a machine busy with other work, where spinning threads wait for each other",
+        help="torch threads of the scoring process (default: torch's own); 1 on a machine busy with other work, "
+        "where spinning threads wait for each other",
     )
     parser.add_argument(
         "--competing-load", action="store_true", help="measure the thread choice instead (see the description)"
@@ -253,19 +226,12 @@ def main() -> None:
         for kind in args.inputs:
             dataset = open_input(kind, inputs[kind])
             decode_rate = decode_only(dataset, args.batch_size, folder / f"decode-{kind}")
-            rates = {}
-            if 1 in args.processes:
-                summary = score_dataset(
-                    open_input(kind, inputs[kind]), folder / f"one-{kind}", model, processor,
-                    batch_size=args.batch_size, progress=False,
-                )  # fmt: skip
-                assert summary.rows == args.rows and summary.failed == 0, summary
-                rates[1] = summary.images_per_second
-            if 2 in args.processes:
-                rates[2] = two_processes(
-                    inputs[kind], kind, folder / f"two-{kind}", args.batch_size, args.model, args.device, args.threads
-                )
-            results.append((kind, decode_rate, rates))
+            summary = score_dataset(
+                open_input(kind, inputs[kind]), folder / f"one-{kind}", model, processor,
+                batch_size=args.batch_size, progress=False,
+            )  # fmt: skip
+            assert summary.rows == args.rows and summary.failed == 0, summary
+            results.append((kind, decode_rate, {1: summary.images_per_second}))
     print("| input | decode only img/s | model only img/s | processes | scoring img/s | / min(decode, model) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for kind, decode_rate, rates in results:

@@ -117,7 +117,7 @@ def _add_score_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         help="where JPEG files are decoded: 'workers' (Pillow, in background processes) or 'device' (TorchCodec on "
         "the model's device: nvJPEG on CUDA, which frees the CPU cores; needs the [decode] extra) (default: workers)",
     )
-    data = score.add_argument_group("datasets (instead of PATH: Parquet files of scores, resumable, accelerate launch)")
+    data = score.add_argument_group("datasets (instead of PATH: Parquet files of scores, resumable; Ray for clusters)")
     data.add_argument("--dataset", help="a Hub dataset id, or a folder of Parquet/Arrow files, images or .tar shards")
     data.add_argument("--split", help="the split to score (default: train)")
     data.add_argument("--image-column", help="the column of images (default: the only Image column, else 'image')")
@@ -125,6 +125,17 @@ def _add_score_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     data.add_argument("--streaming", action="store_true", help="stream local data too (Hub ids always stream)")
     data.add_argument("--save-embeddings", action="store_true", help="also write the image embeddings")
     data.add_argument("--rows-per-file", type=_positive_int, help="rows per output file (default: 10000)")
+    data.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        help="local: this process (default); ray: Ray Data, on the cluster of RAY_ADDRESS or a local Ray started for "
+        "the run (needs the [ray] extra)",
+    )
+    data.add_argument(
+        "--num-actors",
+        type=_positive_int,
+        help="with --engine ray: scoring actors (default: one per GPU, else per core less 1 in 8)",
+    )
     score.set_defaults(handler=_score_command)
 
 
@@ -477,11 +488,15 @@ _DATASET_OPTIONS = {
     "streaming": "--streaming",
     "save_embeddings": "--save-embeddings",
     "rows_per_file": "--rows-per-file",
+    "num_actors": "--num-actors",
+    "engine": "--engine",
 }
 
 
 def _score_command(args: argparse.Namespace) -> int:
     _check_score_options(args)
+    if args.dataset is not None and args.engine == "ray":
+        return _score_dataset_ray_command(args)
     if args.dataset is not None:
         return _score_dataset_command(args)
     return _score_files_command(args)
@@ -501,6 +516,8 @@ def _check_score_options(args: argparse.Namespace) -> None:
             raise CommandError(f"{given[0]} applies to image files and folders (PATH), not to --dataset")
         if args.output is None:
             raise CommandError("--dataset needs --output FOLDER, where the Parquet files of scores go")
+        if args.num_actors is not None and args.engine != "ray":
+            raise CommandError("--num-actors sizes the Ray actor pool: it applies to --engine ray only")
         if args.output.suffix.lower() in OUTPUT_FORMATS:
             raise CommandError(
                 f"--dataset writes a folder of Parquet files, not a results file: --output {args.output}"
@@ -553,30 +570,25 @@ class _Scorer:
 
 
 def _prepare_scorer(
-    args: argparse.Namespace,
-    resolved: Any,
-    device: Any,
-    processes: int = 1,
-    announce: bool = True,
-    runtimes: Sequence[str] | None = None,
+    args: argparse.Namespace, resolved: Any, device: Any, runtimes: Sequence[str] | None = None
 ) -> _Scorer:
     """
-    The one preparation of `score`, for files and datasets: threads (`--threads`, else the cores not already busy,
-    shared among `processes` scoring processes on this machine), the model loaded on `device`, in `--precision` /
-    `--backend`, the batch size and the decode workers. `announce`: print the precision chosen (the main process).
+    The one preparation of `score`, for files and datasets: threads (`--threads`, else the cores not already busy),
+    the model loaded on `device`, in `--precision` / `--backend` (`runtimes`: those `auto` may choose), the batch size
+    and the decode workers; the precision chosen is printed.
     """
     import torch
 
-    from .scoring.resources import choose_thread_counts, default_batch_size, usable_cores
+    from .scoring.resources import choose_thread_counts, default_batch_size
 
-    workers, threads = choose_thread_counts(cores=max(1, usable_cores() // processes))
+    workers, threads = choose_thread_counts()
     if device.type == "cpu":
         torch.set_num_threads(args.threads or threads)
     model, processor = _load(resolved, device)
     from .backends.onnx import model_cache_key
 
     weights = model_cache_key(model)  # of the weights as loaded: a folder retrained in place keeps its name
-    model, precision, runtime = _scorer_in_precision(args, model, processor, announce, runtimes, weights)
+    model, precision, runtime = _scorer_in_precision(args, model, processor, runtimes, weights)
     batch_size = args.batch_size or default_batch_size(device)
     num_workers = workers if args.num_workers is None else args.num_workers
     return _Scorer(model, processor, precision, runtime, batch_size, num_workers, weights)
@@ -696,12 +708,9 @@ def _score_with_progress(args: argparse.Namespace, paths: list, scorer: _Scorer,
 
 def _score_dataset_command(args: argparse.Namespace) -> int:
     """
-    `qualiclip score --dataset ...` (also under `accelerate launch -m qualiclip_hf.cli score --dataset ...`): the
-    command's arguments to `score_dataset`. Returns 0 when the run is complete: rows that failed are counted in the
-    summary and have their `error` (a nonzero status would also make torchrun report a crashed rank).
+    `qualiclip score --dataset ...` in this process (`--engine local`): the command's arguments to `score_dataset`.
+    Returns 0 when the run is complete: rows that failed are counted in the summary and have their `error`.
     """
-    from accelerate import PartialState
-
     from . import register_auto_classes
     from .outputs import OutputInUseError, OutputLock
     from .scoring.dataset import local_dataset_folder, open_dataset, score_dataset
@@ -714,36 +723,22 @@ def _score_dataset_command(args: argparse.Namespace) -> int:
         datasets.disable_progress_bars()
         datasets.logging.set_verbosity_error()
     device = _device(args.device)
-    # Without `cpu=True`, Accelerate treats processes launched on a machine without GPUs as independent single
-    # processes; with it, they join one group over gloo (`accelerate launch --multi_gpu --num_processes N` on CPUs).
-    state = PartialState(cpu=device.type == "cpu")
     split = args.split or "train"
     with contextlib.ExitStack() as cleanup:
-        if state.is_main_process:  # the launched processes of one run share its output
-            try:
-                cleanup.enter_context(OutputLock(args.output))
-            except OutputInUseError as error:
-                raise CommandError(str(error)) from None
-            except OSError as error:
-                raise CommandError(f"cannot write --output {args.output}: {error}") from None
-        # The main process prepares `datasets`' cache of local data; the others reuse it.
-        with state.main_process_first():
-            try:
-                dataset = open_dataset(args.dataset, split, streaming=True if args.streaming else None)
-            except ValueError as error:
-                raise CommandError(str(error)) from None
+        try:
+            cleanup.enter_context(OutputLock(args.output))
+        except OutputInUseError as error:
+            raise CommandError(str(error)) from None
+        except OSError as error:
+            raise CommandError(f"cannot write --output {args.output}: {error}") from None
+        try:
+            dataset = open_dataset(args.dataset, split, streaming=True if args.streaming else None)
+        except ValueError as error:
+            raise CommandError(str(error)) from None
         resolved = _resolve_model(args.model)
-        if state.is_main_process:
-            print(f"model: {resolved.name} ({resolved.description})", file=sys.stderr)
+        print(f"model: {resolved.name} ({resolved.description})", file=sys.stderr)
         # `--dataset` runs the PyTorch model: `auto` chooses among its formats.
-        scorer = _prepare_scorer(
-            args,
-            resolved,
-            state.device,
-            processes=state.num_processes,
-            announce=state.is_main_process,
-            runtimes=("torch",),
-        )
+        scorer = _prepare_scorer(args, resolved, device, runtimes=("torch",))
         # The precision that runs, never "auto": a resumed run must compute its rows the same way. The weights' hash:
         # the name stays when the weights change (retrained in place, a new Hub commit).
         settings = {
@@ -762,7 +757,7 @@ def _score_dataset_command(args: argparse.Namespace) -> int:
                 image_column=args.image_column,
                 id_column=args.id_column,
                 batch_size=scorer.batch_size,
-                num_workers=args.num_workers,  # None: the decode pool sizes itself to this process's share
+                num_workers=args.num_workers,  # None: the decode pool sizes itself to the usable cores
                 max_size=args.max_size,
                 max_pixels=_max_pixels(args),
                 save_embeddings=args.save_embeddings,
@@ -783,13 +778,65 @@ def _score_dataset_command(args: argparse.Namespace) -> int:
                 "command with --resume",
                 EXIT_INTERRUPTED,
             ) from None
-    if state.is_main_process:
-        print(
-            f"scored {summary.rows_this_run} rows in {summary.seconds:.1f} s ({summary.images_per_second:.2f} "
-            f"images/s, {state.num_processes} process{'es' if state.num_processes > 1 else ''}); {args.output} holds "
-            f"{summary.rows} rows, {summary.failed} failed (see the error column)",
-            file=sys.stderr,
-        )
+    print(
+        f"scored {summary.rows_this_run} rows in {summary.seconds:.1f} s ({summary.images_per_second:.2f} images/s); "
+        f"{args.output} holds {summary.rows} rows, {summary.failed} failed (see the error column)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _score_dataset_ray_command(args: argparse.Namespace) -> int:
+    """
+    `qualiclip score --dataset ... --engine ray`: the command's arguments to `scoring.ray_data.score_dataset_ray`.
+    Returns 0 when the run is complete (failed rows have their `error`).
+    """
+    from . import register_auto_classes
+    from .outputs import OutputInUseError, OutputLock
+
+    if args.backend != "torch" or args.precision == "int8":
+        raise CommandError("--engine ray runs the PyTorch model: --precision fp32, bf16, fp16 or auto, --backend torch")
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise CommandError('--engine ray needs Ray Data: pip install "qualiclip-hf[ray]"') from None
+    from .scoring.ray_data import score_dataset_ray
+
+    register_auto_classes()  # a model folder's `auto_map` then needs no remote code
+    with contextlib.ExitStack() as cleanup:
+        if "://" not in str(args.output):  # a local folder: one run writes it (a bucket has no such lock)
+            try:
+                cleanup.enter_context(OutputLock(args.output))
+            except OutputInUseError as error:
+                raise CommandError(str(error)) from None
+        try:
+            summary = score_dataset_ray(
+                args.dataset,
+                str(args.output),
+                model=args.model,
+                split=args.split or "train",
+                image_column=args.image_column,
+                id_column=args.id_column,
+                streaming=True if args.streaming else None,
+                rows_per_file=args.rows_per_file or 10_000,
+                batch_size=args.batch_size,
+                num_actors=args.num_actors,
+                device=args.device if args.device in ("cpu", "cuda") else "auto",
+                precision=args.precision,
+                max_size=args.max_size,
+                max_pixels=_max_pixels(args),
+                save_embeddings=args.save_embeddings,
+                resume=args.resume,
+                settings={"dataset": args.dataset, "split": args.split or "train", "model": args.model},
+            )
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+    print(
+        f"scored {summary.rows_this_run} rows in {summary.seconds:.1f} s ({summary.images_per_second:.2f} images/s, "
+        f"{summary.actors} actor{'' if summary.actors == 1 else 's'}); {args.output} holds {summary.rows} rows, "
+        f"{summary.failed} failed (see the error column)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -806,14 +853,13 @@ def _scorer_in_precision(
     args: argparse.Namespace,
     model: Any,
     processor: Any,
-    announce: bool = True,
     runtimes: Sequence[str] | None = None,
     weights: str | None = None,
 ) -> tuple[Any, str, str]:
     """
-    What scores in `--precision` / `--backend` (`precision.prepare_scorer`), the choice printed once (when
-    `announce`); with the precision chosen (`auto` resolved) and what runs the model (`torch`, `onnxruntime` or
-    `openvino`).
+    What scores in `--precision` / `--backend` (`precision.prepare_scorer`; `auto` measured by
+    `auto_precision.choose_precision` among `runtimes`), the choice printed once; with the precision chosen (`auto`
+    resolved) and what runs the model (`torch`, `onnxruntime` or `openvino`).
     """
     from .backends.auto_precision import choose_precision
     from .backends.precision import prepare_scorer
@@ -830,8 +876,7 @@ def _scorer_in_precision(
     except (ImportError, OSError, ValueError) as error:
         raise CommandError(f"--precision {args.precision} --backend {args.backend}: {error}") from None
     runtime = getattr(scorer, "runtime", "torch")  # the ONNX scorers name their runtime
-    if announce:
-        print(f"{line or f'precision: {chosen}'}; runs in {runtime}", file=sys.stderr)
+    print(f"{line or f'precision: {chosen}'}; runs in {runtime}", file=sys.stderr)
     return scorer, chosen, runtime
 
 

@@ -1,5 +1,5 @@
 """Scoring `datasets` datasets: `QualityScorer` in `datasets.map`, and `score_dataset` / `qualiclip score --dataset`
-on every input kind, with corrupt rows, killed and resumed, and in two processes (`accelerate launch --cpu`). The
+on every input kind, with corrupt rows, killed and resumed (many processes: tests/test_ray_scoring.py). The
 reference scores are those of `score_files` on the same images saved as files."""
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tarfile
 import time
-import uuid
 from pathlib import Path
 
 import datasets
@@ -309,15 +308,14 @@ def command_line(data: Path, output: Path, *extra: str) -> list[str]:
     ]
 
 
-def subprocess_env(tmp_path: Path, marker: str = "") -> dict[str, str]:
-    # One thread per process in every run compared here (torchrun's default): the order in which torch's CPU kernels
+def subprocess_env(tmp_path: Path) -> dict[str, str]:
+    # One thread in every run compared here: the order in which torch's CPU kernels
     # sum depends on the number of threads, so scores are identical bit for bit only at equal thread counts.
     return {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "HF_DATASETS_CACHE": str(tmp_path / "cache"),
         "HF_HUB_OFFLINE": "1",
-        "QUALICLIP_TEST": marker,
     }
 
 
@@ -328,26 +326,6 @@ def run(command: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     done = subprocess.run(command, env=subprocess_env(tmp_path), cwd=REPO_ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
-
-
-def accelerate_launch(*args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",  # torchrun's launcher: `--cpu --num_processes 2` starts one process without mpirun
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "qualiclip_hf.cli",
-        *args,
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -387,46 +365,6 @@ def test_killed_and_resumed_gives_the_uninterrupted_result(many_rows, uninterrup
     assert {name: (output / name).stat().st_mtime_ns for name in kept} == kept  # complete parts were not redone
     assert read_scores(output).equals(read_scores(uninterrupted))
     assert not list(output.glob(".*.tmp"))
-
-
-def test_two_processes_give_the_one_process_result_also_after_one_rank_is_killed(many_rows, uninterrupted, tmp_path):
-    # Two ranks through `accelerate launch`: the same rows, none lost or duplicated, identical to one process.
-    output = tmp_path / "two"
-    done = run(accelerate_launch(*command_line(many_rows, output)), tmp_path)
-    assert "2 processes" in done.stderr and "holds 60 rows, 3 failed" in done.stderr
-    assert read_scores(output).equals(read_scores(uninterrupted))
-
-    # Rank 1 is killed mid-run; the launcher stops rank 0; a resumed two-process run finishes the same result.
-    output = tmp_path / "killed"
-    marker = uuid.uuid4().hex
-    launcher = subprocess.Popen(
-        accelerate_launch(*command_line(many_rows, output)),
-        cwd=REPO_ROOT,
-        env=subprocess_env(tmp_path, marker),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for_parts(output, 3, launcher)
-    os.kill(rank_pid(marker, rank=1), signal.SIGKILL)
-    launcher.wait(timeout=120)
-    assert launcher.returncode != 0
-    assert not (output / ".manifest.json").exists(), "the run ended before rank 1 was killed"
-    run(accelerate_launch(*command_line(many_rows, output, "--resume")), tmp_path)
-    assert read_scores(output).equals(read_scores(uninterrupted))
-
-
-def rank_pid(marker: str, rank: int) -> int:
-    """The process of `rank` among those started with QUALICLIP_TEST=marker (launched with --num-workers 0)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"QUALICLIP_TEST={marker}".encode() in environ and f"RANK={rank}".encode() in environ:
-            return int(entry.name)
-    raise AssertionError(f"no process of rank {rank}")
 
 
 def test_saved_embeddings_are_the_models_and_null_for_failed_rows(photo_files, demo, tmp_path):

@@ -6,9 +6,12 @@
 | `resources` | decode workers, model threads and batch size for a run |
 | `files` | image files and folders: decoding in DataLoader workers, [`score_files`] |
 | `results` | a results file (CSV, JSON, JSONL) written as files are scored, resumable |
-| `dataset` | `datasets` datasets: [`QualityScorer`] for `Dataset.map`, [`score_dataset`] to resumable Parquet |
+| `dataset` | `datasets` datasets in one process: [`QualityScorer`] for `Dataset.map`, [`score_dataset`] to Parquet |
+| `ray_data` | Ray Data: `decode_images`, `QualiCLIPPredictor` for `map_batches`; `score_dataset_ray` (`--engine ray`) |
 
-`dataset` needs the `[datasets]` extra and is imported on first use of its names.
+`dataset` needs the `[datasets]` extra and is imported on first use of its names; `ray_data` needs the `[ray]` extra
+and is imported by its own path only (`from qualiclip_hf.scoring.ray_data import QualiCLIPPredictor`), so that nothing
+else imports Ray.
 """
 
 from __future__ import annotations

@@ -1,26 +1,27 @@
-"""Scoring whole `datasets` datasets: one column for `datasets.map`, or resumable Parquet shards from many processes.
+"""Scoring whole `datasets` datasets in one process: one column for `datasets.map`, or resumable Parquet files.
 
 Two entry points:
 
 - [`QualityScorer`]: a callable for `dataset.map(scorer, batched=True)` that adds `quality_score` and
   `quality_error` columns.
 - [`score_dataset`] (and `qualiclip score --dataset`): scores a dataset into Parquet files under an output folder,
-  in one process or in many (`accelerate launch`), resumable after a crash.
+  in this process, resumable after a crash.
 
-How the work is cut, and why. The dataset is divided into *units* that do not depend on the number of processes:
-a streamed (iterable) dataset's units are its shards (files), a map-style dataset's units are contiguous blocks of at
-most `rows_per_file` rows. Each unit is read with `datasets.distributed.split_dataset_by_node(dataset, rank=unit,
-world_size=num_units)`, and process `rank` of `world_size` takes the units `unit % world_size == rank`; Accelerate
-does no sharding of its own (both together would shard twice and lose rows). Each unit is written as
+Many processes, GPUs or machines: `qualiclip score --dataset ... --engine ray` (`qualiclip_hf.scoring.ray_data`), where
+Ray Data assigns the work, balances it, retries a failed worker's share and reports progress.
+
+How the work is cut, and why. The dataset is divided into *units*: a streamed (iterable) dataset's units are its
+shards (files), a map-style dataset's units are contiguous blocks of at most `rows_per_file` rows. Each unit is read
+with `datasets.distributed.split_dataset_by_node(dataset, rank=unit, world_size=num_units)`. Each unit is written as
 `part-UUUUUU-KKKKKK.parquet` files of `rows_per_file` rows, each written to a temporary name and renamed, and a
 `.manifest/unit-UUUUUU.json` marks the unit complete. Since names, row order and batch boundaries depend only on the
-dataset, the files in name order are the dataset's rows in order, the same for any number of processes, and a run
-killed at any moment and resumed (`resume=True`, `--resume`) ends with the same files as one never interrupted.
+dataset, the files in name order are the dataset's rows in order, and a run killed at any moment and resumed
+(`resume=True`, `--resume`) ends with the same files as one never interrupted.
 Units are positions in the dataset, so a resumed run first checks that the rows are still where the run found them
 (`_check_rows_unchanged`: the ids of every part file written against the dataset's ids there) and refuses a dataset
 that changed, rather than score its rows under other rows' ids.
 
-The run's bookkeeping (`.run.json`, `.manifest/`, `.manifest.json`, `.progress/`) has names that start with a dot, so
+The run's bookkeeping (`.run.json`, `.manifest/`, `.manifest.json`) has names that start with a dot, so
 that the folder reads as one Parquet dataset: `pyarrow.parquet.read_table(folder)`, `pandas.read_parquet(folder)` and
 `datasets.load_dataset("parquet", data_dir=folder)` skip hidden files (pyarrow also those starting with `_`, datasets
 does not).
@@ -28,12 +29,10 @@ does not).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import multiprocessing
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -61,7 +60,6 @@ KEY_COLUMNS = ("__key__",)
 RUN_FILE = ".run.json"
 MANIFEST_DIR = ".manifest"
 SUMMARY_FILE = ".manifest.json"
-_PROGRESS_DIR = ".progress"
 
 
 # ------------------------------------------------------------------------------------------------------ decoding
@@ -115,8 +113,8 @@ class QualityScorer:
 
     The image column may hold decoded images, `Image(decode=False)` values, image bytes or local paths; they are read
     by the project's image reader, as `qualiclip score` reads files. A row that cannot be read or scored gets its
-    error and the others are scored. For scoring a whole dataset to files, resumably and with many processes, see
-    [`score_dataset`].
+    error and the others are scored. For scoring a whole dataset to files, resumably, see [`score_dataset`]; with many
+    processes or machines, `qualiclip_hf.scoring.ray_data`.
 
     Args:
         model: A model name (`"demo"`, `"official"`, a folder, a Hub id) or a loaded [`QualiCLIPModel`].
@@ -308,7 +306,7 @@ class _Unit:
 
 
 def _units(dataset: Any, rows_per_file: int) -> list[_Unit]:
-    """The dataset's units of work, independent of the number of processes (see the module's docstring)."""
+    """The dataset's units of work (see the module's docstring)."""
     from datasets import IterableDataset
 
     if isinstance(dataset, IterableDataset):
@@ -397,7 +395,7 @@ class _PartBuffer:
 @dataclass
 class DatasetScoringSummary:
     """
-    What [`score_dataset`] did, over all processes: `rows` scored in the output (all runs), of which `failed` have an
+    What [`score_dataset`] did: `rows` scored in the output (all runs), of which `failed` have an
     error; `rows_this_run` and `seconds` of this run (`images_per_second` = their ratio).
     """
 
@@ -435,10 +433,9 @@ def _batches(
     image_root: Path | None = None,
 ) -> Iterator[tuple[_Batch, list[Any]]]:
     """
-    This process's rows, as batches that never cross a part file: batch boundaries depend only on the dataset, so the
-    same rows meet in a batch whatever the number of processes and wherever a run was resumed. Complete units and
-    complete parts are skipped. A row without an id (`id_column` given) is refused; relative image paths are read from
-    `image_root` (`_rooted`).
+    The rows of `units`, as batches that never cross a part file: batch boundaries depend only on the dataset, so the
+    same rows meet in a batch wherever a run was resumed. Complete units and complete parts are skipped. A row
+    without an id (`id_column` given) is refused; relative image paths are read from `image_root` (`_rooted`).
     """
     for unit in units:
         if _unit_marker(output_dir, unit.index).is_file():
@@ -612,8 +609,8 @@ def score_dataset(
     image_root: str | os.PathLike | None = None,
 ) -> DatasetScoringSummary:
     """
-    Scores every row of a dataset into Parquet files under `output_dir`, in this process or, under
-    `accelerate launch`, in each of the launched processes (each reads and writes its own rows; nothing is gathered).
+    Scores every row of a dataset into Parquet files under `output_dir`, in this process (decoding in `num_workers`
+    worker processes). Many processes or machines: `qualiclip_hf.scoring.ray_data.score_dataset_ray`.
 
     Output (see the module's docstring for the layout): `part-UUUUUU-KKKKKK.parquet` files with the columns `id`,
     `quality_score` (float32 in [0, 1], null on error), `error` (null, or the cause naming the row), `height`,
@@ -634,8 +631,8 @@ def score_dataset(
             and the row's position in it).
         rows_per_file: Rows per Parquet file; also the size of a map-style dataset's units of work.
         batch_size: Images per forward pass.
-        num_workers: Processes that decode images beside each scoring process (default: up to 4, one per spare core
-            of this process's share of the machine; 0: decode in the scoring process).
+        num_workers: Processes that decode images beside the scoring process (default: up to 4, one per spare core;
+            0: decode in the scoring process).
         max_size: Downscale images whose longest side exceeds this many pixels.
         max_pixels: Refuse images of more pixels before decoding them (`None`: no limit).
         save_embeddings: Also write the image embeddings.
@@ -644,21 +641,18 @@ def score_dataset(
             disk) is named in a warning, set aside as `.damaged-part-...` and its rows are scored again.
         settings: Extra settings recorded in `.run.json` and checked on resume (the CLI passes the dataset's name,
             split and the model's name).
-        progress: Show a progress bar (on the main process only, counting the rows of all processes).
+        progress: Show a progress bar.
         image_root: The folder that relative image paths in the image column are read from: the dataset's own folder
             (`qualiclip score --dataset FOLDER` passes it). Default: the current working directory.
 
     Returns:
-        The [`DatasetScoringSummary`] of all processes (on every process).
+        The [`DatasetScoringSummary`].
 
     Raises:
         ValueError: for an output folder holding another run, a missing column, an id column with missing or
             repeated ids, settings that differ from the stopped run's on resume, or a dataset whose rows changed since
             the run began (`_check_rows_unchanged`).
     """
-    from accelerate import PartialState
-
-    state = PartialState()
     output_dir = Path(output_dir)
     image_column = _image_column(dataset, image_column)
     if id_column is None:
@@ -680,65 +674,56 @@ def score_dataset(
         "max_pixels": max_pixels,
         "save_embeddings": save_embeddings,
     }
-    _start_run(output_dir, run, resume, state)
+    _start_run(output_dir, run, resume)
     if resume:
         _check_rows_unchanged(dataset, output_dir, units, id_column)
 
-    mine = [unit for unit in units if unit.index % state.num_processes == state.process_index]
     # Image embeddings live in the space of the stored prompt embeddings.
     embed_dim = int(model.prompt_embeds.shape[-1]) if save_embeddings else None
     started = time.perf_counter()
-    counter = _ProgressCounter(output_dir, state, dataset, units, enabled=progress)
+    bar = _progress_bar(output_dir, dataset, units) if progress else None
+    rows_this_run = 0
     root = None if image_root is None else Path(image_root).absolute()
-    batches = _batches(dataset, mine, len(units), output_dir, image_column, id_column, rows_per_file, batch_size, root)
+    batches = _batches(dataset, units, len(units), output_dir, image_column, id_column, rows_per_file, batch_size, root)
     buffer = _PartBuffer()
-    with _Decoder(num_workers, state.num_processes, max_pixels) as decoder:
+    with _Decoder(num_workers, max_pixels) as decoder:
         for batch in decoder.decode_ahead(batches):
             decoded = batch.decoded.result() if isinstance(batch.decoded, Future) else batch.decoded
             if batch.ids:
                 buffer.add(batch.ids, score_images(decoded, model, processor, batch.labels, max_size, save_embeddings))
-                counter.add(len(batch.ids))
+                rows_this_run += len(batch.ids)
+                if bar is not None:
+                    bar.update(len(batch.ids))
             if batch.end_of_part:
                 buffer.write(output_dir / _part_name(batch.unit.index, batch.part), embed_dim)
             if batch.end_of_unit:
                 _finish_unit(output_dir, batch.unit.index)
-    counter.write()
-    state.wait_for_everyone()
-    rows_this_run = counter.finish()
-    summary = _summarize(output_dir, units, rows_this_run, time.perf_counter() - started, state)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        shutil.rmtree(output_dir / _PROGRESS_DIR, ignore_errors=True)
-    return summary
+    if bar is not None:
+        bar.close()
+    return _summarize(output_dir, units, rows_this_run, time.perf_counter() - started)
 
 
-def _start_run(output_dir: Path, run: dict, resume: bool, state: Any) -> None:
+def _start_run(output_dir: Path, run: dict, resume: bool) -> None:
     run_file = output_dir / RUN_FILE
-    error = None
-    if state.is_main_process:
-        if run_file.is_file():
-            stored = json.loads(run_file.read_text(encoding="utf-8"))
-            if not resume:
-                error = f"{output_dir} already holds a run; pass --resume (resume=True) to finish it, or use a new one"
-            elif stored != json.loads(json.dumps(run)):
-                changed = sorted(key for key in set(stored) | set(run) if stored.get(key) != run.get(key))
-                error = (
-                    f"{output_dir} holds a run with other settings ({', '.join(changed)}: "
-                    + "; ".join(f"{key} was {stored.get(key)!r}, now {run.get(key)!r}" for key in changed)
-                    + "); resume it with its settings, or use a new folder"
-                )
-            else:
-                _set_aside_damaged_parts(output_dir)
-        elif output_dir.is_dir() and any(output_dir.iterdir()):
-            error = f"{output_dir} is not empty and holds no run ({RUN_FILE}); use an empty or new folder"
-        else:
-            (output_dir / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
-            write_json_atomic(run_file, run)
-    # Every process learns the verdict of the main one, which alone reads and writes the run file.
-    error = _broadcast(error, state)
-    if error is not None:
-        raise ValueError(error)
-    (output_dir / _PROGRESS_DIR).mkdir(exist_ok=True)
+    if run_file.is_file():
+        stored = json.loads(run_file.read_text(encoding="utf-8"))
+        if not resume:
+            raise ValueError(
+                f"{output_dir} already holds a run; pass --resume (resume=True) to finish it, or use a new one"
+            )
+        if stored != json.loads(json.dumps(run)):
+            changed = sorted(key for key in set(stored) | set(run) if stored.get(key) != run.get(key))
+            raise ValueError(
+                f"{output_dir} holds a run with other settings ({', '.join(changed)}: "
+                + "; ".join(f"{key} was {stored.get(key)!r}, now {run.get(key)!r}" for key in changed)
+                + "); resume it with its settings, or use a new folder"
+            )
+        _set_aside_damaged_parts(output_dir)
+    elif output_dir.is_dir() and any(output_dir.iterdir()):
+        raise ValueError(f"{output_dir} is not empty and holds no run ({RUN_FILE}); use an empty or new folder")
+    else:
+        (output_dir / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_file, run)
 
 
 def _set_aside_damaged_parts(output_dir: Path) -> None:
@@ -773,16 +758,6 @@ def _set_aside_damaged_parts(output_dir: Path) -> None:
             )
 
 
-def _broadcast(value: Any, state: Any) -> Any:
-    if state.num_processes == 1:
-        return value
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _finish_unit(output_dir: Path, unit: int) -> None:
     parts = _existing_parts(output_dir, unit)
     import pyarrow.parquet as pq
@@ -795,12 +770,12 @@ def _finish_unit(output_dir: Path, unit: int) -> None:
     )
 
 
-def _summarize(output_dir: Path, units: list[_Unit], rows_this_run: int, seconds: float, state: Any) -> Any:
+def _summarize(output_dir: Path, units: list[_Unit], rows_this_run: int, seconds: float) -> Any:
     markers = [_unit_marker(output_dir, unit.index) for unit in units]
     done = [json.loads(path.read_text(encoding="utf-8")) for path in markers if path.is_file()]
     rows = sum(item["rows"] for item in done)
     failed = sum(item["failed"] for item in done)
-    if state.is_main_process and len(done) == len(units):
+    if len(done) == len(units):
         write_json_atomic(
             output_dir / SUMMARY_FILE,
             {"complete": True, "rows": rows, "failed": failed, "parts": [p for item in done for p in item["parts"]]},
@@ -813,14 +788,14 @@ def _summarize(output_dir: Path, units: list[_Unit], rows_this_run: int, seconds
 
 class _Decoder:
     """
-    Decodes batches of column values in `num_workers` worker processes (default: up to 4, one per spare core of this
-    process's share of the machine), a few batches ahead of the model; 0 decodes in the scoring process.
+    Decodes batches of column values in `num_workers` worker processes (default: up to 4, one per spare core), a few
+    batches ahead of the model; 0 decodes in the scoring process.
     """
 
-    def __init__(self, num_workers: int | None, num_processes: int, max_pixels: int | None) -> None:
+    def __init__(self, num_workers: int | None, max_pixels: int | None) -> None:
         if num_workers is None:
-            # This process's share of the cores it may run on (its affinity mask), as file scoring counts them.
-            num_workers = choose_thread_counts(cores=max(1, usable_cores() // num_processes), load=0)[0]
+            # The cores this process may run on (its affinity mask), as file scoring counts them.
+            num_workers = choose_thread_counts(cores=usable_cores(), load=0)[0]
         self.max_pixels = max_pixels
         # Enough batches in flight to keep every worker busy while the model runs, without reading far ahead.
         self.ahead = 2 * num_workers + 1
@@ -859,73 +834,17 @@ class _Decoder:
 # -------------------------------------------------------------------------------------------------------- progress
 
 
-class _ProgressCounter:
-    """
-    Rows scored by all processes. Each process records its own count in a small file every second; the main process
-    shows one bar with their sum (counts only: the scores stay with their process).
-    """
+def _progress_bar(output_dir: Path, dataset: Any, units: list[_Unit]) -> Any:
+    """A bar of the dataset's rows, starting at those already in the output folder (a resumed run)."""
+    from tqdm.auto import tqdm
 
-    def __init__(self, output_dir: Path, state: Any, dataset: Any, units: list[_Unit], enabled: bool) -> None:
-        self.folder = output_dir / _PROGRESS_DIR
-        self.state = state
-        self.count = 0
-        self.last_write = 0.0
-        self.last_read = 0.0
-        self.others = 0
-        self.bar = None
-        self.initial = 0
-        if enabled and state.is_main_process:
-            from tqdm.auto import tqdm
-
-            total = _row_count(dataset)
-            self.initial = sum(
-                json.loads(path.read_text(encoding="utf-8"))["rows"]
-                for path in (_unit_marker(output_dir, unit.index) for unit in units)
-                if path.is_file()
-            ) + sum(_parquet_rows(path) for path in output_dir.glob("part-*.parquet") if not _in_complete_unit(path))
-            self.bar = tqdm(
-                total=total, initial=self.initial, unit="img", desc="scoring", disable=None, file=sys.stderr
-            )
-        self._write()
-
-    def add(self, rows: int) -> None:
-        self.count += rows
-        now = time.monotonic()
-        if now - self.last_write >= 1.0:
-            self._write()
-        if self.bar is not None:
-            if now - self.last_read >= 0.5:
-                self.others = self._read_others()
-                self.last_read = now
-            self.bar.n = self.initial + self.count + self.others
-            self.bar.refresh()
-
-    def write(self) -> None:
-        self._write()
-
-    def finish(self) -> int:
-        """The rows of all processes in this run (once every process has written its count), closing the bar."""
-        total = self.count + self._read_others()
-        if self.bar is not None:
-            self.bar.n = self.initial + total
-            self.bar.close()
-        return total
-
-    def _path(self, rank: int) -> Path:
-        return self.folder / f"rank-{rank:05d}.json"
-
-    def _write(self) -> None:
-        self.last_write = time.monotonic()
-        write_json_atomic(self._path(self.state.process_index), {"rows": self.count})
-
-    def _read_others(self) -> int:
-        total = 0
-        for rank in range(self.state.num_processes):
-            if rank == self.state.process_index:
-                continue
-            with contextlib.suppress(OSError, ValueError, KeyError):  # not written yet
-                total += json.loads(self._path(rank).read_text(encoding="utf-8"))["rows"]
-        return total
+    initial = sum(
+        json.loads(path.read_text(encoding="utf-8"))["rows"]
+        for path in (_unit_marker(output_dir, unit.index) for unit in units)
+        if path.is_file()
+    ) + sum(_parquet_rows(path) for path in output_dir.glob("part-*.parquet") if not _in_complete_unit(path))
+    total = _row_count(dataset)
+    return tqdm(total=total, initial=initial, unit="img", desc="scoring", disable=None, file=sys.stderr)
 
 
 def _in_complete_unit(part: Path) -> bool:
