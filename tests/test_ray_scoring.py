@@ -196,19 +196,33 @@ def test_a_killed_actor_is_restarted_and_no_row_is_lost_or_duplicated(photo_file
     np.testing.assert_allclose([row["quality_score"] for row in got], file_scores, atol=ATOL)
 
 
+SLOW_WRITES = """
+import time
+from qualiclip_hf.cli import main
+from qualiclip_hf.scoring.ray_data import _OutputFolder
+write_table = _OutputFolder.write_table
+def slow_write_table(self, name, table):
+    write_table(self, name, table)
+    time.sleep(1.0)
+_OutputFolder.write_table = slow_write_table
+"""
+
+
 def test_a_killed_driver_resumed_gives_the_uninterrupted_rows(photo_files, tmp_path):
-    # 12 Parquet files of 8 rows (3 corrupt); the driver, a CLI process joined to this cluster, is killed with
-    # SIGKILL once some outputs are written, then resumed: the same rows as a run never interrupted. (Enough rows
-    # that the outputs are written over seconds, not all at once.)
-    values = [image_struct(photo_files[index % 8]) for index in range(93)] + [{"bytes": b"junk", "path": None}] * 3
+    # 12 Parquet files of 4 rows (3 corrupt); the driver, a CLI process joined to this cluster, is killed with
+    # SIGKILL once some outputs are written, then resumed: the same rows as a run never interrupted.
+    values = [image_struct(photo_files[index % 8]) for index in range(45)] + [{"bytes": b"junk", "path": None}] * 3
     source = write_parquet([{"image": value} for value in values], tmp_path / "shards", files=12)
     uninterrupted = tmp_path / "uninterrupted"
     # Two actors on 2 CPUs: more slots than the cluster has unless the stages shrink theirs (they did hang).
     score_dataset_ray(str(source), str(uninterrupted), num_actors=2, batch_size=1)
 
     output = tmp_path / "killed"
-    command = [sys.executable, "-m", "qualiclip_hf.cli", "score", "--dataset", str(source), "--engine", "ray",
-               "--model", "demo", "--output", str(output), "--batch-size", "1", "--num-actors", "1"]  # fmt: skip
+    arguments = ["score", "--dataset", str(source), "--engine", "ray", "--model", "demo", "--output", str(output),
+                 "--batch-size", "1", "--num-actors", "1"]  # fmt: skip
+    # The CLI, its writes slowed to one a second so that the kill lands mid-run: scoring these small images takes
+    # less time than this test takes to notice the first file.
+    command = [sys.executable, "-c", SLOW_WRITES + f"raise SystemExit(main({arguments!r}))"]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "HF_HUB_OFFLINE": "1"}
     driver = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -232,7 +246,7 @@ def test_a_killed_driver_resumed_gives_the_uninterrupted_rows(photo_files, tmp_p
     )  # fmt: skip
     assert not list(output.glob(".*.tmp"))
     resumed, expected = scores_of(output), scores_of(uninterrupted)
-    assert resumed.column("id").to_pylist() == list(range(96)) == expected.column("id").to_pylist()
+    assert resumed.column("id").to_pylist() == list(range(48)) == expected.column("id").to_pylist()
     assert resumed.column("error").to_pylist() == expected.column("error").to_pylist()
     np.testing.assert_allclose(
         resumed.column("quality_score").to_numpy(zero_copy_only=False).astype(float),
