@@ -66,3 +66,18 @@ def test_the_demo_folder_is_a_complete_model_folder(tmp_path):
     folders = (DEMO_MODEL_PATH, tmp_path)
     ours, written = (json.loads((folder / "processor_config.json").read_text()) for folder in folders)
     assert ours["image_processor"]["auto_map"] == written["image_processor"]["auto_map"]
+
+
+def test_the_demo_folder_uses_the_standard_config_names():
+    import json
+
+    from qualiclip_hf import DEMO_MODEL_PATH
+
+    config = json.loads((DEMO_MODEL_PATH / "config.json").read_text())
+    # transformers' names (CLIP's text config, ResNet's vision config), not OpenAI's `layers`/`width`/`heads`.
+    assert {"depths", "embedding_size", "num_attention_heads", "projection_dim"} <= set(config["vision_config"])
+    assert {"hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"} <= set(
+        config["text_config"]
+    )
+    old_names = {"layers", "width", "heads", "output_dim", "context_length", "image_resolution"}
+    assert not old_names & (set(config["vision_config"]) | set(config["text_config"]))
