@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import tarfile
 import tempfile
 import time
@@ -39,6 +38,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.threads import compare_thread_counts
+from qualiclip_hf.backends.precision import cpu_description
 from qualiclip_hf.image_reader import open_image_value
 from qualiclip_hf.loading import load_model_and_processor
 from qualiclip_hf.scoring.dataset import (
@@ -50,7 +51,6 @@ from qualiclip_hf.scoring.dataset import (
     open_dataset,
     score_dataset,
 )
-from qualiclip_hf.scoring.resources import choose_thread_counts, usable_cores
 
 LONG_SIDES = (128, 192, 256, 320, 384, 448, 512)
 ASPECTS = (4 / 3, 3 / 2, 1.0, 3 / 4)
@@ -122,62 +122,18 @@ def model_only(rows: list[bytes], model: object, processor: object, batch_size: 
     return len(images) / (time.perf_counter() - started)
 
 
-def _spin() -> None:
-    while True:
-        pass
-
-
 def thread_choice(path: Path, folder: Path, model: object, processor: object, batch_size: int, repeats: int) -> None:
-    """`score_dataset` rates with the old (one thread per core) and the new thread count, idle and beside a busy
-    process, as `benchmarks.folder_scoring --competing-load` measures files."""
-    import multiprocessing
+    """`score_dataset` rates with the old and the new thread count (`benchmarks.threads`), as
+    `benchmarks.folder_scoring --competing-load` measures files."""
 
-    cores = usable_cores()
-    rows = []
-    for competing in (False, True):
-        hog = None
-        if competing:
-            hog = multiprocessing.Process(target=_spin, daemon=True)
-            hog.start()
-            time.sleep(1.0)
-        try:
-            new_threads = choose_thread_counts()[1]
-            rates: dict[int, list[float]] = {cores: [], new_threads: []}
-            for repeat in range(repeats):  # alternately, so that a change in the machine's load hits both alike
-                for threads in rates:
-                    torch.set_num_threads(threads)
-                    output = folder / f"threads-{int(competing)}-{threads}-{repeat}"
-                    summary = score_dataset(
-                        open_input("parquet", path), output, model, processor, batch_size=batch_size, progress=False
-                    )
-                    rates[threads].append(summary.images_per_second)
-            load = os.getloadavg()
-        finally:
-            if hog is not None:
-                hog.terminate()
-                hog.join()
-        old, new = float(np.median(rates[cores])), float(np.median(rates[new_threads]))
-        rows.append((competing, cores, old, new_threads, new, load))
-    print("| machine | old: threads | img/s | new: threads | img/s | new / old | load average (1, 5, 15 min) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
-    for competing, old_threads, old, new_threads, new, load in rows:
-        machine = "with a competing CPU load" if competing else "as found"
-        loads = ", ".join(f"{value:.2f}" for value in load)
-        print(f"| {machine} | {old_threads} | {old:.1f} | {new_threads} | {new:.1f} | {new / old:.2f}x | {loads} |")
+    def run(repeat: int, workers: int, competing: bool) -> float:
+        output = folder / f"threads-{int(competing)}-{torch.get_num_threads()}-{repeat}"
+        summary = score_dataset(
+            open_input("parquet", path), output, model, processor, batch_size=batch_size, progress=False
+        )
+        return summary.images_per_second
 
-
-def cpu_description() -> str:
-    model, flags = platform.processor() or "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = [name for name in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if name in flags]
-    return f"{model} ({platform.machine()}; {', '.join(isa) or 'ISA unknown'})"
+    compare_thread_counts(run, repeats)
 
 
 def main() -> None:

@@ -27,7 +27,6 @@ it measures speed only.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import tempfile
 import time
@@ -40,10 +39,11 @@ from skimage import data as skimage_data
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from benchmarks.threads import compare_thread_counts
 from qualiclip_hf import QualiCLIPConfig, QualiCLIPModel, QualiCLIPProcessor
 from qualiclip_hf.backends.precision import prepare_scorer
 from qualiclip_hf.loading import BACKENDS, PRECISIONS, resolve_pretrained
-from qualiclip_hf.scoring import choose_thread_counts, read_image, score_files, usable_cores
+from qualiclip_hf.scoring import read_image, score_files
 from qualiclip_hf.scoring.files import _decode_jpegs, _device_jpeg_decoder, _ImageFiles
 from qualiclip_hf.scoring.resources import runnable_elsewhere
 
@@ -129,41 +129,11 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _spin() -> None:
-    while True:
-        pass
-
-
 def thread_choice(paths: list[Path], model: QualiCLIPModel, processor: QualiCLIPProcessor, repeats: int) -> None:
-    """End-to-end rates with the old (one thread per core) and the new thread count, idle and beside a busy process."""
-    cores = usable_cores()
-    rows = []
-    for competing in (False, True):
-        hog = None
-        if competing:
-            hog = multiprocessing.Process(target=_spin, daemon=True)
-            hog.start()
-            time.sleep(1.0)
-        try:
-            workers, new_threads = choose_thread_counts()
-            rates: dict[int, list[float]] = {cores: [], new_threads: []}
-            for _ in range(repeats):  # alternately, so that a change in the machine's load hits both alike
-                for threads in rates:
-                    torch.set_num_threads(threads)
-                    rates[threads].append(end_to_end(paths, model, processor, 1, workers)[0])
-            load = os.getloadavg()
-        finally:
-            if hog is not None:
-                hog.terminate()
-                hog.join()
-        old, new = float(np.median(rates[cores])), float(np.median(rates[new_threads]))
-        rows.append((competing, cores, old, new_threads, new, load))
-    print("| machine | old: threads | img/s | new: threads | img/s | new / old | load average (1, 5, 15 min) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
-    for competing, old_threads, old, new_threads, new, load in rows:
-        machine = "with a competing CPU load" if competing else "as found"
-        loads = ", ".join(f"{value:.2f}" for value in load)
-        print(f"| {machine} | {old_threads} | {old:.1f} | {new_threads} | {new:.1f} | {new / old:.2f}x | {loads} |")
+    """End-to-end rates with the old (one thread per core) and the new thread count (`benchmarks.threads`)."""
+    compare_thread_counts(
+        lambda repeat, workers, competing: end_to_end(paths, model, processor, 1, workers)[0], repeats
+    )
 
 
 def main() -> None:
