@@ -47,7 +47,16 @@ def opinion_folder(tmp_path_factory) -> Path:
 
 
 def run_finetune(dataset: Path, output: Path, method: str, *options: str) -> dict:
-    finetune_main(["--dataset", str(dataset), "--method", method, "--model", "demo", "--output", str(output), *options])
+    # One torch thread, as the killed subprocess runs (OMP_NUM_THREADS=1): results compared bit for bit must come from
+    # the same reduction order, whatever thread count an earlier in-process test left set.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        finetune_main(
+            ["--dataset", str(dataset), "--method", method, "--model", "demo", "--output", str(output), *options]
+        )
+    finally:
+        torch.set_num_threads(threads)
     return json.loads((output / "finetune_results.json").read_text())
 
 
