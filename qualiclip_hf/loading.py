@@ -153,9 +153,14 @@ def load_model_and_processor(
     """
     import torch
 
+    from . import register_auto_classes
     from .modeling_qualiclip import QualiCLIPModel
     from .processing_qualiclip import QualiCLIPProcessor
 
+    # A saved folder declares `auto_map`: without the installed classes registered, its processor's parts would be
+    # loaded as remote code (a prompt, or a refusal). The `qualiclip` command defers the registration; every command
+    # that loads a model comes here.
+    register_auto_classes()
     resolved = name if isinstance(name, ResolvedModel) else resolve_model(name)
     model = QualiCLIPModel.from_pretrained(resolved.location, dtype=dtype or torch.float32)
     return model.to(device).eval(), QualiCLIPProcessor.from_pretrained(resolved.location)

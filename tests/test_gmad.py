@@ -384,6 +384,20 @@ def test_gmad_help_imports_neither_torch_nor_numpy():
     assert "summarize" in done.stdout
 
 
+@pytest.mark.skipif(not QUALICLIP_SCRIPT.is_file(), reason="the qualiclip console script is not installed")
+def test_the_installed_command_loads_the_model_without_asking_for_remote_code(tmp_path):
+    # The console script defers registering the Auto classes; loading the demo folder (which declares `auto_map`)
+    # must not fall back to its remote code, whose prompt a command cannot answer.
+    examples = sorted((REPO_ROOT / "examples/images").glob("*.jpg"))
+    scores = tmp_path / "sizes.csv"
+    _write_scores(scores, [{"path": str(path), "score": path.stat().st_size} for path in examples])
+    command = [str(QUALICLIP_SCRIPT), "gmad", "--pool", str(REPO_ROOT / "examples/images"), "--defender", "qualiclip"]
+    command += ["--model", "demo", "--attacker", str(scores), "--levels", "2", "--output", str(tmp_path / "report")]
+    done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "report" / "pairs.json").is_file()
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium)")
 def test_study_page_in_a_headless_browser(report, tmp_path):
     """Judges every pair in Chromium (left image each time), downloads the judgements, summarises them."""
