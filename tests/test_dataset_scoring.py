@@ -423,6 +423,21 @@ def test_resume_sets_a_damaged_part_aside_names_it_and_scores_its_rows_again(pho
     assert pq.read_table(output).num_rows == len(photo_files)  # the set-aside file is hidden from readers
 
 
+def test_resume_scores_again_a_unit_whose_part_was_deleted(photo_files, demo, tmp_path):
+    model, processor = demo
+    dataset = image_table(photo_files)
+    options = {"rows_per_file": 2, "batch_size": 2, "num_workers": 0, "progress": False}
+    output = tmp_path / "out"
+    score_dataset(dataset, output, model, processor, **options)
+    reference = read_scores(output)
+    deleted = sorted(output.glob("part-*.parquet"))[2]
+    deleted.unlink()  # a complete unit's only part: its marker still says complete
+    with pytest.warns(UserWarning, match=re.escape(f"unit 2 is incomplete ({deleted.name} missing)")):
+        summary = score_dataset(dataset, output, model, processor, resume=True, **options)
+    assert (summary.rows, summary.rows_this_run) == (len(photo_files), options["rows_per_file"])
+    assert read_scores(output).equals(reference)
+
+
 def test_the_command_names_a_damaged_part_on_resume(photo_files, tmp_path, capsys):
     write_parquet_folder(image_table(photo_files[:2]), tmp_path / "data", files=1)
     command = ["score", "--dataset", str(tmp_path / "data"), "--model", "demo", "--output", str(tmp_path / "out")]

@@ -730,7 +730,8 @@ def _set_aside_damaged_parts(output_dir: Path) -> None:
     """
     Before a resume: each part file that does not read as Parquet (a run killed mid-write by the system, a full disk,
     a copy cut short) is renamed `.damaged-NAME` (hidden: readers of the folder skip it), its unit is marked
-    incomplete, and the unit's later parts, which a resume writes again, are removed; a warning names each file.
+    incomplete, and the unit's later parts, which a resume writes again, are removed; a warning names each file. A
+    unit marked complete whose parts are not all there is scored again, with a warning naming the missing files.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -756,6 +757,23 @@ def _set_aside_damaged_parts(output_dir: Path) -> None:
                 + " are scored again",
                 stacklevel=2,
             )
+    # A part missing from a unit that its marker calls complete (deleted, or lost in a copy): the unit is scored again,
+    # rather than the run reporting rows that are not on disk.
+    for marker in sorted((output_dir / MANIFEST_DIR).glob("unit-*.json")):
+        try:
+            listed = json.loads(marker.read_text(encoding="utf-8"))["parts"]
+        except (OSError, ValueError, KeyError, TypeError):
+            listed = None  # an unreadable marker proves nothing: its unit is scored again too
+        missing = [name for name in listed or [] if not (output_dir / name).is_file()]
+        if listed is not None and not missing:
+            continue
+        unit = int(marker.stem.split("-")[1])
+        for part in sorted(output_dir.glob(f"part-{unit:06d}-*.parquet")):
+            part.unlink()
+        marker.unlink()
+        (output_dir / SUMMARY_FILE).unlink(missing_ok=True)
+        cause = f"{', '.join(missing)} missing" if missing else f"its marker {marker.name} unreadable"
+        warnings.warn(f"{output_dir}: unit {unit} is incomplete ({cause}); its rows are scored again", stacklevel=2)
 
 
 def _finish_unit(output_dir: Path, unit: int) -> None:
