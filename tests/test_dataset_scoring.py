@@ -304,12 +304,16 @@ def command_line(data: Path, output: Path, *extra: str) -> list[str]:
         "2",
         "--num-workers",
         "0",
+        # One torch thread, whatever the machine's load: the command otherwise takes the cores not busy now
+        # (`choose_thread_counts`), and runs compared bit for bit must sum in the same order.
+        "--threads",
+        "1",
         *extra,
     ]
 
 
 def subprocess_env(tmp_path: Path) -> dict[str, str]:
-    # One thread in every run compared here: the order in which torch's CPU kernels
+    # One thread in every run compared here (with `--threads 1` above): the order in which torch's CPU kernels
     # sum depends on the number of threads, so scores are identical bit for bit only at equal thread counts.
     return {
         **os.environ,
